@@ -1,0 +1,35 @@
+"""LeNet-5 as the seed describes it: tanh activations and average pooling."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+
+class LeNet5(nn.Module):
+    """conv(1→6, 5×5, pad 2) → tanh → avgpool → conv(6→16, 5×5) → tanh → avgpool → 400→120→84→10.
+
+    The three stages are named so that profiler traces show `conv1`, `conv2` and `classifier`.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Tanh(), nn.AvgPool2d(2))
+        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, kernel_size=5), nn.Tanh(), nn.AvgPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.Tanh(),
+            nn.Linear(120, 84),
+            nn.Tanh(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with record_function("conv1"):
+            features = self.conv1(images)
+        with record_function("conv2"):
+            features = self.conv2(features)
+        with record_function("classifier"):
+            return self.classifier(features)
