@@ -1,0 +1,109 @@
+"""The one place every training flag is defined; the command line is generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lenet_dist.errors import UserError
+
+DATA_DIR_ENV = "LENET_DATA_DIR"
+
+
+def flag(default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field that also carries what argparse needs to expose it."""
+    return field(default=default, metadata={"help": doc, "short": short, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = flag(2, "passes over the training set")
+    batch_size: int = flag(
+        128,
+        "GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe",
+        short="-b",
+    )
+    lr: float = flag(3e-3, "peak learning rate of Adam (the one-cycle schedule's maximum)")
+    schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
+    seed: int = flag(0, "seed for weights and data order")
+    data_dir: str | None = flag(
+        None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
+    )
+    output_dir: str | None = flag(None, "where metrics.json and figures go (default: runs/<timestamp>)")
+    data_pipeline: str = flag(
+        "tensor",
+        "tensor: MNIST held as one uint8 tensor on the training device, batches gathered by index; "
+        "torchvision: the seed's per-image ToTensor/Normalize DataLoader",
+        choices=("tensor", "torchvision"),
+    )
+    workers: int | None = flag(
+        None, "DataLoader worker processes (default: 0 for the tensor pipeline, 2 for torchvision)", short="-j"
+    )
+    show: bool = flag(False, "also open the predictions figure in a window, as the seed did")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+
+    def resolved_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.data_pipeline == "tensor" else 2
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _scalar_type(annotation: Any) -> type:
+    """`int | None` → int; argparse needs the concrete converter."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return inner
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One `--kebab-case` option per dataclass field, with its default shown in --help."""
+    hints = typing.get_type_hints(config_class)
+    for config_field in dataclasses.fields(config_class):
+        meta = config_field.metadata
+        names = [f"--{config_field.name.replace('_', '-')}"] + ([meta["short"]] if meta.get("short") else [])
+        kind = _scalar_type(hints[config_field.name])
+        if kind is bool:
+            parser.add_argument(
+                *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"]
+            )
+        else:
+            parser.add_argument(
+                *names,
+                type=kind,
+                default=config_field.default,
+                choices=meta.get("choices"),
+                help=meta["help"] + " (default: %(default)s)",
+            )
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog=prog, description="Train LeNet-5 on MNIST through accelerate.")
+    add_config_arguments(parser, TrainConfig)
+    return config_from_args(TrainConfig, parser.parse_args(argv))

@@ -1,0 +1,144 @@
+"""MNIST from IDX files into memory, and the two data pipelines that feed training.
+
+The IDX reader is ours rather than torchvision's because it also reads a flat folder of gzipped
+files and turns every malformed file into a one-line error that names the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lenet_dist.errors import UserError
+
+MEAN, STD = 0.1307, 0.3081
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_UBYTE = 0x08
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N × 28 × 28
+    labels: torch.Tensor  # int64, N
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an unsigned-byte IDX file (optionally gzipped) into a uint8 tensor."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or not 1 <= raw[3] <= 3:
+        raise UserError(f"{path} is not an unsigned-byte IDX file (bad magic number); re-download it")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is truncated (incomplete header); re-download it")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise UserError(f"{path} holds {len(raw)} bytes but its header promises {expected}; re-download it")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / "MNIST" / "raw" / name, folder / name):
+        for path in (candidate, candidate.with_name(candidate.name + ".gz")):
+            if path.is_file():
+                return path
+    return None
+
+
+def _missing_files(data_dir: Path) -> list[str]:
+    return [name for pair in SPLIT_FILES.values() for name in pair if _find_file(data_dir, name) is None]
+
+
+def ensure_mnist(data_dir: Path) -> None:
+    """Download MNIST with torchvision when its files are absent; fail in one line when offline."""
+    if not _missing_files(data_dir):
+        return
+    from torchvision.datasets import MNIST
+
+    try:
+        with redirect_stdout(io.StringIO()):  # torchvision narrates every mirror it tries
+            for train in (True, False):
+                MNIST(root=str(data_dir), train=train, download=True)
+    except Exception as error:  # any download failure means the same fix for the user
+        raise UserError(
+            f"MNIST not found in {data_dir.resolve()} (looked for MNIST/raw/*-ubyte) and the download failed "
+            f"({type(error).__name__}); put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
+        ) from None
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    image_path, label_path = (_find_file(data_dir, name) for name in SPLIT_FILES[split])
+    if image_path is None or label_path is None:
+        raise UserError(f"MNIST {split} files missing in {data_dir}; pass --data-dir or set LENET_DATA_DIR")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise UserError(f"{image_path} must hold N×H×W images and {label_path} N labels; re-download them")
+    if len(images) != len(labels):
+        raise UserError(
+            f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; re-download them"
+        )
+    return Split(images=images, labels=labels.long())
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×28×28 → float N×1×28×28, the same arithmetic as ToTensor() then Normalize()."""
+    return images.unsqueeze(1).float().div(255).sub(MEAN).div(STD)
+
+
+class InMemoryMNIST(Dataset):
+    """A whole split as one tensor on the training device; `__getitems__` gathers a batch in one op."""
+
+    def __init__(self, split: Split, device: torch.device) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(self.images[index : index + 1])[0], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return normalize(self.images[index]), self.labels[index]
+
+
+def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`__getitems__` already returns a collated batch."""
+    return batch
+
+
+def seed_style_dataset(data_dir: Path, train: bool) -> Dataset:
+    """The seed's pipeline: torchvision's MNIST class decoding and normalizing one PIL image at a time."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    if not (data_dir / "MNIST" / "raw").is_dir():
+        raise UserError(f"--data-pipeline torchvision needs {data_dir}/MNIST/raw/; use --data-pipeline tensor")
+    return datasets.MNIST(root=str(data_dir), train=train, transform=transform, download=False)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    batched = isinstance(dataset, InMemoryMNIST)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=pin_memory and not batched,
+        persistent_workers=workers > 0,
+        collate_fn=_whole_batch if batched else None,
+    )

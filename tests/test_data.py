@@ -1,0 +1,84 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from lenet_dist.data import SPLIT_FILES, InMemoryMNIST, load_split, normalize, read_idx, seed_style_dataset
+from lenet_dist.errors import UserError
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    return header + array.to(torch.uint8).numpy().tobytes()
+
+
+def write_split(folder, split, images, labels, compress=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(SPLIT_FILES[split], (images, labels)):
+        payload = idx_bytes(array)
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (folder / name).write_bytes(payload)
+
+
+@pytest.fixture
+def tiny():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (5, 28, 28), generator=generator), torch.tensor([3, 1, 4, 1, 5])
+
+
+def test_reads_torchvision_raw_layout(tmp_path, tiny):
+    images, labels = tiny
+    write_split(tmp_path / "MNIST" / "raw", "test", images, labels)
+    split = load_split(tmp_path, "test")
+    assert torch.equal(split.images, images.to(torch.uint8))
+    assert split.labels.tolist() == [3, 1, 4, 1, 5]
+    assert split.labels.dtype == torch.int64
+
+
+def test_reads_flat_gzipped_folder(tmp_path, tiny):
+    images, labels = tiny
+    write_split(tmp_path, "train", images, labels, compress=True)
+    split = load_split(tmp_path, "train")
+    assert torch.equal(split.images, images.to(torch.uint8))
+
+
+def test_bad_magic_names_the_file(tmp_path, tiny):
+    path = tmp_path / "bad-idx"
+    path.write_bytes(b"\x12\x34" + idx_bytes(tiny[0])[2:])
+    with pytest.raises(UserError, match="bad-idx.*magic"):
+        read_idx(path)
+
+
+def test_truncated_file_names_the_file(tmp_path, tiny):
+    path = tmp_path / "short-idx"
+    path.write_bytes(idx_bytes(tiny[0])[:-10])
+    with pytest.raises(UserError, match="short-idx.*header promises"):
+        read_idx(path)
+
+
+def test_image_and_label_counts_must_agree(tmp_path, tiny):
+    images, labels = tiny
+    write_split(tmp_path, "test", images, labels[:4])
+    with pytest.raises(UserError, match="5 images but .* 4 labels"):
+        load_split(tmp_path, "test")
+
+
+def test_tensor_pipeline_matches_seed_pipeline_exactly(data_dir):
+    """The fast path must feed the model the very tensors the seed's ToTensor+Normalize produced."""
+    fast = InMemoryMNIST(load_split(data_dir, "test"), torch.device("cpu"))
+    seed = seed_style_dataset(data_dir, train=False)
+    indices = [0, 1, 7, 4242, 9999]
+    fast_images, fast_labels = fast.__getitems__(indices)
+    seed_images = torch.stack([seed[i][0] for i in indices])
+    assert torch.equal(fast_images, seed_images)
+    assert fast_labels.tolist() == [seed[i][1] for i in indices]
+    assert torch.equal(fast[7][0], seed[7][0])
+
+
+def test_normalize_shape_and_scale():
+    batch = normalize(torch.full((2, 28, 28), 255, dtype=torch.uint8))
+    assert batch.shape == (2, 1, 28, 28) and batch.dtype == torch.float32
+    assert torch.allclose(batch, torch.full_like(batch, (1 - 0.1307) / 0.3081))
