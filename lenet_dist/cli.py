@@ -1,0 +1,31 @@
+"""The `lenet-dist` command: one subcommand per job, each parsed from its module's own options."""
+
+from __future__ import annotations
+
+import argparse
+
+from lenet_dist.config import TrainConfig, add_config_arguments, config_from_args
+from lenet_dist.errors import exit_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lenet-dist", description="LeNet-5 on MNIST through accelerate.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_parser = commands.add_parser(
+        "train", help="train in this process (for several processes: accelerate launch lenet_dist/train.py)"
+    )
+    add_config_arguments(train_parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        if args.command == "train":
+            from lenet_dist.train import train
+
+            train(config_from_args(TrainConfig, args))
+
+
+if __name__ == "__main__":
+    main()
