@@ -83,7 +83,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     hints = typing.get_type_hints(config_class)
     for config_field in dataclasses.fields(config_class):
         meta = config_field.metadata
-        names = [f"--{config_field.name.replace('_', '-')}"] + ([meta["short"]] if meta.get("short") else [])
+        names = ([meta["short"]] if meta.get("short") else []) + [f"--{config_field.name.replace('_', '-')}"]
         kind = _scalar_type(hints[config_field.name])
         if kind is bool:
             parser.add_argument(

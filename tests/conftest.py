@@ -10,11 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Subprocesses find the data the way CI does; default to the shared checkout beside the repository.
+os.environ.setdefault("LENET_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("LENET_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+    path = Path(os.environ["LENET_DATA_DIR"]).resolve()
     if not (path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
         pytest.fail(f"real MNIST is needed at {path}; set LENET_DATA_DIR")
     return path
