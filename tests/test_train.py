@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert all(e["eval_samples"] == 10_000 for e in metrics["epochs"])
     assert metrics["final_test_accuracy"] >= 0.98
-    assert metrics["config"]["epochs"] == 2 and metrics["config"]["data_dir"] == str(data_dir)
+    assert metrics["config"]["epochs"] == 2 and Path(metrics["config"]["data_dir"]).resolve() == data_dir
     assert result.stdout.count("test accuracy") == 2
     assert_png(tmp_path / "predictions.png")
 
