@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from lenet_dist.config import TrainConfig, add_config_arguments, config_from_args
+from lenet_dist.config import ArgumentParser, TrainConfig, add_config_arguments, config_from_args
+from lenet_dist.bench import BenchConfig
 from lenet_dist.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lenet-dist", description="LeNet-5 on MNIST through accelerate.")
+    parser = ArgumentParser(prog="lenet-dist", description="LeNet-5 on MNIST through accelerate.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_parser = commands.add_parser(
         "train", help="train in this process (for several processes: accelerate launch lenet_dist/train.py)"
     )
     add_config_arguments(train_parser, TrainConfig)
+    bench_parser = commands.add_parser("bench", help="throughput per device, pipeline, precision and batch size")
+    add_config_arguments(bench_parser, BenchConfig)
     return parser
 
 
@@ -25,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
             from lenet_dist.train import train
 
             train(config_from_args(TrainConfig, args))
+        elif args.command == "bench":
+            from lenet_dist.bench import run
+
+            run(config_from_args(BenchConfig, args))
 
 
 if __name__ == "__main__":

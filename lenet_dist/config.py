@@ -46,6 +46,15 @@ class TrainConfig:
     workers: int | None = flag(
         None, "DataLoader worker processes (default: 0 for the tensor pipeline, 2 for torchvision)", short="-j"
     )
+    pin_memory: bool | None = flag(None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)")
+    persistent_workers: bool = flag(True, "keep DataLoader workers alive between epochs (when --workers > 0)")
+    mixed_precision: str | None = flag(
+        None, "autocast precision (default: accelerate's config or --mixed_precision flag, else no)",
+        choices=("no", "bf16", "fp16"),
+    )
+    compile: bool = flag(False, "torch.compile the model through accelerate's dynamo plugin (inductor)")
+    channels_last: bool = flag(False, "keep convolution weights in channels-last memory format")
+    target_accuracy: float | None = flag(None, "stop once the test accuracy reaches this fraction, e.g. 0.98")
     show: bool = flag(False, "also open the predictions figure in a window, as the seed did")
 
     def __post_init__(self) -> None:
@@ -56,6 +65,8 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise UserError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
@@ -64,6 +75,13 @@ class TrainConfig:
         if self.workers is not None:
             return self.workers
         return 0 if self.data_pipeline == "tensor" else 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def default_run_dir() -> Path:
@@ -103,7 +121,11 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
     return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
-def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog=prog, description="Train LeNet-5 on MNIST through accelerate.")
-    add_config_arguments(parser, TrainConfig)
-    return config_from_args(TrainConfig, parser.parse_args(argv))
+def parse_config(config_class: type, argv: list[str] | None, prog: str | None, description: str) -> Any:
+    parser = ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser, config_class)
+    return config_from_args(config_class, parser.parse_args(argv))
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_config(TrainConfig, argv, prog=None, description="Train LeNet-5 on MNIST through accelerate.")

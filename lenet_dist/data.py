@@ -130,7 +130,7 @@ def seed_style_dataset(data_dir: Path, train: bool) -> Dataset:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, pin_memory: bool = False
+    dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, pin_memory: bool = False, persistent: bool = True
 ) -> DataLoader:
     batched = isinstance(dataset, InMemoryMNIST)
     return DataLoader(
@@ -139,6 +139,6 @@ def make_loader(
         shuffle=shuffle,
         num_workers=workers,
         pin_memory=pin_memory and not batched,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         collate_fn=_whole_batch if batched else None,
     )

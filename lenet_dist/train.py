@@ -33,16 +33,25 @@ from lenet_dist.model import LeNet5
 FIGURE_SAMPLES = 32
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(config: TrainConfig) -> Accelerator:
     # accelerate's multi-process launcher (torchrun) on a machine without GPUs leaves the processes
     # with no backend unless cpu=True, which selects MULTI_CPU over gloo.
     launched_multiprocess = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=launched_multiprocess and not torch.cuda.is_available(),
-        # split_batches: --batch-size is the global batch, so the recipe does not change with the
-        # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
-    )
+    options: dict[str, Any] = {}
+    if config.mixed_precision is not None:  # otherwise accelerate's launch config decides
+        options["mixed_precision"] = config.mixed_precision
+    if config.compile:
+        options["dynamo_backend"] = "inductor"
+    try:
+        return Accelerator(
+            cpu=launched_multiprocess and not torch.cuda.is_available(),
+            # split_batches: --batch-size is the global batch, so the recipe does not change with the
+            # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+            **options,
+        )
+    except ValueError as error:  # e.g. fp16 on a device that cannot do it
+        raise UserError(f"accelerate refused the configuration: {error}") from None
 
 
 def shared_output_dir(accelerator: Accelerator, config: TrainConfig) -> Path:
@@ -58,7 +67,10 @@ def build_loaders(config: TrainConfig, accelerator: Accelerator, data_dir: Path,
         test_set = InMemoryMNIST(test_split, accelerator.device)
     else:
         train_set, test_set = seed_style_dataset(data_dir, train=True), seed_style_dataset(data_dir, train=False)
-    options = dict(workers=config.resolved_workers(), pin_memory=accelerator.device.type == "cuda")
+    pin_memory = config.pin_memory
+    if pin_memory is None:
+        pin_memory = accelerator.device.type == "cuda" and config.data_pipeline == "torchvision"
+    options = dict(workers=config.resolved_workers(), pin_memory=pin_memory, persistent=config.persistent_workers)
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, **options)
     test_loader = make_loader(test_set, config.batch_size * 8, shuffle=False, **options)
     return train_loader, test_loader
@@ -114,7 +126,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config)
     if config.batch_size % accelerator.num_processes:
         raise UserError(
             f"--batch-size {config.batch_size} is the global batch and must divide evenly across "
@@ -131,6 +143,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_loader, test_loader = build_loaders(config, accelerator, data_dir, test_split)
 
     model = LeNet5()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = make_scheduler(config, optimizer, len(train_loader))
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
@@ -142,6 +156,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
 
     epochs: list[dict[str, Any]] = []
+    training_started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_loss = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler)
@@ -154,12 +169,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "eval_samples": seen,
             "seconds": time.perf_counter() - started,
             "train_images_per_second": len(train_loader.dataset) / train_seconds,
+            "elapsed_seconds": time.perf_counter() - training_started,
         }
         epochs.append(record)
         accelerator.print(
             f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f}  test accuracy {correct / seen:.2%} "
             f"({seen:,} images)  {record['seconds']:.1f} s  {record['train_images_per_second']:,.0f} images/s"
         )
+        if config.target_accuracy is not None and record["test_accuracy"] >= config.target_accuracy:
+            accelerator.print(f"reached --target-accuracy {config.target_accuracy:.2%}; stopping")
+            break
 
     metrics = {
         "config": asdict(config),
@@ -185,7 +204,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 @torch.no_grad()
 def predict_samples(accelerator: Accelerator, model, test_split):
     images, labels = test_split.images[:FIGURE_SAMPLES], test_split.labels[:FIGURE_SAMPLES]
-    network = accelerator.unwrap_model(model).eval()
+    network = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
     predicted = network(normalize(images).to(accelerator.device)).argmax(dim=1).cpu()
     return images, predicted, labels
 
