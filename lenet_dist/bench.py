@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lenet_dist.config import TrainConfig, flag, parse_config
-from lenet_dist.data import InMemoryMNIST, ensure_mnist, load_split, make_loader, seed_style_dataset
+from lenet_dist.data import InMemoryMNIST, ensure_dataset, load_split, make_loader, seed_style_dataset
 from lenet_dist.errors import UserError, exit_on_user_error
 from lenet_dist.model import LeNet5
 
@@ -267,7 +267,7 @@ def machine() -> dict[str, Any]:
 
 def run_bench(bench: BenchConfig) -> dict[str, Any]:
     data_dir = TrainConfig(data_dir=bench.data_dir).resolved_data_dir()
-    ensure_mnist(data_dir)
+    ensure_dataset(data_dir)
     flops_train, flops_infer = training_flops_per_image(), inference_flops_per_image()
     rows: list[dict[str, Any]] = []
     peaks: dict[str, float] = {}

@@ -17,9 +17,15 @@ from lenet_dist.errors import UserError
 DATA_DIR_ENV = "LENET_DATA_DIR"
 
 
-def flag(default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field that also carries what argparse needs to expose it."""
-    return field(default=default, metadata={"help": doc, "short": short, "choices": choices})
+def flag(
+    default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
+    bare: Any = None,
+) -> Any:
+    """A dataclass field that also carries what argparse needs to expose it.
+
+    `bare` is the value the flag takes when given without an argument (`--resume` → "latest").
+    """
+    return field(default=default, metadata={"help": doc, "short": short, "choices": choices, "bare": bare})
 
 
 @dataclass
@@ -37,6 +43,7 @@ class TrainConfig:
         None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
     )
     output_dir: str | None = flag(None, "where metrics.json and figures go (default: runs/<timestamp>)")
+    dataset: str = flag("mnist", "which MNIST-format data set", choices=("mnist", "fashion-mnist", "kmnist"))
     data_pipeline: str = flag(
         "tensor",
         "tensor: MNIST held as one uint8 tensor on the training device, batches gathered by index; "
@@ -55,16 +62,38 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model through accelerate's dynamo plugin (inductor)")
     channels_last: bool = flag(False, "keep convolution weights in channels-last memory format")
     target_accuracy: float | None = flag(None, "stop once the test accuracy reaches this fraction, e.g. 0.98")
+    checkpoint_every: int = flag(0, "also checkpoint every N training steps (0: only at each epoch end)")
+    keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/")
+    resume: str | None = flag(
+        None, "resume from the newest checkpoint of --output-dir (bare --resume) or from a checkpoint folder",
+        bare="latest",
+    )
+    overwrite: bool = flag(False, "train into an --output-dir that already holds a finished run, replacing it")
+    progress: bool = flag(True, "a rich progress bar on a terminal (plain log lines otherwise or with --no-progress)")
+    log_every: int = flag(10, "log the mean training loss every N steps (progress line, TensorBoard)")
+    log_with: str | None = flag(None, "experiment tracker through accelerate, into the output dir", choices=("tensorboard",))
     show: bool = flag(False, "also open the predictions figure in a window, as the seed did")
+    profile: bool = flag(False, "record torch.profiler traces of a window of training steps into --profile-dir/<run>/")
+    profile_dir: str = flag("profiles", "where profiler traces go, one folder per run")
+    profile_wait: int = flag(5, "profiler schedule: steps skipped before each recording cycle")
+    profile_warmup: int = flag(2, "profiler schedule: steps traced but discarded while the profiler settles")
+    profile_active: int = flag(5, "profiler schedule: steps recorded per cycle")
+    profile_repeat: int = flag(1, "profiler schedule: recording cycles (one trace file per cycle and rank)")
+    profile_flops: bool = flag(False, "also estimate FLOPs of matmuls and convolutions in the trace")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
+        for name, least in (("profile_wait", 0), ("profile_warmup", 0), ("profile_active", 1), ("profile_repeat", 1)):
+            if getattr(self, name) < least:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise UserError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
 
@@ -108,12 +137,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"]
             )
         else:
+            optional_value = {"nargs": "?", "const": meta["bare"]} if meta.get("bare") is not None else {}
             parser.add_argument(
                 *names,
                 type=kind,
                 default=config_field.default,
                 choices=meta.get("choices"),
                 help=meta["help"] + " (default: %(default)s)",
+                **optional_value,
             )
 
 

@@ -18,7 +18,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from lenet_dist.errors import UserError
 
-MEAN, STD = 0.1307, 0.3081
+@dataclass(frozen=True)
+class DatasetInfo:
+    torchvision_class: str  # also the folder torchvision keeps its raw files in: <data-dir>/<class>/raw/
+    mean: float  # of the training images scaled to [0, 1], for Normalize
+    std: float
+    classes: tuple[str, ...]
+
+
+DATASETS = {
+    "mnist": DatasetInfo("MNIST", 0.1307, 0.3081, tuple("0123456789")),
+    "fashion-mnist": DatasetInfo(
+        "FashionMNIST", 0.2860, 0.3530,
+        ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+    ),
+    "kmnist": DatasetInfo("KMNIST", 0.1918, 0.3483, ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+}
+MEAN, STD = DATASETS["mnist"].mean, DATASETS["mnist"].std
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -30,6 +46,8 @@ _IDX_UBYTE = 0x08
 class Split:
     images: torch.Tensor  # uint8, N × 28 × 28
     labels: torch.Tensor  # int64, N
+    mean: float = MEAN
+    std: float = STD
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -48,39 +66,41 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
-def _find_file(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / "MNIST" / "raw" / name, folder / name):
+def _find_file(folder: Path, name: str, dataset: str = "mnist") -> Path | None:
+    """torchvision's layout (<folder>/MNIST/raw/) first, then a flat folder of IDX files, gzipped or not."""
+    for candidate in (folder / DATASETS[dataset].torchvision_class / "raw" / name, folder / name):
         for path in (candidate, candidate.with_name(candidate.name + ".gz")):
             if path.is_file():
                 return path
     return None
 
 
-def _missing_files(data_dir: Path) -> list[str]:
-    return [name for pair in SPLIT_FILES.values() for name in pair if _find_file(data_dir, name) is None]
+def _missing_files(data_dir: Path, dataset: str) -> list[str]:
+    return [name for pair in SPLIT_FILES.values() for name in pair if _find_file(data_dir, name, dataset) is None]
 
 
-def ensure_mnist(data_dir: Path) -> None:
-    """Download MNIST with torchvision when its files are absent; fail in one line when offline."""
-    if not _missing_files(data_dir):
+def ensure_dataset(data_dir: Path, dataset: str = "mnist") -> None:
+    """Download the data set with torchvision when its files are absent; fail in one line when offline."""
+    if not _missing_files(data_dir, dataset):
         return
-    from torchvision.datasets import MNIST
+    import torchvision.datasets
 
+    folder = DATASETS[dataset].torchvision_class
     try:
         with redirect_stdout(io.StringIO()):  # torchvision narrates every mirror it tries
             for train in (True, False):
-                MNIST(root=str(data_dir), train=train, download=True)
+                getattr(torchvision.datasets, folder)(root=str(data_dir), train=train, download=True)
     except Exception as error:  # any download failure means the same fix for the user
         raise UserError(
-            f"MNIST not found in {data_dir.resolve()} (looked for MNIST/raw/*-ubyte) and the download failed "
-            f"({type(error).__name__}); put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
+            f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte and flat IDX files) and "
+            f"the download failed ({type(error).__name__}); put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
         ) from None
 
 
-def load_split(data_dir: Path, split: str) -> Split:
-    image_path, label_path = (_find_file(data_dir, name) for name in SPLIT_FILES[split])
+def load_split(data_dir: Path, split: str, dataset: str = "mnist") -> Split:
+    image_path, label_path = (_find_file(data_dir, name, dataset) for name in SPLIT_FILES[split])
     if image_path is None or label_path is None:
-        raise UserError(f"MNIST {split} files missing in {data_dir}; pass --data-dir or set LENET_DATA_DIR")
+        raise UserError(f"{dataset} {split} files missing in {data_dir}; pass --data-dir or set LENET_DATA_DIR")
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1:
         raise UserError(f"{image_path} must hold N×H×W images and {label_path} N labels; re-download them")
@@ -88,12 +108,13 @@ def load_split(data_dir: Path, split: str) -> Split:
         raise UserError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; re-download them"
         )
-    return Split(images=images, labels=labels.long())
+    info = DATASETS[dataset]
+    return Split(images=images, labels=labels.long(), mean=info.mean, std=info.std)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
     """uint8 N×28×28 → float N×1×28×28, the same arithmetic as ToTensor() then Normalize()."""
-    return images.unsqueeze(1).float().div(255).sub(MEAN).div(STD)
+    return images.unsqueeze(1).float().div(255).sub(mean).div(std)
 
 
 class InMemoryMNIST(Dataset):
@@ -102,16 +123,17 @@ class InMemoryMNIST(Dataset):
     def __init__(self, split: Split, device: torch.device) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
+        self.mean, self.std = split.mean, split.std
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(self.images[index : index + 1])[0], self.labels[index]
+        return normalize(self.images[index : index + 1], self.mean, self.std)[0], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, device=self.labels.device)
-        return normalize(self.images[index]), self.labels[index]
+        return normalize(self.images[index], self.mean, self.std), self.labels[index]
 
 
 def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,14 +141,17 @@ def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
-def seed_style_dataset(data_dir: Path, train: bool) -> Dataset:
-    """The seed's pipeline: torchvision's MNIST class decoding and normalizing one PIL image at a time."""
+def seed_style_dataset(data_dir: Path, dataset: str = "mnist", *, train: bool) -> Dataset:
+    """The seed's pipeline: torchvision's dataset class decoding and normalizing one PIL image at a time."""
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
-    if not (data_dir / "MNIST" / "raw").is_dir():
-        raise UserError(f"--data-pipeline torchvision needs {data_dir}/MNIST/raw/; use --data-pipeline tensor")
-    return datasets.MNIST(root=str(data_dir), train=train, transform=transform, download=False)
+    info = DATASETS[dataset]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((info.mean,), (info.std,))])
+    if not (data_dir / info.torchvision_class / "raw").is_dir():
+        raise UserError(
+            f"--data-pipeline torchvision needs {data_dir}/{info.torchvision_class}/raw/; use --data-pipeline tensor"
+        )
+    return getattr(datasets, info.torchvision_class)(root=str(data_dir), train=train, transform=transform)
 
 
 def make_loader(

@@ -15,6 +15,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.conv1 = nn.Sequential(nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Tanh(), nn.AvgPool2d(2))
         self.conv2 = nn.Sequential(nn.Conv2d(6, 16, kernel_size=5), nn.Tanh(), nn.AvgPool2d(2))
         self.classifier = nn.Sequential(

@@ -29,6 +29,10 @@ def run(command: list[str], *, timeout: float = 600, env: dict[str, str] | None 
     )
 
 
+FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
+RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+
+
 def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
 

@@ -69,7 +69,7 @@ def test_image_and_label_counts_must_agree(tmp_path, tiny):
 def test_tensor_pipeline_matches_seed_pipeline_exactly(data_dir):
     """The fast path must feed the model the very tensors the seed's ToTensor+Normalize produced."""
     fast = InMemoryMNIST(load_split(data_dir, "test"), torch.device("cpu"))
-    seed = seed_style_dataset(data_dir, train=False)
+    seed = seed_style_dataset(data_dir, "mnist", train=False)
     indices = [0, 1, 7, 4242, 9999]
     fast_images, fast_labels = fast.__getitems__(indices)
     seed_images = torch.stack([seed[i][0] for i in indices])

@@ -1,0 +1,76 @@
+"""torch.profiler over a scheduled window of training steps, one Chrome-trace file per rank.
+
+Files are `profiles/<run>/rank<N>.<unix-ms>.pt.trace.json`: torch_tb_profiler reads `rank<N>` as the
+worker name and the millisecond stamp as the span, so ranks never overwrite each other (the default
+handler names files by host and pid, which says nothing about which rank wrote them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+TRACE_SUFFIX = ".pt.trace.json"
+Item = TypeVar("Item")
+
+
+def trace_writer(folder: Path, rank: int):
+    def write(profiler: profile) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"rank{rank}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
+        partial = final.with_name(final.name + ".partial")  # a reader never sees half a trace
+        profiler.export_chrome_trace(str(partial))
+        partial.replace(final)
+
+    return write
+
+
+@contextlib.contextmanager
+def step_profiler(
+    folder: Path, rank: int, *, wait: int, warmup: int, active: int, repeat: int, with_flops: bool
+) -> Iterator[profile]:
+    """A started profiler; call `.step()` after every training step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
+        on_trace_ready=trace_writer(folder, rank),
+        record_shapes=True,
+        profile_memory=True,
+        with_flops=with_flops,
+    ) as profiler:
+        yield profiler
+
+
+class NoProfiler:
+    """Stands in when --profile is off, so the train loop has one code path."""
+
+    def step(self) -> None:
+        pass
+
+
+def labelled(items: Iterable[Item], name: str) -> Iterator[Item]:
+    """Yield from `items`, each fetch inside a profiler range called `name` (e.g. data loading)."""
+    iterator = iter(items)
+    while True:
+        with record_function(name):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
+
+
+def profiler_for(config: Any, folder: Path, rank: int) -> contextlib.AbstractContextManager:
+    if not config.profile:
+        return contextlib.nullcontext(NoProfiler())
+    return step_profiler(
+        folder, rank, wait=config.profile_wait, warmup=config.profile_warmup, active=config.profile_active,
+        repeat=config.profile_repeat, with_flops=config.profile_flops,
+    )

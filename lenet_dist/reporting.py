@@ -1,0 +1,79 @@
+"""What rank 0 shows while training: a rich progress bar on a terminal, plain lines in logs, a summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class EpochProgress:
+    """One epoch's progress on the main process; silent elsewhere.
+
+    On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
+    --no-progress: a plain line each quarter epoch, so logs stay readable.
+    """
+
+    PLAIN_LINES_PER_EPOCH = 4
+
+    def __init__(self, *, enabled: bool, fancy: bool, epoch: int, epochs: int, steps: int, batch_size: int,
+                 done: int = 0) -> None:
+        self.enabled, self.epoch, self.epochs, self.steps, self.batch_size = enabled, epoch, epochs, steps, batch_size
+        self.started, self.done_at_start, self.printed_at = time.perf_counter(), done, done
+        self.bar: Progress | None = None
+        if enabled and fancy:
+            self.bar = Progress(
+                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>8,.0f} img/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                console=Console(file=sys.stdout), transient=True,
+            )
+            self.task = self.bar.add_task("train", total=steps, completed=done, rate=0.0, loss=float("nan"))
+            self.bar.start()
+
+    def images_per_second(self, done: int) -> float:
+        return (done - self.done_at_start) * self.batch_size / max(time.perf_counter() - self.started, 1e-9)
+
+    def update(self, done: int, loss: float | None = None) -> None:
+        """`done` steps of this epoch finished; `loss` is given at each log interval."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            fields = {"rate": self.images_per_second(done)} | ({"loss": loss} if loss is not None else {})
+            self.bar.update(self.task, completed=done, **fields)
+        elif loss is not None and done - self.printed_at >= self.steps / self.PLAIN_LINES_PER_EPOCH:
+            self.printed_at = done
+            print(
+                f"epoch {self.epoch}/{self.epochs}  step {done}/{self.steps}  loss {loss:.4f}  "
+                f"{self.images_per_second(done):,.0f} images/s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def summary_table(metrics: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"LeNet-5: {metrics['world_size']} process(es) on {metrics['device']}, "
+        f"precision {metrics['mixed_precision']}, global batch {metrics['config']['batch_size']}"
+    )
+    for column in ("epoch", "train loss", "test accuracy", "seconds", "train images/s"):
+        table.add_column(column, justify="right")
+    for record in metrics["epochs"]:
+        table.add_row(
+            str(record["epoch"]), f"{record['train_loss']:.4f}", f"{record['test_accuracy']:.2%}",
+            f"{record['seconds']:.1f}", f"{record['train_images_per_second']:,.0f}",
+        )
+    return table
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:
+        console = Console(file=sys.stdout, width=120)
+    console.print(summary_table(metrics))
