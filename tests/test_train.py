@@ -19,7 +19,7 @@ def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
     assert all(e["eval_samples"] == 10_000 for e in metrics["epochs"])
     assert metrics["final_test_accuracy"] >= 0.98
     assert metrics["config"]["epochs"] == 2 and Path(metrics["config"]["data_dir"]).resolve() == data_dir
-    assert result.stdout.count("test accuracy") == 2
+    assert result.stdout.count("/2  train loss") == 2  # one line per epoch
     assert_png(tmp_path / "predictions.png")
 
 
