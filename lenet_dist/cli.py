@@ -7,6 +7,7 @@ import argparse
 from lenet_dist.config import ArgumentParser, TrainConfig, add_config_arguments, config_from_args
 from lenet_dist.bench import BenchConfig
 from lenet_dist.errors import exit_on_user_error
+from lenet_dist.traces import InspectConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train_parser, TrainConfig)
     bench_parser = commands.add_parser("bench", help="throughput per device, pipeline, precision and batch size")
     add_config_arguments(bench_parser, BenchConfig)
+    inspect_parser = commands.add_parser("inspect", help="where a profiled step's time goes, per rank")
+    add_config_arguments(inspect_parser, InspectConfig)
     return parser
 
 
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
             from lenet_dist.bench import run
 
             run(config_from_args(BenchConfig, args))
+        elif args.command == "inspect":
+            from lenet_dist.traces import run as inspect
+
+            inspect(config_from_args(InspectConfig, args))
 
 
 if __name__ == "__main__":

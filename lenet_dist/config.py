@@ -19,13 +19,14 @@ DATA_DIR_ENV = "LENET_DATA_DIR"
 
 def flag(
     default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
-    bare: Any = None,
+    bare: Any = None, positional: bool = False,
 ) -> Any:
     """A dataclass field that also carries what argparse needs to expose it.
 
     `bare` is the value the flag takes when given without an argument (`--resume` → "latest").
     """
-    return field(default=default, metadata={"help": doc, "short": short, "choices": choices, "bare": bare})
+    metadata = {"help": doc, "short": short, "choices": choices, "bare": bare, "positional": positional}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -132,7 +133,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         meta = config_field.metadata
         names = ([meta["short"]] if meta.get("short") else []) + [f"--{config_field.name.replace('_', '-')}"]
         kind = _scalar_type(hints[config_field.name])
-        if kind is bool:
+        if meta.get("positional"):
+            parser.add_argument(config_field.name, type=kind, metavar=config_field.name.upper(), help=meta["help"])
+        elif kind is bool:
             parser.add_argument(
                 *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"]
             )

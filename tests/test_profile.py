@@ -1,0 +1,100 @@
+"""The profiler's traces, read back by TensorBoard's own plugin and by `lenet-dist inspect`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, run
+
+# torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
+TB_PLUGIN_LOAD = """
+import json, sys
+from torch_tb_profiler import io
+from torch_tb_profiler.profiler.loader import RunLoader
+if __name__ == "__main__":
+    loaded = RunLoader("run", sys.argv[1], io.Cache()).load()
+    print(json.dumps({f"{w}/{s}": [v.name for v in p.views] for (w, s), p in loaded.profiles.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def single_process_profile(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("profile")
+    result = run([sys.executable, "lenet_dist/train.py", "--epochs", "1", "--profile",
+                  "--profile-dir", str(root / "profiles"), "--output-dir", str(root / "run")])
+    assert result.returncode == 0, result.stderr
+    return root / "profiles" / "run", result
+
+
+def test_trace_loads_in_tensorboard_plugin(single_process_profile):
+    trace_dir, result = single_process_profile
+    assert f"profiler traces (one per rank): {trace_dir}/" in result.stdout
+    loaded = run([sys.executable, "-c", TB_PLUGIN_LOAD, str(trace_dir)], timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    profiles = json.loads(loaded.stdout.strip().splitlines()[-1])
+    # a trace the plugin fails to parse is dropped with a warning, so the worker must be there
+    (key,) = profiles
+    assert key.startswith("rank0/") and {"overall", "operator", "trace"} <= set(profiles[key])
+
+
+def test_trace_names_the_conv_hot_path(single_process_profile):
+    trace_dir, _ = single_process_profile
+    (trace,) = trace_dir.glob("rank0.*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]  # Chrome-trace JSON, as Perfetto opens it
+    names = {e.get("name") for e in events}
+    for expected in ("conv1", "conv2", "classifier", "optimizer_step", "data_loading",
+                     "aten::convolution_backward", "ConvolutionBackward0"):
+        assert expected in names
+    assert sum(name.startswith("ProfilerStep#") for name in names) == 5  # --profile-active default
+
+
+def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
+    trace_dir, _ = single_process_profile
+    result = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", str(tmp_path / "r.json")], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "conv fwd+bwd share" in result.stdout and "aten::convolution_backward" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())["workers"]["rank0"]
+    assert report["steps"] == 5 and report["step_ms"]["min"] > 0
+    assert 0.1 < report["conv_share"] < 1
+    assert set(report["conv_passes_share"]) == {"conv 1→6 forward", "conv 6→16 forward",
+                                                "conv 1→6 backward", "conv 6→16 backward"}
+    assert abs(sum(report["conv_passes_share"].values()) - report["conv_share"]) < 1e-9
+
+
+def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
+    result = run([str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_ddp.yaml", "lenet_dist/train.py",
+                  "--epochs", "1", "--profile", "--profile-dir", str(tmp_path / "profiles"),
+                  "--output-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr
+    trace_dir = tmp_path / "profiles" / "run"
+    assert sorted(p.name.split(".")[0] for p in trace_dir.iterdir()) == ["rank0", "rank1"]
+    assert result.stdout.count("profiler traces") == 1
+    shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    workers = json.loads(shown.stdout)["workers"]
+    assert list(workers) == ["rank0", "rank1"]
+    assert all(w["steps"] == 5 and w["conv_share"] > 0.05 for w in workers.values())
+    table = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir)], timeout=120)
+    assert "rank0" in table.stdout and "rank1" in table.stdout
+
+
+def _one_line_failure(result, culprit: Path) -> None:
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(culprit) in result.stderr
+
+
+def test_inspect_empty_folder_fails_in_one_line(tmp_path):
+    _one_line_failure(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), tmp_path)
+
+
+def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_path):
+    trace_dir, _ = single_process_profile
+    (trace,) = trace_dir.glob("rank0.*.pt.trace.json")
+    broken = tmp_path / trace.name
+    broken.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
+    _one_line_failure(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), broken)
