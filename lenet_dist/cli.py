@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lenet_dist.config import ArgumentParser, TrainConfig, add_config_arguments, config_from_args
 from lenet_dist.bench import BenchConfig
 from lenet_dist.errors import exit_on_user_error
+from lenet_dist.predict import PredictConfig
 from lenet_dist.traces import InspectConfig
 
 
@@ -21,11 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(bench_parser, BenchConfig)
     inspect_parser = commands.add_parser("inspect", help="where a profiled step's time goes, per rank")
     add_config_arguments(inspect_parser, InspectConfig)
+    predict_parser = commands.add_parser("predict", help="classify your own images with a trained run")
+    add_config_arguments(predict_parser, PredictConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    status = 0
     with exit_on_user_error():
         if args.command == "train":
             from lenet_dist.train import train
@@ -39,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
             from lenet_dist.traces import run as inspect
 
             inspect(config_from_args(InspectConfig, args))
+        elif args.command == "predict":
+            from lenet_dist.predict import run as predict
+
+            status = predict(config_from_args(PredictConfig, args))
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     for config_field in dataclasses.fields(config_class):
         meta = config_field.metadata
         names = ([meta["short"]] if meta.get("short") else []) + [f"--{config_field.name.replace('_', '-')}"]
+        if typing.get_origin(hints[config_field.name]) is list:  # positional, one or more
+            parser.add_argument(config_field.name, nargs="*", metavar=config_field.name.upper()[:-1], help=meta["help"])
+            continue
         kind = _scalar_type(hints[config_field.name])
         if meta.get("positional"):
             parser.add_argument(config_field.name, type=kind, metavar=config_field.name.upper(), help=meta["help"])

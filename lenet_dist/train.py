@@ -66,6 +66,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         raise UserError(f"accelerate refused the configuration: {error}") from None
 
 
+def announce(accelerator: Accelerator, message: str) -> None:
+    """Print on global rank 0 only: accelerator.print prints once per machine, not once per job."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def agree(accelerator: Accelerator, problem: str | None) -> None:
     """Raise rank 0's verdict on every rank, so no rank is left waiting in a collective."""
     verdict = [problem]
@@ -243,8 +249,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.resume:
         checkpoint = find_checkpoint(config.resume, output_dir)
         progress = restore_checkpoint(accelerator, checkpoint, config)
-        accelerator.print(f"resumed from {checkpoint}: epoch {progress.epoch}, step {progress.global_step}")
-    accelerator.print(
+        announce(accelerator, f"resumed from {checkpoint}: epoch {progress.epoch}, step {progress.global_step}")
+    announce(
+        accelerator,
         f"LeNet-5 on {len(train_loader.dataset):,} {config.dataset} images: {accelerator.num_processes} process(es) "
         f"on {accelerator.device.type}, global batch {config.batch_size}, precision {accelerator.mixed_precision}"
     )
@@ -276,7 +283,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 {"test/accuracy": accuracy, "train/images_per_second": record["train_images_per_second"]},
                 step=progress.global_step,
             )
-            accelerator.print(
+            announce(
+                accelerator,
                 f"epoch {progress.epoch}/{config.epochs}  train loss {train_loss:.4f}  test accuracy {accuracy:.2%} "
                 f"({record['eval_samples']:,} images)  {record['seconds']:.1f} s  "
                 f"{record['train_images_per_second']:,.0f} images/s"
@@ -285,12 +293,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             progress.epoch, progress.batches_done, progress.loss_sum = progress.epoch + 1, 0, 0.0
             save_checkpoint(accelerator, output_dir, progress, config.keep_checkpoints)
             if reached_target:
-                accelerator.print(f"reached --target-accuracy {config.target_accuracy:.2%}; stopping")
+                announce(accelerator, f"reached --target-accuracy {config.target_accuracy:.2%}; stopping")
                 break
     if results is None:  # resumed from the final checkpoint of a run that stopped before writing
         results = evaluate(accelerator, model, test_loader)
     if config.profile:
-        accelerator.print(f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {profile_dir}")
+        announce(accelerator, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {profile_dir}")
 
     metrics = {
         "config": asdict(config),
@@ -309,7 +317,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
         write_json(output_dir / "metrics.json", metrics)  # last: its presence marks the run finished
         print_summary(metrics)
-        accelerator.print(f"wrote {output_dir}/: metrics.json, {weights.name}, " + ", ".join(f.name for f in figures))
+        announce(accelerator, f"wrote {output_dir}/: metrics.json, {weights.name}, " + ", ".join(f.name for f in figures))
         if config.show:
             show_png(figures[0])
     accelerator.wait_for_everyone()
