@@ -178,7 +178,7 @@ def print_report(report: dict[str, Any], top: int) -> None:
     workers = report["workers"]
     console = Console()
     if not console.is_terminal:
-        console = Console(width=60 + 14 * len(workers))
+        console = Console(width=100 + 14 * len(workers))
     ranking: dict[str, float] = defaultdict(float)
     for result in workers.values():
         for name, ms in result["self_ms_per_step"].items():

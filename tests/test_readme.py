@@ -1,4 +1,4 @@
-"""Every shell command README.md shows, run as written, so the README never goes stale."""
+"""Every shell command README.md shows, run in order as written, so the README never goes stale."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT, run
 
 # `make test` is this very suite; running it from inside itself would recurse.
 NOT_RUN_HERE = {"make test"}
+SCRATCH = ("runs", "profiles")
 
 
 def readme_commands() -> list[str]:
@@ -27,20 +26,20 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def test_readme_shows_commands():
-    assert len(readme_commands()) >= 8
+def listing(folder: str) -> set[str]:
+    return set(os.listdir(ROOT / folder)) if (ROOT / folder).is_dir() else set()
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command, data_dir):
-    made = {folder: set(os.listdir(ROOT / folder)) if (ROOT / folder).is_dir() else set()
-            for folder in ("runs", "profiles")}
+def test_every_readme_command_runs(data_dir):
+    commands = readme_commands()
+    assert len(commands) >= 10, commands
+    before = {folder: listing(folder) for folder in SCRATCH}
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     try:
-        env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        result = run(["bash", "-c", command], env=env, timeout=600)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        for command in commands:  # in order: later commands use what earlier ones wrote
+            result = run(["bash", "-c", command], env=env, timeout=600)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     finally:  # leave runs/ and profiles/ as they were
-        for folder, before in made.items():
-            if (ROOT / folder).is_dir():
-                for name in set(os.listdir(ROOT / folder)) - before:
-                    shutil.rmtree(ROOT / folder / name, ignore_errors=True)
+        for folder in SCRATCH:
+            for name in listing(folder) - before[folder] - {"README.md"}:
+                shutil.rmtree(ROOT / folder / name, ignore_errors=True)
