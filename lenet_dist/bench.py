@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +35,7 @@ from lenet_dist.config import TrainConfig, flag, parse_config
 from lenet_dist.data import InMemoryMNIST, ensure_dataset, load_split, make_loader, seed_style_dataset
 from lenet_dist.errors import UserError, exit_on_user_error
 from lenet_dist.model import LeNet5
+from lenet_dist.profiling import profiler_for
 
 # The seed's loader (batch 64, no worker processes): the baseline every speed-up is measured against.
 SEED_BATCH, SEED_WORKERS = 64, 0
@@ -56,6 +57,8 @@ class BenchConfig:
     data_dir: str | None = flag(None, "MNIST folder (default: $LENET_DATA_DIR, else ./data)")
     json: str | None = flag(None, "write every row and the machine description here")
     chart: str | None = flag(None, "write a PNG bar chart of training images/s here")
+    profile: bool = flag(False, "profile the default recipe's row on each device into --profile-dir/bench-<time>/")
+    profile_dir: str = flag("profiles", "where profiler traces go")
 
     def __post_init__(self) -> None:
         if self.windows < 5:
@@ -168,7 +171,7 @@ def timed_windows(step, device: torch.device, steps_per_window: int, windows: in
 
 def measure_row(
     bench: BenchConfig, device: torch.device, pipeline: str, precision: str, compiled: bool, batch_size: int,
-    data_dir: Path,
+    data_dir: Path, profiler: Any,
 ) -> dict[str, float]:
     torch.manual_seed(0)
     model = LeNet5().to(device)
@@ -188,6 +191,7 @@ def measure_row(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        profiler.step()
 
     network.train()
     for _ in range(max(3, steps_per_window // 2)):  # warm-up: worker start, allocator, compilation
@@ -282,6 +286,8 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     flops_train, flops_infer = training_flops_per_image(), inference_flops_per_image()
     rows: list[dict[str, Any]] = []
     peaks: dict[str, float] = {}
+    default = TrainConfig()
+    profile_dir = Path(bench.profile_dir) / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
     for device in bench.device_list():
         for precision in bench.precision_list(device):
             peaks[f"{device}/{precision}"] = matmul_flops_per_second(device, precision)
@@ -290,9 +296,12 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
             [int(b) for b in _split(bench.batch_sizes)],
         )
         for pipeline, precision, compile_mode, batch_size in matrix:
-            measured = measure_row(
-                bench, device, pipeline, precision, compile_mode == "compile", batch_size, data_dir
-            )
+            recipe = (pipeline, precision, compile_mode, batch_size) == ("tensor", "no", "eager", default.batch_size)
+            worker = f"{device}-{pipeline}-{precision}-{compile_mode}-b{batch_size}".replace(":", "")
+            with profiler_for(replace(default, profile=bench.profile and recipe), profile_dir, worker) as profiler:
+                measured = measure_row(
+                    bench, device, pipeline, precision, compile_mode == "compile", batch_size, data_dir, profiler
+                )
             peak = peaks[f"{device}/{precision}"]
             rows.append({
                 "device": str(device), "pipeline": pipeline, "precision": precision, "compile": compile_mode,
@@ -323,7 +332,7 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
         "bench_config": asdict(bench),
         "peak_matmul_flops_per_second": peaks,
         "rows": rows,
-        "ddp_scaling": ddp_scaling(data_dir, [TrainConfig().batch_size, 512])
+        "ddp_scaling": ddp_scaling(data_dir, [default.batch_size, 512])
         if bench.ddp_scaling and "cpu" in map(str, bench.device_list()) else None,
     }
 

@@ -20,10 +20,10 @@ TRACE_SUFFIX = ".pt.trace.json"
 Item = TypeVar("Item")
 
 
-def trace_writer(folder: Path, rank: int):
+def trace_writer(folder: Path, worker: str):
     def write(profiler: profile) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"rank{rank}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
+        final = folder / f"{worker}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
         partial = final.with_name(final.name + ".partial")  # a reader never sees half a trace
         profiler.export_chrome_trace(str(partial))
         partial.replace(final)
@@ -33,14 +33,14 @@ def trace_writer(folder: Path, rank: int):
 
 @contextlib.contextmanager
 def step_profiler(
-    folder: Path, rank: int, *, wait: int, warmup: int, active: int, repeat: int, with_flops: bool
+    folder: Path, worker: str, *, wait: int, warmup: int, active: int, repeat: int, with_flops: bool
 ) -> Iterator[profile]:
     """A started profiler; call `.step()` after every training step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(
         activities=activities,
         schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
-        on_trace_ready=trace_writer(folder, rank),
+        on_trace_ready=trace_writer(folder, worker),
         record_shapes=True,
         profile_memory=True,
         with_flops=with_flops,
@@ -67,10 +67,11 @@ def labelled(items: Iterable[Item], name: str) -> Iterator[Item]:
         yield item
 
 
-def profiler_for(config: Any, folder: Path, rank: int) -> contextlib.AbstractContextManager:
+def profiler_for(config: Any, folder: Path, worker: str) -> contextlib.AbstractContextManager:
+    """The profiler the config asks for (its profile_* fields), or a stand-in that does nothing."""
     if not config.profile:
         return contextlib.nullcontext(NoProfiler())
     return step_profiler(
-        folder, rank, wait=config.profile_wait, warmup=config.profile_warmup, active=config.profile_active,
+        folder, worker, wait=config.profile_wait, warmup=config.profile_warmup, active=config.profile_active,
         repeat=config.profile_repeat, with_flops=config.profile_flops,
     )

@@ -259,7 +259,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     profile_dir = Path(config.profile_dir) / output_dir.name
     results = None
     training_started = time.perf_counter()
-    with profiler_for(config, profile_dir, accelerator.process_index) as profiler:
+    with profiler_for(config, profile_dir, f"rank{accelerator.process_index}") as profiler:
         while progress.epoch <= config.epochs:
             started = time.perf_counter()
             batches_before = progress.batches_done

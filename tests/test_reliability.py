@@ -80,6 +80,31 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
     assert torch_equal_weights(tmp_path, uninterrupted)
 
 
+def test_ddp_run_killed_mid_epoch_resumes_to_the_same_accuracy(uninterrupted, tmp_path, data_dir):
+    def launch(*extra: str) -> list[str]:
+        return [str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_ddp.yaml", "--main_process_port",
+                str(free_port()), "lenet_dist/train.py", *RECIPE, "--output-dir", str(tmp_path), *extra]
+
+    marker = str(os.getpid())
+    process = subprocess.Popen(launch(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "LENET_TEST_LAUNCH": marker})
+    wait_for(lambda: (tmp_path / "checkpoints" / "step-00000600" / "progress.json").exists(), 180, process)
+    # torchrun starts each rank in a session of its own: kill the launcher and every rank, as a
+    # machine failure would, or the orphaned ranks would go on writing into the run
+    for pid in [process.pid, *rank_pids(int(marker)).values()]:
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    wait_for(lambda: not rank_pids(int(marker)), 30)
+    resumed = run(launch("--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    metrics = read_metrics(tmp_path)
+    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert all(e["eval_samples"] == 10_000 for e in metrics["epochs"])
+    single = read_metrics(uninterrupted)["final_test_accuracy"]
+    assert abs(metrics["final_test_accuracy"] - single) <= 0.001
+
+
 def test_sigkill_while_saving_leaves_usable_checkpoints(uninterrupted, tmp_path):
     rng = random.Random(0)
     command = [*TRAIN, *RECIPE[:2], "--checkpoint-every", "3", "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
@@ -194,8 +219,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """Global rank → pid of the launcher's worker processes, from their environment."""
+def rank_pids(marker: int) -> dict[int, int]:
+    """Global rank → pid of the worker processes launched with LENET_TEST_LAUNCH=marker."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -204,7 +229,7 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
             environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
         except OSError:
             continue
-        if environ.get("TORCHELASTIC_RUN_ID") is not None and environ.get("LENET_TEST_LAUNCH") == str(launcher_pid):
+        if environ.get("TORCHELASTIC_RUN_ID") is not None and environ.get("LENET_TEST_LAUNCH") == str(marker):
             found[int(environ["RANK"])] = int(proc.name)
     return found
 

@@ -20,7 +20,8 @@ ROW_FIELDS = {
 
 def test_bench_quick_writes_rows_json_and_chart(tmp_path, data_dir):
     out, chart = tmp_path / "out.json", tmp_path / "chart.png"
-    result = run([str(BIN / "lenet-dist"), "bench", "--quick", "--json", str(out), "--chart", str(chart)], timeout=300)
+    result = run([str(BIN / "lenet-dist"), "bench", "--quick", "--json", str(out), "--chart", str(chart),
+                  "--profile", "--profile-dir", str(tmp_path / "profiles")], timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -36,6 +37,12 @@ def test_bench_quick_writes_rows_json_and_chart(tmp_path, data_dir):
     assert report["peak_matmul_flops_per_second"]["cpu/no"] > 1e9
     assert "lenet-dist bench" in result.stdout and "time_to_98" in result.stdout
     assert_png(chart)
+    # --profile traced the default recipe's row, and inspect reads it
+    (trace_dir,) = (tmp_path / "profiles").iterdir()
+    assert [p.name.split(".")[0] for p in trace_dir.iterdir()] == ["cpu-tensor-no-eager-b128"]
+    shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["workers"]["cpu-tensor-no-eager-b128"]["conv_share"] > 0.1
 
 
 @pytest.mark.parametrize("flags", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import BIN, FIGURES, ROOT, assert_png, read_metrics, run
