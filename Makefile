@@ -18,5 +18,8 @@ train: install
 test: install
 	$(PYTHON) -m pytest -q
 
+bench: install
+	$(VENV)/bin/lenet-dist bench
+
 clean:
 	rm -rf $(VENV) runs profiles/*/ .pytest_cache

@@ -40,6 +40,9 @@ class TrainConfig:
     lr: float = flag(3e-3, "peak learning rate of Adam (the one-cycle schedule's maximum)")
     schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
     seed: int = flag(0, "seed for weights and data order")
+    deterministic: bool = flag(
+        False, "also make GPU kernels deterministic (torch.use_deterministic_algorithms); CPU runs already repeat exactly"
+    )
     data_dir: str | None = flag(
         None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
     )

@@ -221,7 +221,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"--batch-size {config.batch_size} is the global batch and must divide evenly across "
             f"{accelerator.num_processes} processes"
         )
-    set_seed(config.seed)
+    if config.deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(config.seed, deterministic=config.deterministic)
     data_dir = config.resolved_data_dir()
     with accelerator.main_process_first():  # one download, not one per rank
         ensure_dataset(data_dir, config.dataset)
