@@ -133,8 +133,9 @@ def train_one_epoch(accelerator, config, model, loader, optimizer, scheduler, pr
         loader = accelerator.skip_first_batches(loader, progress.batches_done)
         loader.set_epoch(progress.epoch - 1)
     bar = EpochProgress(
-        enabled=accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(), epoch=progress.epoch, epochs=config.epochs, steps=steps,
-        batch_size=config.batch_size, done=progress.batches_done,
+        enabled=accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
+        epoch=progress.epoch, epochs=config.epochs, steps=steps, batch_size=config.batch_size,
+        done=progress.batches_done,
     )
     epoch_loss = torch.tensor(progress.loss_sum, device=accelerator.device)
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
