@@ -59,6 +59,9 @@ class TrainConfig:
     )
     pin_memory: bool | None = flag(None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)")
     persistent_workers: bool = flag(True, "keep DataLoader workers alive between epochs (when --workers > 0)")
+    pin_cores: bool = flag(
+        True, "in multi-process CPU runs, give each local process its own slice of this machine's cores"
+    )
     mixed_precision: str | None = flag(
         None, "autocast precision (default: accelerate's config or --mixed_precision flag, else no)",
         choices=("no", "bf16", "fp16"),

@@ -247,7 +247,10 @@ def test_a_dying_rank_ends_the_whole_job_quickly(tmp_path, data_dir):
         wait_for(lambda: (tmp_path / "config.json").exists(), 120, process)
         wait_for(lambda: len(rank_pids(int(marker))) == 2, 30, process)
         time.sleep(1)  # inside the training loop, rank 0 waiting on rank 1 in every all-reduce
-        os.kill(rank_pids(int(marker))[1], signal.SIGKILL)
+        ranks = rank_pids(int(marker))
+        cores = [os.sched_getaffinity(ranks[rank]) for rank in (0, 1)]
+        assert cores[0] and cores[1] and not cores[0] & cores[1]  # --pin-cores: a slice of cores each
+        os.kill(ranks[1], signal.SIGKILL)
         killed_at = time.monotonic()
         output, _ = process.communicate(timeout=60)
         assert time.monotonic() - killed_at < 60
