@@ -183,7 +183,8 @@ def print_report(report: dict[str, Any], top: int) -> None:
     for result in workers.values():
         for name, ms in result["self_ms_per_step"].items():
             ranking[name] += ms
-    ops = Table(title=f"{report['run_dir']}: self time per step (ms), top {top}")
+    console.print(f"[bold]{report['run_dir']}[/bold]: {len(workers)} trace worker(s)")
+    ops = Table(title=f"self time per step (ms), top {top}")
     ops.add_column("operator")
     for worker in workers:
         ops.add_column(worker, justify="right")
