@@ -51,9 +51,11 @@ class BenchConfig:
     compile_modes: str = flag("eager,compile", "comma-separated: eager,compile")
     batch_sizes: str = flag("64,128,512", "comma-separated batch sizes")
     windows: int = flag(5, "timed windows per measurement (the median is reported)")
+    rounds: int = flag(3, "passes over the whole matrix; each row reports the median of its passes")
     window_images: int = flag(8192, "images per timed window (at least 4 batches)")
     time_to_98: bool = flag(True, "also time the real training command to 98%% test accuracy")
     ddp_scaling: bool = flag(True, "also compare 1 CPU process × 2 threads with 2 processes × 1 thread")
+    ddp_repeats: int = flag(3, "runs of each DDP scaling command, alternating (the median is reported)")
     data_dir: str | None = flag(None, "MNIST folder (default: $LENET_DATA_DIR, else ./data)")
     json: str | None = flag(None, "write every row and the machine description here")
     chart: str | None = flag(None, "write a PNG bar chart of training images/s here")
@@ -63,9 +65,12 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.windows < 5:
             raise UserError(f"--windows must be at least 5 for a meaningful median, got {self.windows}")
+        for name in ("rounds", "ddp_repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.quick:
             self.pipelines, self.precisions, self.compile_modes = "torchvision,tensor", "no", "eager"
-            self.batch_sizes, self.window_images, self.ddp_scaling = "64,128", 2048, False
+            self.batch_sizes, self.window_images, self.ddp_scaling, self.rounds = "64,128", 2048, False, 1
         for name, allowed in (
             ("pipelines", {"torchvision", "tensor"}),
             ("compile_modes", {"eager", "compile"}),
@@ -182,6 +187,10 @@ def measure_row(
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if compiled:
+        # every row compiles afresh: rows sharing one cache would exhaust dynamo's recompile limit (8 per
+        # code object) and the later "compile" rows would silently run eager
+        torch.compiler.reset()
     network = torch.compile(model) if compiled else model
     steps_per_window = max(4, bench.window_images // batch_size)
 
@@ -235,11 +244,13 @@ def time_to_98(device: torch.device, pipeline: str, data_dir: Path) -> float | N
     return reached[0] if reached else None
 
 
-def ddp_scaling(data_dir: Path, batch_sizes: list[int]) -> list[dict[str, float]]:
+def ddp_scaling(data_dir: Path, batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     """Second-epoch training images/s of the real train command: 1 process × all threads vs 2 × 1 thread.
 
     The fixed cost of each step (a gloo all-reduce of 61,706 gradients, Python) is split over fewer
-    images per process at small batches, so scaling is measured at more than one global batch.
+    images per process at small batches, so scaling is measured at more than one global batch. The two
+    commands alternate `repeats` times and each reports its median, so a noisy minute on a shared
+    machine does not land on one side only.
     """
     launchers = {
         "single_process": [sys.executable, "lenet_dist/train.py"],
@@ -248,8 +259,8 @@ def ddp_scaling(data_dir: Path, batch_sizes: list[int]) -> list[dict[str, float]
     }
     results = []
     for batch_size in batch_sizes:
-        rates = {}
-        for name, launcher in launchers.items():
+        runs: dict[str, list[float]] = {name: [] for name in launchers}
+        for name, launcher in [*launchers.items()] * repeats:
             with tempfile.TemporaryDirectory() as output_dir:
                 command = [*launcher, "--epochs", "2", "--batch-size", str(batch_size), "--data-dir", str(data_dir),
                            "--output-dir", output_dir]
@@ -260,10 +271,12 @@ def ddp_scaling(data_dir: Path, batch_sizes: list[int]) -> list[dict[str, float]
                 if result.returncode != 0:
                     raise UserError(f"DDP scaling run {name} failed: {result.stderr.strip().splitlines()[-1]}")
                 epochs = json.loads((Path(output_dir) / "metrics.json").read_text())["epochs"]
-                rates[name] = epochs[-1]["train_images_per_second"]
+                runs[name].append(epochs[-1]["train_images_per_second"])
+        rates = {name: statistics.median(rates) for name, rates in runs.items()}
         results.append({
             "batch_size": batch_size,
             **{f"{name}_images_per_second": rate for name, rate in rates.items()},
+            **{f"{name}_runs": rates_of_runs for name, rates_of_runs in runs.items()},
             "scaling_efficiency": rates["two_processes"] / rates["single_process"],
         })
     return results
@@ -293,33 +306,37 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     peaks: dict[str, float] = {}
     default = TrainConfig()
     profile_dir = Path(bench.profile_dir) / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    cells = []
     for device in bench.device_list():
         for precision in bench.precision_list(device):
             peaks[f"{device}/{precision}"] = matmul_flops_per_second(device, precision)
-        matrix = itertools.product(
+        cells += [(device, *cell) for cell in itertools.product(
             _split(bench.pipelines), bench.precision_list(device), _split(bench.compile_modes),
             [int(b) for b in _split(bench.batch_sizes)],
-        )
-        for pipeline, precision, compile_mode, batch_size in matrix:
+        )]
+    rounds: dict[tuple, list[dict[str, float]]] = {cell: [] for cell in cells}
+    # Whole passes over the matrix, not repeats of one row: on a shared machine a noisy minute then
+    # lands on every row once instead of deciding one row's number, and so one ratio.
+    for round_index in range(bench.rounds):
+        for cell in cells:
+            device, pipeline, precision, compile_mode, batch_size = cell
             recipe = (pipeline, precision, compile_mode, batch_size) == ("tensor", "no", "eager", default.batch_size)
+            profile = bench.profile and recipe and round_index == 0
             worker = f"{device}-{pipeline}-{precision}-{compile_mode}-b{batch_size}".replace(":", "")
-            with profiler_for(replace(default, profile=bench.profile and recipe), profile_dir, worker) as profiler:
-                measured = measure_row(
+            with profiler_for(replace(default, profile=profile), profile_dir, worker) as profiler:
+                rounds[cell].append(measure_row(
                     bench, device, pipeline, precision, compile_mode == "compile", batch_size, data_dir, profiler
-                )
-            peak = peaks[f"{device}/{precision}"]
-            rows.append({
-                "device": str(device), "pipeline": pipeline, "precision": precision, "compile": compile_mode,
-                "batch_size": batch_size, **measured,
-                "train_flops_per_image": flops_train,
-                "roofline_percent": 100 * measured["train_images_per_second"] * flops_train / peak,
-                "inference_roofline_percent": 100 * measured["inference_images_per_second"] * flops_infer / peak,
-                "time_to_98": None,
-            })
-            print(_row_line(rows[-1]), flush=True)
-    default = TrainConfig()
+                ))
+            row = _row(cell, rounds[cell][-1], peaks, flops_train, flops_infer)
+            print(f"round {round_index + 1}/{bench.rounds} {_row_line(row)}", flush=True)
+    for cell, measured in rounds.items():
+        median = {name: statistics.median(m[name] for m in measured) for name in measured[0]}
+        rows.append({
+            **_row(cell, median, peaks, flops_train, flops_infer),
+            **{f"{name}_rounds": [m[name] for m in measured] for name in measured[0]},
+        })
     if bench.time_to_98:
-        # the seed-style pipeline needs ~40 s to get there on a 2-core CPU: too long for --quick
+        # the seed-style run adds ~15 s on a 2-core CPU: too long for --quick
         timed_pipelines = ["tensor"] if bench.quick else _split(bench.pipelines)
         for device in bench.device_list():
             for pipeline in timed_pipelines:
@@ -337,8 +354,23 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
         "bench_config": asdict(bench),
         "peak_matmul_flops_per_second": peaks,
         "rows": rows,
-        "ddp_scaling": ddp_scaling(data_dir, [default.batch_size, 512])
+        "ddp_scaling": ddp_scaling(data_dir, [default.batch_size, 512], bench.ddp_repeats)
         if bench.ddp_scaling and "cpu" in map(str, bench.device_list()) else None,
+    }
+
+
+def _row(
+    cell: tuple, measured: dict[str, float], peaks: dict[str, float], flops_train: float, flops_infer: float
+) -> dict[str, Any]:
+    device, pipeline, precision, compile_mode, batch_size = cell
+    peak = peaks[f"{device}/{precision}"]
+    return {
+        "device": str(device), "pipeline": pipeline, "precision": precision, "compile": compile_mode,
+        "batch_size": batch_size, **measured,
+        "train_flops_per_image": flops_train,
+        "roofline_percent": 100 * measured["train_images_per_second"] * flops_train / peak,
+        "inference_roofline_percent": 100 * measured["inference_images_per_second"] * flops_infer / peak,
+        "time_to_98": None,
     }
 
 
