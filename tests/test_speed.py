@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -43,6 +44,19 @@ def test_bench_quick_writes_rows_json_and_chart(tmp_path, data_dir):
     shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["workers"]["cpu-tensor-no-eager-b128"]["conv_share"] > 0.1
+
+
+def test_bench_rows_report_the_median_of_their_rounds(tmp_path, data_dir):
+    out = tmp_path / "out.json"
+    result = run([str(BIN / "lenet-dist"), "bench", "--pipelines", "tensor", "--precisions", "no",
+                  "--compile-modes", "eager", "--batch-sizes", "64,128", "--window-images", "512", "--rounds", "3",
+                  "--no-time-to-98", "--no-ddp-scaling", "--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("round 3/3") == 2
+    for row in json.loads(out.read_text())["rows"]:
+        for measure in ("train_images_per_second", "inference_images_per_second"):
+            assert len(row[f"{measure}_rounds"]) == 3
+            assert row[measure] == statistics.median(row[f"{measure}_rounds"])
 
 
 @pytest.mark.parametrize("flags", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
