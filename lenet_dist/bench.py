@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from lenet_dist.config import TrainConfig, flag, parse_config
+from lenet_dist.config import TrainConfig, flag, option, parse_config, require_at_least
 from lenet_dist.data import InMemoryMNIST, ensure_dataset, load_split, make_loader, seed_style_dataset
 from lenet_dist.errors import UserError, exit_on_user_error
 from lenet_dist.model import LeNet5
 from lenet_dist.profiling import profiler_for
+from lenet_dist.train import build_model_and_optimizer
 
 # The seed's loader (batch 64, no worker processes): the baseline every speed-up is measured against.
 SEED_BATCH, SEED_WORKERS = 64, 0
@@ -63,11 +64,7 @@ class BenchConfig:
     profile_dir: str = flag("profiles", "where profiler traces go")
 
     def __post_init__(self) -> None:
-        if self.windows < 5:
-            raise UserError(f"--windows must be at least 5 for a meaningful median, got {self.windows}")
-        for name in ("rounds", "ddp_repeats"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, {"windows": 5, "rounds": 1, "ddp_repeats": 1})  # 5 windows: a meaningful median
         if self.quick:
             self.pipelines, self.precisions, self.compile_modes = "torchvision,tensor", "no", "eager"
             self.batch_sizes, self.window_images, self.ddp_scaling, self.rounds = "64,128", 2048, False, 1
@@ -78,7 +75,7 @@ class BenchConfig:
         ):
             unknown = set(_split(getattr(self, name) or "")) - allowed
             if unknown:
-                raise UserError(f"--{name.replace('_', '-')}: unknown {sorted(unknown)}; choose from {sorted(allowed)}")
+                raise UserError(f"{option(name)}: unknown {sorted(unknown)}; choose from {sorted(allowed)}")
 
     def device_list(self) -> list[torch.device]:
         if self.devices:
@@ -179,13 +176,13 @@ def measure_row(
     data_dir: Path, profiler: Any,
 ) -> dict[str, float]:
     torch.manual_seed(0)
-    model = LeNet5().to(device)
+    default = TrainConfig()
     if pipeline == "tensor":  # the tuned rows train as `lenet-dist train` does; torchvision rows as the seed did
-        if TrainConfig().channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+        model, optimizer = build_model_and_optimizer(default)
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model = LeNet5()
+        optimizer = torch.optim.Adam(model.parameters(), lr=default.lr)
+    model.to(device)  # in place: the optimizer keeps the same parameters
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if compiled:
         # every row compiles afresh: rows sharing one cache would exhaust dynamo's recompile limit (8 per
@@ -272,11 +269,11 @@ def ddp_scaling(data_dir: Path, batch_sizes: list[int], repeats: int) -> list[di
                     raise UserError(f"DDP scaling run {name} failed: {result.stderr.strip().splitlines()[-1]}")
                 epochs = json.loads((Path(output_dir) / "metrics.json").read_text())["epochs"]
                 runs[name].append(epochs[-1]["train_images_per_second"])
-        rates = {name: statistics.median(rates) for name, rates in runs.items()}
+        rates = {name: statistics.median(run_rates) for name, run_rates in runs.items()}
         results.append({
             "batch_size": batch_size,
             **{f"{name}_images_per_second": rate for name, rate in rates.items()},
-            **{f"{name}_runs": rates_of_runs for name, rates_of_runs in runs.items()},
+            **{f"{name}_runs": runs[name] for name in runs},
             "scaling_efficiency": rates["two_processes"] / rates["single_process"],
         })
     return results

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lenet_dist.config import option
 from lenet_dist.errors import UserError
 from lenet_dist.model import LeNet5
 
@@ -130,7 +131,7 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, config: Any) 
     except (json.JSONDecodeError, TypeError) as error:
         raise UserError(f"--resume {checkpoint}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint") from None
     differing = [
-        f"--{name.replace('_', '-')} {value} (this run: {getattr(config, name)})"
+        f"{option(name)} {value} (this run: {getattr(config, name)})"
         for name, value in progress.trajectory.items() if getattr(config, name) != value
     ]
     if differing:

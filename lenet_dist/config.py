@@ -29,6 +29,19 @@ def flag(
     return field(default=default, metadata=metadata)
 
 
+def option(name: str) -> str:
+    """The command-line spelling of a config field: `batch_size` → `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def require_at_least(config: Any, minimums: dict[str, int]) -> None:
+    """Refuse, in one line, the first flag below its minimum (None means "use the default" and passes)."""
+    for name, least in minimums.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise UserError(f"{option(name)} must be at least {least}, got {value}")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = flag(2, "passes over the training set")
@@ -91,18 +104,14 @@ class TrainConfig:
     profile_flops: bool = flag(False, "also estimate FLOPs of matmuls and convolutions in the trace")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "keep_checkpoints", "log_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        require_at_least(self, {
+            "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0,
+            "profile_wait": 0, "profile_warmup": 0, "profile_active": 1, "profile_repeat": 1,
+        })
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must be 0 or more, got {self.workers}")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
-        for name, least in (("profile_wait", 0), ("profile_warmup", 0), ("profile_active", 1), ("profile_repeat", 1)):
-            if getattr(self, name) < least:
-                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise UserError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
 
@@ -139,7 +148,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     hints = typing.get_type_hints(config_class)
     for config_field in dataclasses.fields(config_class):
         meta = config_field.metadata
-        names = ([meta["short"]] if meta.get("short") else []) + [f"--{config_field.name.replace('_', '-')}"]
+        names = ([meta["short"]] if meta.get("short") else []) + [option(config_field.name)]
         if typing.get_origin(hints[config_field.name]) is list:  # positional, one or more
             parser.add_argument(config_field.name, nargs="*", metavar=config_field.name.upper()[:-1], help=meta["help"])
             continue
