@@ -22,10 +22,12 @@ def data_dir() -> Path:
     return path
 
 
-def run(command: list[str], *, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a real process from the repository root, as a user would."""
+def run(
+    command: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run a real process from the repository root (or a copy of it), as a user would."""
     return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
 
 

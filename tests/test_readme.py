@@ -12,7 +12,8 @@ from conftest import ROOT, run
 
 # `make test` is this very suite; running it from inside itself would recurse.
 NOT_RUN_HERE = {"make test"}
-SCRATCH = ("runs", "profiles")
+# What a checkout holds beyond its tracked files; the README's commands write runs/ and profiles/ anew.
+NOT_COPIED = (".git", ".venv", "runs", "profiles", "data", "*.egg-info", "__pycache__", ".pytest_cache")
 
 
 def readme_commands() -> list[str]:
@@ -26,20 +27,17 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def listing(folder: str) -> set[str]:
-    return set(os.listdir(ROOT / folder)) if (ROOT / folder).is_dir() else set()
-
-
-def test_every_readme_command_runs(data_dir):
+def test_every_readme_command_runs(data_dir, tmp_path):
     commands = readme_commands()
     assert len(commands) >= 10, commands
-    before = {folder: listing(folder) for folder in SCRATCH}
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    try:
-        for command in commands:  # in order: later commands use what earlier ones wrote
-            result = run(["bash", "-c", command], env=env, timeout=600)
-            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    finally:  # leave runs/ and profiles/ as they were
-        for folder in SCRATCH:
-            for name in listing(folder) - before[folder] - {"README.md"}:
-                shutil.rmtree(ROOT / folder / name, ignore_errors=True)
+    # In a copy of the checkout: a user's own runs/first (from following the README) must neither make
+    # the commands fail nor be touched. The copy shares the installed .venv; copying keeps file times,
+    # so `make` sees the install as current and does not re-point it at the copy.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    if (ROOT / ".venv").is_dir():
+        (checkout / ".venv").symlink_to(ROOT / ".venv")
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(data_dir)}
+    for command in commands:  # in order: later commands use what earlier ones wrote
+        result = run(["bash", "-c", command], env=env, timeout=600, cwd=checkout)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
