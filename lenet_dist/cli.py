@@ -1,54 +1,66 @@
-"""The `lenet-dist` command: one subcommand per job, each parsed from its module's own options."""
+"""The `lenet-dist` command: one subcommand per job, each parsed from its dataclass in config.py.
+
+A subcommand's module is imported only when that subcommand runs, so `lenet-dist --help`,
+`lenet-dist inspect` and `lenet-dist predict --help` never load torch or accelerate.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from lenet_dist.config import ArgumentParser, TrainConfig, add_config_arguments, config_from_args
-from lenet_dist.bench import BenchConfig
+from lenet_dist.config import (
+    ArgumentParser, BenchConfig, CompareConfig, DownloadConfig, InspectConfig, LaunchConfigConfig, PredictConfig,
+    TrainConfig, add_config_arguments, config_from_args, version_text,
+)
 from lenet_dist.errors import exit_on_user_error
-from lenet_dist.predict import PredictConfig
-from lenet_dist.traces import InspectConfig
+
+# name: (help, config class, "module:function" that runs it and returns an exit status or None)
+COMMANDS = {
+    "train": ("train in this process (several: accelerate launch -m lenet_dist.train)", TrainConfig,
+              "lenet_dist.train:run"),
+    "bench": ("throughput per device, pipeline, precision and batch size; time to result; scaling", BenchConfig,
+              "lenet_dist.bench.suite:run"),
+    "bench compare": ("bench --json results side by side, matched row by row, with ratios", CompareConfig,
+                      "lenet_dist.bench.compare:run"),
+    "inspect": ("where a profiled step's time goes, per rank", InspectConfig, "lenet_dist.traces:run"),
+    "predict": ("classify your own images with a trained run", PredictConfig, "lenet_dist.predict:run"),
+    "download": ("fetch a data set into the data folder (for machines that train offline)", DownloadConfig,
+                 "lenet_dist.data:download"),
+    "launch-config": ("print the path of a packaged accelerate config: accelerate launch --config_file PATH",
+                      LaunchConfigConfig, "lenet_dist.launching:print_config_path"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="lenet-dist", description="LeNet-5 on MNIST through accelerate.")
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train_parser = commands.add_parser(
-        "train", help="train in this process (for several processes: accelerate launch lenet_dist/train.py)"
-    )
-    add_config_arguments(train_parser, TrainConfig)
-    bench_parser = commands.add_parser("bench", help="throughput per device, pipeline, precision and batch size")
-    add_config_arguments(bench_parser, BenchConfig)
-    inspect_parser = commands.add_parser("inspect", help="where a profiled step's time goes, per rank")
-    add_config_arguments(inspect_parser, InspectConfig)
-    predict_parser = commands.add_parser("predict", help="classify your own images with a trained run")
-    add_config_arguments(predict_parser, PredictConfig)
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    subcommands = {}
+    for name, (summary, config_class, _) in COMMANDS.items():
+        command, _, subcommand = name.partition(" ")
+        if subcommand:  # e.g. `bench compare`: a subcommand of `bench`, which also runs on its own
+            if command not in subcommands:
+                subcommands[command] = parsers[command].add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            add_config_arguments(subcommands[command].add_parser(subcommand, help=summary, description=summary),
+                                 config_class)
+        else:
+            parsers[name] = commands.add_parser(name, help=summary, description=summary)
+            add_config_arguments(parsers[name], config_class)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    status = 0
+    name = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
+    _, config_class, target = COMMANDS[name]
+    module_name, function_name = target.split(":")
     with exit_on_user_error():
-        if args.command == "train":
-            from lenet_dist.train import train
-
-            train(config_from_args(TrainConfig, args))
-        elif args.command == "bench":
-            from lenet_dist.bench import run
-
-            run(config_from_args(BenchConfig, args))
-        elif args.command == "inspect":
-            from lenet_dist.traces import run as inspect
-
-            inspect(config_from_args(InspectConfig, args))
-        elif args.command == "predict":
-            from lenet_dist.predict import run as predict
-
-            status = predict(config_from_args(PredictConfig, args))
-    sys.exit(status)
+        config = config_from_args(config_class, args)  # a bad value fails before the heavy imports
+        status = getattr(importlib.import_module(module_name), function_name)(config)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""The one place every training flag is defined; the command line is generated from it."""
+"""Every command's flags, one dataclass per command; the command line is generated from them.
+
+This module imports nothing heavy (no torch, no accelerate), so `lenet-dist --help` and the commands
+that need no training stack start at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -12,20 +17,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lenet_dist.errors import UserError
+import lenet_dist
+from lenet_dist.errors import UsageError
 
 DATA_DIR_ENV = "LENET_DATA_DIR"
+# accelerate's tracker names (accelerate.utils.LoggerType), spelled here so that building the
+# command line does not import accelerate; a test keeps the two lists equal.
+TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 def flag(
     default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
-    bare: Any = None, positional: bool = False,
+    bare: Any = None, positional: bool = False, metavar: str | None = None,
 ) -> Any:
     """A dataclass field that also carries what argparse needs to expose it.
 
     `bare` is the value the flag takes when given without an argument (`--resume` → "latest").
+    A list default makes a positional argument taking one or more values.
     """
-    metadata = {"help": doc, "short": short, "choices": choices, "bare": bare, "positional": positional}
+    metadata = {"help": doc, "short": short, "choices": choices, "bare": bare, "positional": positional,
+                "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -39,7 +52,18 @@ def require_at_least(config: Any, minimums: dict[str, int]) -> None:
     for name, least in minimums.items():
         value = getattr(config, name)
         if value is not None and value < least:
-            raise UserError(f"{option(name)} must be at least {least}, got {value}")
+            raise UsageError(f"{option(name)} must be at least {least}, got {value}")
+
+
+def split_list(text: str | None) -> list[str]:
+    """`"a, b,c"` → ["a", "b", "c"]: how list-valued flags are spelled."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def require_choices(name: str, text: str | None, allowed: typing.Collection[str]) -> None:
+    unknown = [value for value in split_list(text) if value not in allowed]
+    if unknown:
+        raise UsageError(f"{option(name)}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
 
 
 @dataclass
@@ -50,8 +74,9 @@ class TrainConfig:
         "GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe",
         short="-b",
     )
-    lr: float = flag(3e-3, "peak learning rate of Adam (the one-cycle schedule's maximum)")
+    lr: float = flag(6e-3, "peak learning rate of Adam (the one-cycle schedule's maximum)")
     schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
+    warmup: float = flag(0.3, "one-cycle schedule: the share of the run spent raising the learning rate to its peak")
     seed: int = flag(0, "seed for weights and data order")
     deterministic: bool = flag(
         False, "also make GPU kernels deterministic (torch.use_deterministic_algorithms); CPU runs already repeat exactly"
@@ -63,8 +88,8 @@ class TrainConfig:
     dataset: str = flag("mnist", "which MNIST-format data set", choices=("mnist", "fashion-mnist", "kmnist"))
     data_pipeline: str = flag(
         "tensor",
-        "tensor: MNIST held as one uint8 tensor on the training device, batches gathered by index; "
-        "torchvision: the seed's per-image ToTensor/Normalize DataLoader",
+        "tensor: the data set held as one uint8 tensor on the training device, batches gathered by index; "
+        "torchvision: the original script's per-image ToTensor/Normalize DataLoader",
         choices=("tensor", "torchvision"),
     )
     workers: int | None = flag(
@@ -83,7 +108,13 @@ class TrainConfig:
     channels_last: bool = flag(
         True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)"
     )
-    target_accuracy: float | None = flag(None, "stop once the test accuracy reaches this fraction, e.g. 0.98")
+    target_accuracy: float | None = flag(
+        None, "stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98"
+    )
+    eval_every: int | None = flag(
+        None, "evaluate on the whole test set every N steps (default: at each epoch's end; with --target-accuracy "
+        "also in between, more often as the accuracy nears the target)"
+    )
     checkpoint_every: int = flag(0, "also checkpoint every N training steps (0: only at each epoch end)")
     keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/")
     resume: str | None = flag(
@@ -92,9 +123,12 @@ class TrainConfig:
     )
     overwrite: bool = flag(False, "train into an --output-dir that already holds a finished run, replacing it")
     progress: bool = flag(True, "a rich progress bar on a terminal (plain log lines otherwise or with --no-progress)")
-    log_every: int = flag(10, "log the mean training loss every N steps (progress line, TensorBoard)")
-    log_with: str | None = flag(None, "experiment tracker through accelerate, into the output dir", choices=("tensorboard",))
-    show: bool = flag(False, "also open the predictions figure in a window, as the seed did")
+    log_every: int = flag(10, "log the mean training loss every N steps (progress line, trackers)")
+    log_with: str | None = flag(
+        None, f"experiment trackers through accelerate, comma-separated, into the output dir: {', '.join(TRACKERS)}, "
+        "or all (every installed one)"
+    )
+    show: bool = flag(False, "also open the predictions figure in a window, as the original script did")
     profile: bool = flag(False, "record torch.profiler traces of a window of training steps into --profile-dir/<run>/")
     profile_dir: str = flag("profiles", "where profiler traces go, one folder per run")
     profile_wait: int = flag(5, "profiler schedule: steps skipped before each recording cycle")
@@ -105,15 +139,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, {
-            "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0,
+            "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0, "eval_every": 1,
             "profile_wait": 0, "profile_warmup": 0, "profile_active": 1, "profile_repeat": 1,
         })
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.warmup < 1:
+            raise UsageError(f"--warmup is a fraction of the run in (0, 1), got {self.warmup}")
         if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
+            raise UsageError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise UserError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+            raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        require_choices("log_with", self.log_with, (*TRACKERS, "all"))
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
@@ -123,12 +160,115 @@ class TrainConfig:
             return self.workers
         return 0 if self.data_pipeline == "tensor" else 2
 
+    def trackers(self) -> list[str]:
+        return split_list(self.log_with)
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = flag(False, "a small matrix that runs in about a minute: cpu, fp32, eager, batch 64 and 128, one "
+                              "round, no training runs (each of those defaults can still be overridden)")
+    devices: str | None = flag(None, "comma-separated devices (default: cpu and every cuda:N)")
+    pipelines: str = flag(
+        "original,tuned",
+        "comma-separated: original (the original script: torchvision's per-image pipeline, contiguous model, "
+        "foreach Adam), tuned (lenet-dist train's: in-memory data, channels-last model, fused Adam)",
+    )
+    precisions: str | None = flag(
+        None, "comma-separated: no,bf16,fp16 (default: no,bf16, and fp16 on CUDA; no with --quick)"
+    )
+    compile_modes: str | None = flag(None, "comma-separated: eager,compile (default: both; eager with --quick)")
+    batch_sizes: str | None = flag(None, "comma-separated batch sizes (default: 64,128,512; 64,128 with --quick)")
+    windows: int = flag(5, "timed windows per measurement (the median is reported)")
+    rounds: int | None = flag(None, "passes over the whole matrix; each row reports the median of its passes "
+                                    "(default: 3; 1 with --quick)")
+    window_images: int | None = flag(None, "images per timed window, at least 4 batches (default: 8192; 2048 "
+                                           "with --quick)")
+    runs: bool | None = flag(
+        None, "also time real training commands: whole-process seconds of the default run and of the original "
+        "script, time to 98%% over --seeds seeds, compile seconds cold and warm (default: on; off with --quick)"
+    )
+    repeats: int = flag(3, "runs of each whole-process command, alternating (the median is reported)")
+    seeds: int = flag(3, "seeds of the time-to-98%% runs (the median is reported)")
+    processes: str | None = flag(
+        None, "comma-separated process counts for the scaling sweep, e.g. 1,2,4 (default: 1 and 2 where there are "
+        "two cores or GPUs; none with --quick)"
+    )
+    oversubscribe: bool = flag(False, "allow more processes than this machine has cores (CPU) or GPUs")
+    data_dir: str | None = flag(None, f"MNIST folder (default: ${DATA_DIR_ENV}, else ./data)")
+    json: str | None = flag(None, "write every row and the machine description here")
+    chart: str | None = flag(None, "write PNG charts here (training images/s; the scaling sweep beside it)")
+    profile: bool = flag(False, "profile the default recipe's row on each device into --profile-dir/bench-<time>/")
+    profile_dir: str = flag("profiles", "where profiler traces go")
+
+    def __post_init__(self) -> None:
+        quick = self.quick
+        for name, full, small in (
+            ("precisions", None, "no"), ("compile_modes", "eager,compile", "eager"),
+            ("batch_sizes", "64,128,512", "64,128"), ("rounds", 3, 1), ("window_images", 8192, 2048),
+            ("runs", True, False), ("processes", None, ""),
+        ):
+            if getattr(self, name) is None:
+                setattr(self, name, small if quick else full)
+        require_at_least(self, {"windows": 5, "rounds": 1, "repeats": 1, "seeds": 1, "window_images": 1})
+        require_choices("pipelines", self.pipelines, ("original", "tuned"))
+        require_choices("compile_modes", self.compile_modes, ("eager", "compile"))
+        require_choices("precisions", self.precisions, ("no", "bf16", "fp16"))
+        for name in ("batch_sizes", "processes"):
+            if not all(value.isdigit() and int(value) > 0 for value in split_list(getattr(self, name))):
+                raise UsageError(f"{option(name)} takes positive whole numbers separated by commas, "
+                                 f"got {getattr(self, name)!r}")
+
+
+@dataclass
+class CompareConfig:
+    results: list[str] = flag([], "bench --json files, the first one the baseline of the ratios", metavar="RESULT")
+    chart: str | None = flag(None, "write a PNG chart of the matched rows here")
+    json: str | None = flag(None, "also write the comparison as JSON here")
+
+    def __post_init__(self) -> None:
+        if len(self.results) < 2:
+            raise UsageError("pass at least two bench --json files to compare")
+
+
+@dataclass
+class InspectConfig:
+    run_dir: str = flag("", "a profiles/<run> folder holding rank<N>.*.pt.trace.json files", positional=True)
+    top: int = flag(12, "how many operators to list")
+    json: str | None = flag(None, "also write the report as JSON here ('-' for stdout only, no table)")
+
+
+@dataclass
+class PredictConfig:
+    model: str = flag("", "a training run's output dir (holding model.safetensors)")
+    images: list[str] = flag([], "PNG/JPEG files, any size, RGB or grayscale", metavar="IMAGE")
+    top: int = flag(3, "how many classes to list per image")
+    json: bool = flag(False, "print one JSON object per image instead of text")
+
+
+@dataclass
+class DownloadConfig:
+    dataset: str = flag("mnist", "which MNIST-format data set", choices=("mnist", "fashion-mnist", "kmnist"))
+    data_dir: str | None = flag(None, f"where to put it (default: ${DATA_DIR_ENV}, else ./data)")
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+
+
+@dataclass
+class LaunchConfigConfig:
+    name: str = flag("", "cpu-ddp, single-gpu, multi-gpu or multi-node", positional=True)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage block), exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def version_text() -> str:
+    return f"lenet-dist {lenet_dist.__version__}"
 
 
 def default_run_dir() -> Path:
@@ -148,24 +288,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     hints = typing.get_type_hints(config_class)
     for config_field in dataclasses.fields(config_class):
         meta = config_field.metadata
-        names = ([meta["short"]] if meta.get("short") else []) + [option(config_field.name)]
-        if typing.get_origin(hints[config_field.name]) is list:  # positional, one or more
-            parser.add_argument(config_field.name, nargs="*", metavar=config_field.name.upper()[:-1], help=meta["help"])
+        names = ([meta["short"]] if meta["short"] else []) + [option(config_field.name)]
+        metavar = meta["metavar"] or config_field.name.upper()
+        if typing.get_origin(hints[config_field.name]) is list:
+            parser.add_argument(config_field.name, nargs="*", metavar=metavar, help=meta["help"])
             continue
         kind = _scalar_type(hints[config_field.name])
-        if meta.get("positional"):
-            parser.add_argument(config_field.name, type=kind, metavar=config_field.name.upper(), help=meta["help"])
+        if meta["positional"]:
+            parser.add_argument(config_field.name, type=kind, metavar=metavar, help=meta["help"])
         elif kind is bool:
             parser.add_argument(
                 *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"]
             )
         else:
-            optional_value = {"nargs": "?", "const": meta["bare"]} if meta.get("bare") is not None else {}
+            optional_value = {"nargs": "?", "const": meta["bare"]} if meta["bare"] is not None else {}
             parser.add_argument(
                 *names,
                 type=kind,
                 default=config_field.default,
-                choices=meta.get("choices"),
+                choices=meta["choices"],
                 help=meta["help"] + " (default: %(default)s)",
                 **optional_value,
             )
@@ -177,6 +318,7 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
 
 def parse_config(config_class: type, argv: list[str] | None, prog: str | None, description: str) -> Any:
     parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=version_text())
     add_config_arguments(parser, config_class)
     return config_from_args(config_class, parser.parse_args(argv))
 

@@ -1,13 +1,16 @@
-"""MNIST from IDX files into memory, and the two data pipelines that feed training.
+"""MNIST-format data sets from IDX files into memory, and the two pipelines that feed training.
 
 The IDX reader is ours rather than torchvision's because it also reads a flat folder of gzipped
-files and turns every malformed file into a one-line error that names the file.
+files and turns every malformed file into a one-line error that names the file. torchvision is
+imported only to download and for its per-image pipeline.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import shutil
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lenet_dist.errors import UserError
+from lenet_dist.config import DownloadConfig
+from lenet_dist.errors import UsageError, UserError
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    name: str
     torchvision_class: str  # also the folder torchvision keeps its raw files in: <data-dir>/<class>/raw/
     mean: float  # of the training images scaled to [0, 1], for Normalize
     std: float
@@ -27,14 +33,15 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "mnist": DatasetInfo("MNIST", 0.1307, 0.3081, tuple("0123456789")),
+    "mnist": DatasetInfo("mnist", "MNIST", 0.1307, 0.3081, tuple("0123456789")),
     "fashion-mnist": DatasetInfo(
-        "FashionMNIST", 0.2860, 0.3530,
+        "fashion-mnist", "FashionMNIST", 0.2860, 0.3530,
         ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
     ),
-    "kmnist": DatasetInfo("KMNIST", 0.1918, 0.3483, ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+    "kmnist": DatasetInfo(
+        "kmnist", "KMNIST", 0.1918, 0.3483, ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+    ),
 }
-MEAN, STD = DATASETS["mnist"].mean, DATASETS["mnist"].std
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -44,10 +51,11 @@ _IDX_UBYTE = 0x08
 
 @dataclass
 class Split:
+    """One split of a data set, as read from its IDX files."""
+
     images: torch.Tensor  # uint8, N × 28 × 28
     labels: torch.Tensor  # int64, N
-    mean: float = MEAN
-    std: float = STD
+    info: DatasetInfo
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -66,7 +74,7 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
-def _find_file(folder: Path, name: str, dataset: str = "mnist") -> Path | None:
+def _find_file(folder: Path, name: str, dataset: str) -> Path | None:
     """torchvision's layout (<folder>/MNIST/raw/) first, then a flat folder of IDX files, gzipped or not."""
     for candidate in (folder / DATASETS[dataset].torchvision_class / "raw" / name, folder / name):
         for path in (candidate, candidate.with_name(candidate.name + ".gz")):
@@ -79,25 +87,36 @@ def _missing_files(data_dir: Path, dataset: str) -> list[str]:
     return [name for pair in SPLIT_FILES.values() for name in pair if _find_file(data_dir, name, dataset) is None]
 
 
-def ensure_dataset(data_dir: Path, dataset: str = "mnist") -> None:
+def ensure_dataset(data_dir: Path, dataset: str) -> None:
     """Download the data set with torchvision when its files are absent; fail in one line when offline."""
     if not _missing_files(data_dir, dataset):
         return
     import torchvision.datasets
 
     folder = DATASETS[dataset].torchvision_class
+    # what a failed download would leave behind: folders that did not exist before it
+    leftover = next((path for path in (data_dir, data_dir / folder) if not path.exists()), None)
     try:
         with redirect_stdout(io.StringIO()):  # torchvision narrates every mirror it tries
             for train in (True, False):
                 getattr(torchvision.datasets, folder)(root=str(data_dir), train=train, download=True)
     except Exception as error:  # any download failure means the same fix for the user
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
         raise UserError(
             f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte and flat IDX files) and "
             f"the download failed ({type(error).__name__}); put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
         ) from None
 
 
-def load_split(data_dir: Path, split: str, dataset: str = "mnist") -> Split:
+def download(config: DownloadConfig) -> None:
+    """`lenet-dist download`: fetch a data set now, e.g. before training on a machine that is offline."""
+    data_dir = config.resolved_data_dir()
+    ensure_dataset(data_dir, config.dataset)
+    print(f"{config.dataset}: {data_dir.resolve()}")
+
+
+def load_split(data_dir: Path, split: str, dataset: str) -> Split:
     image_path, label_path = (_find_file(data_dir, name, dataset) for name in SPLIT_FILES[split])
     if image_path is None or label_path is None:
         raise UserError(f"{dataset} {split} files missing in {data_dir}; pass --data-dir or set LENET_DATA_DIR")
@@ -108,32 +127,60 @@ def load_split(data_dir: Path, split: str, dataset: str = "mnist") -> Split:
         raise UserError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; re-download them"
         )
-    info = DATASETS[dataset]
-    return Split(images=images, labels=labels.long(), mean=info.mean, std=info.std)
+    return Split(images=images, labels=labels.long(), info=DATASETS[dataset])
 
 
-def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """uint8 N×28×28 → float N×1×28×28, the same arithmetic as ToTensor() then Normalize()."""
-    return images.unsqueeze(1).float().div(255).sub(mean).div(std)
+    return images.unsqueeze(1).float().div(255).sub(info.mean).div(info.std)
 
 
-class InMemoryMNIST(Dataset):
-    """A whole split as one tensor on the training device; `__getitems__` gathers a batch in one op."""
+class InMemoryDataset(Dataset):
+    """A whole split as one uint8 tensor on the training device; `__getitems__` gathers a batch in one op."""
 
     def __init__(self, split: Split, device: torch.device) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
-        self.mean, self.std = split.mean, split.std
+        self.info = split.info
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(self.images[index : index + 1], self.mean, self.std)[0], self.labels[index]
+        return normalize(self.images[index : index + 1], self.info)[0], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.labels.device)
-        return normalize(self.images[index], self.mean, self.std), self.labels[index]
+        return self.batch(torch.as_tensor(indices, device=self.labels.device))
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(self.images[index], self.info), self.labels[index]
+
+
+class ShuffledBatches:
+    """An in-memory training set's batches: the epoch's shuffle drawn on the data's device, whole batches only.
+
+    The order of epoch e is a permutation drawn from (seed, e) alone, so it is the same for any number
+    of processes and after a resume; each rank takes its slice of every global batch (as accelerate's
+    split_batches does). Dropping the last partial batch gives every step the same shape, which
+    compiled kernels and CUDA graphs need; a new shuffle each epoch still shows every image.
+    """
+
+    def __init__(self, dataset: InMemoryDataset, global_batch: int, seed: int, rank: int, world_size: int) -> None:
+        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
+        share = global_batch // world_size
+        self.rank_slice = slice(rank * share, (rank + 1) * share)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start` + 1, … of `epoch` (0-based), for this rank."""
+        device = self.dataset.labels.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator, device=device)
+        batches = order[: len(self) * self.global_batch].view(len(self), self.global_batch)[:, self.rank_slice]
+        for index in batches[start:]:
+            yield self.dataset.batch(index)
 
 
 def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,23 +188,24 @@ def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
-def seed_style_dataset(data_dir: Path, dataset: str = "mnist", *, train: bool) -> Dataset:
-    """The seed's pipeline: torchvision's dataset class decoding and normalizing one PIL image at a time."""
+def torchvision_dataset(data_dir: Path, dataset: str, *, train: bool) -> Dataset:
+    """The original script's pipeline: torchvision's data set class decoding and normalizing one PIL image at a time."""
     from torchvision import datasets, transforms
 
     info = DATASETS[dataset]
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((info.mean,), (info.std,))])
     if not (data_dir / info.torchvision_class / "raw").is_dir():
-        raise UserError(
+        raise UsageError(
             f"--data-pipeline torchvision needs {data_dir}/{info.torchvision_class}/raw/; use --data-pipeline tensor"
         )
     return getattr(datasets, info.torchvision_class)(root=str(data_dir), train=train, transform=transform)
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, pin_memory: bool = False, persistent: bool = True
+    dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, pin_memory: bool = False,
+    persistent: bool = True, drop_last: bool = False,
 ) -> DataLoader:
-    batched = isinstance(dataset, InMemoryMNIST)
+    batched = isinstance(dataset, InMemoryDataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -166,4 +214,5 @@ def make_loader(
         pin_memory=pin_memory and not batched,
         persistent_workers=persistent and workers > 0,
         collate_fn=_whole_batch if batched else None,
+        drop_last=drop_last,
     )

@@ -1,4 +1,9 @@
-"""User-facing errors: one line on stderr, a non-zero exit, no traceback."""
+"""User-facing errors: one line on stderr, a non-zero exit, no traceback.
+
+Exit statuses follow the shell's conventions: 2 for a command line that cannot work (argparse's own
+status), 1 for a run that failed on the way (missing data, a full disk, a NaN loss, a corrupt
+checkpoint), and 128 + N for a run stopped by signal N after saving its checkpoint (see train).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,22 @@ from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """Something the user can fix: bad flag, missing data, unwritable path. The message says how."""
+    """A failure the user can fix: missing data, an unwritable path, a corrupt file. The message says how."""
+
+    exit_status = 1
 
 
-EXIT_USER_ERROR = 2
+class UsageError(UserError):
+    """The command line asks for something that cannot work: a bad value, flags that contradict each other."""
+
+    exit_status = 2
 
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn a UserError into `error: <message>` and exit code 2 instead of a traceback."""
+    """Turn a UserError into `error: <message>` and its exit status instead of a traceback."""
     try:
         yield
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        raise SystemExit(error.exit_status) from None

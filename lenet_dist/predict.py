@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from lenet_dist.checkpoint import load_model
-from lenet_dist.config import flag
+from lenet_dist.config import PredictConfig
 from lenet_dist.data import DATASETS, normalize
-from lenet_dist.errors import EXIT_USER_ERROR, UserError
+from lenet_dist.errors import UsageError, UserError
 
 DIGIT_BOX, FRAME = 20, 28
 INK_THRESHOLD = 0.2  # of the image's brightness range: fainter pixels are background
-
-
-@dataclass
-class PredictConfig:
-    model: str = flag("", "a training run's output dir (holding model.safetensors)")
-    images: list[str] = field(default_factory=list, metadata={
-        "help": "PNG/JPEG files, any size, RGB or grayscale", "positional": True})
-    top: int = flag(3, "how many classes to list per image")
-    json: bool = flag(False, "print one JSON object per image instead of text")
 
 
 def to_mnist_frame(path: Path) -> torch.Tensor:
@@ -74,7 +63,7 @@ def _centre_of_mass_shift(frame: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def classify(model: torch.nn.Module, frame: torch.Tensor, dataset: str, top: int) -> list[tuple[str, float]]:
     info = DATASETS[dataset]
-    probabilities = model(normalize(frame.unsqueeze(0), info.mean, info.std)).softmax(dim=1)[0]
+    probabilities = model(normalize(frame.unsqueeze(0), info)).softmax(dim=1)[0]
     values, classes = probabilities.topk(top)
     return [(info.classes[c], float(v)) for c, v in zip(classes.tolist(), values.tolist())]
 
@@ -82,9 +71,9 @@ def classify(model: torch.nn.Module, frame: torch.Tensor, dataset: str, top: int
 def run(config: PredictConfig) -> int:
     """Classify every file; report unreadable ones and carry on. Returns the exit status."""
     if not config.model:
-        raise UserError("pass --model RUN_DIR, the output dir of a training run")
+        raise UsageError("pass --model RUN_DIR, the output dir of a training run")
     if not config.images:
-        raise UserError("pass at least one image file to classify")
+        raise UsageError("pass at least one image file to classify")
     model, metadata = load_model(Path(config.model))
     dataset = metadata.get("config", {}).get("dataset", "mnist")
     failures = 0
@@ -100,17 +89,4 @@ def run(config: PredictConfig) -> int:
                               "top": [{"class": c, "probability": p} for c, p in ranked]}))
         else:
             print(f"{name}: {ranked[0][0]}   top-{len(ranked)}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked))
-    return EXIT_USER_ERROR if failures else 0
-
-
-def main(argv: list[str] | None = None) -> Any:
-    from lenet_dist.config import parse_config
-    from lenet_dist.errors import exit_on_user_error
-
-    with exit_on_user_error():
-        status = run(parse_config(PredictConfig, argv, prog="lenet-dist predict", description=__doc__.splitlines()[0]))
-    sys.exit(status)
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if failures else 0

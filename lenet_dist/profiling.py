@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
+from lenet_dist.files import write_atomically
+
 TRACE_SUFFIX = ".pt.trace.json"
 Item = TypeVar("Item")
 
@@ -24,9 +26,7 @@ def trace_writer(folder: Path, worker: str):
     def write(profiler: profile) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{worker}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
-        partial = final.with_name(final.name + ".partial")  # a reader never sees half a trace
-        profiler.export_chrome_trace(str(partial))
-        partial.replace(final)
+        write_atomically(final, lambda partial: profiler.export_chrome_trace(str(partial)))
 
     return write
 

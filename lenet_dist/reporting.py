@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-class EpochProgress:
+class EpochReporter:
     """One epoch's progress on the main process; silent elsewhere.
 
     On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
@@ -62,12 +62,12 @@ def summary_table(metrics: dict[str, Any]) -> Table:
         title=f"LeNet-5: {metrics['world_size']} process(es) on {metrics['device']}, "
         f"precision {metrics['mixed_precision']}, global batch {metrics['config']['batch_size']}"
     )
-    for column in ("epoch", "train loss", "test accuracy", "seconds", "train images/s"):
+    for column in ("epoch", "train loss", "test accuracy", "train seconds", "train images/s"):
         table.add_column(column, justify="right")
     for record in metrics["epochs"]:
         table.add_row(
             str(record["epoch"]), f"{record['train_loss']:.4f}", f"{record['test_accuracy']:.2%}",
-            f"{record['seconds']:.1f}", f"{record['train_images_per_second']:,.0f}",
+            f"{record['train_seconds']:.1f}", f"{record['train_images_per_second']:,.0f}",
         )
     return table
 

@@ -17,20 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lenet_dist.config import flag
-from lenet_dist.errors import UserError
+from lenet_dist.config import InspectConfig
+from lenet_dist.errors import UsageError, UserError
+from lenet_dist.files import write_json
 
 TRACE_NAME = re.compile(r"^(?P<worker>.+?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")
 RANK_NAME = re.compile(r"^rank(\d+)$")
 CONV_FORWARD = {"aten::conv2d", "aten::convolution"}
 CONV_BACKWARD = {"aten::convolution_backward"}
-
-
-@dataclass
-class InspectConfig:
-    run_dir: str = flag("", "a profiles/<run> folder holding rank<N>.*.pt.trace.json files", positional=True)
-    top: int = flag(12, "how many operators to list")
-    json: str | None = flag(None, "also write the report as JSON here ('-' for stdout only, no table)")
 
 
 @dataclass
@@ -209,27 +203,15 @@ def print_report(report: dict[str, Any], top: int) -> None:
     console.print(summary)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from lenet_dist.config import parse_config
-    from lenet_dist.errors import exit_on_user_error
-
-    with exit_on_user_error():
-        run(parse_config(InspectConfig, argv, prog="lenet-dist inspect", description=__doc__.splitlines()[0]))
-
-
 def run(config: InspectConfig) -> dict[str, Any]:
     if not config.run_dir:
-        raise UserError("pass the profile folder: lenet-dist inspect profiles/<run>")
+        raise UsageError("pass the profile folder: lenet-dist inspect profiles/<run>")
     report = inspect_run(Path(config.run_dir))
     if config.json == "-":
         print(json.dumps(report, indent=2))
         return report
     print_report(report, config.top)
     if config.json:
-        Path(config.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(config.json), report)
         print(f"wrote {config.json}")
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -1,25 +1,58 @@
+"""Shared helpers: real data, real processes, the checks every test file makes the same way.
+
+Tiers (pytest markers): unmarked tests run in-process or start one short process (`make check`);
+`slow` ones train for real, `ddp` ones start several processes, `gpu` ones need CUDA (`make gpu-check`).
+"""
+
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from lenet_dist.data import SPLIT_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Subprocesses find the data the way CI does; default to the shared checkout beside the repository.
-os.environ.setdefault("LENET_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+TRAIN = [sys.executable, "-m", "lenet_dist.train"]
+# The folders `make data` fills; subprocesses read LENET_DATA_DIR the way a user's runs do.
+os.environ.setdefault("LENET_DATA_DIR", str(ROOT / "data"))
+FASHION_DIR = Path(os.environ.get("LENET_FASHION_DIR") or os.environ["LENET_DATA_DIR"])
+FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
+RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+
+
+def require_dataset(folder: Path, torchvision_class: str, name: str) -> Path:
+    """The data set's folder; otherwise a one-line skip (a failure under CI=true, where data must be there)."""
+    folder = folder.resolve()
+    raw = folder / torchvision_class / "raw"
+    if not any((raw / f"t10k-images-idx3-ubyte{suffix}").is_file() for suffix in ("", ".gz")):
+        message = f"{name} not found in {raw}: run `make data` (downloads it when online)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ["LENET_DATA_DIR"]).resolve()
-    if not (path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
-        pytest.fail(f"real MNIST is needed at {path}; set LENET_DATA_DIR")
-    return path
+    return require_dataset(Path(os.environ["LENET_DATA_DIR"]), "MNIST", "MNIST")
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    return require_dataset(FASHION_DIR, "FashionMNIST", "Fashion-MNIST")
 
 
 def run(
@@ -31,12 +64,88 @@ def run(
     )
 
 
-FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
-RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+def start(command: list[str], env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """A real process in a session of its own, so that a test can signal it (and what it started)."""
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})}, **options)
+
+
+def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"process ended early ({process.returncode}): {process.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting")
+        time.sleep(0.02)
+
+
+def checkpoint_exists(output_dir: Path, step: int):
+    return lambda: (output_dir / "checkpoints" / f"step-{step:08d}" / "progress.json").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_ddp(*flags: str, processes: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    """`accelerate launch` with the packaged 2-process CPU config (gloo), on a port of its own."""
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), *extra,
+            "-m", "lenet_dist.train", *flags]
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """Global rank → pid of the torchrun workers started with LENET_TEST_LAUNCH=marker."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            state = (proc / "stat").read_text().rsplit(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if environ.get("TORCHELASTIC_RUN_ID") and environ.get("LENET_TEST_LAUNCH") == marker and state != "Z":
+            found[int(environ["RANK"])] = int(proc.name)
+    return found
+
+
+def kill_all(process: subprocess.Popen, marker: str | None = None) -> None:
+    """SIGKILL a process's session and, for a launcher, every rank it started (each in a session of its own)."""
+    for pid in rank_pids(marker).values() if marker else []:
+        os.kill(pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
+
+
+def numbers(metrics: dict) -> list[tuple]:
+    """What must not change when a run is interrupted and resumed: every epoch's loss and accuracy."""
+    return [(e["epoch"], e["train_loss"], e["test_accuracy"], e["eval_samples"]) for e in metrics["epochs"]]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int, *needles: str) -> str:
+    """The failure is one line on stderr, no traceback, with the exit status and the words asked for."""
+    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def assert_png(path: Path) -> None:
@@ -45,3 +154,34 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     with Image.open(path) as image:
         image.verify()
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    return header + array.to(torch.uint8).numpy().tobytes()
+
+
+def write_split(folder: Path, split: str, images: torch.Tensor, labels: torch.Tensor, compress: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(SPLIT_FILES[split], (images, labels), strict=True):
+        payload = idx_bytes(array)
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (folder / name).write_bytes(payload)
+
+
+def copy_checkout(destination: Path) -> Path:
+    """The files a fresh clone of this working tree would hold (tracked and new, not ignored), copied."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = ROOT / name, destination / name
+        if not source.exists() and not source.is_symlink():  # deleted in the working tree
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
+    return destination

@@ -4,7 +4,8 @@ import struct
 import pytest
 import torch
 
-from lenet_dist.data import SPLIT_FILES, InMemoryMNIST, load_split, normalize, read_idx, seed_style_dataset
+from lenet_dist.data import DATASETS, SPLIT_FILES, InMemoryDataset, ShuffledBatches, load_split, normalize, read_idx, torchvision_dataset
+from lenet_dist.data import Split
 from lenet_dist.errors import UserError
 
 
@@ -32,7 +33,7 @@ def tiny():
 def test_reads_torchvision_raw_layout(tmp_path, tiny):
     images, labels = tiny
     write_split(tmp_path / "MNIST" / "raw", "test", images, labels)
-    split = load_split(tmp_path, "test")
+    split = load_split(tmp_path, "test", "mnist")
     assert torch.equal(split.images, images.to(torch.uint8))
     assert split.labels.tolist() == [3, 1, 4, 1, 5]
     assert split.labels.dtype == torch.int64
@@ -41,7 +42,7 @@ def test_reads_torchvision_raw_layout(tmp_path, tiny):
 def test_reads_flat_gzipped_folder(tmp_path, tiny):
     images, labels = tiny
     write_split(tmp_path, "train", images, labels, compress=True)
-    split = load_split(tmp_path, "train")
+    split = load_split(tmp_path, "train", "mnist")
     assert torch.equal(split.images, images.to(torch.uint8))
 
 
@@ -63,22 +64,46 @@ def test_image_and_label_counts_must_agree(tmp_path, tiny):
     images, labels = tiny
     write_split(tmp_path, "test", images, labels[:4])
     with pytest.raises(UserError, match="5 images but .* 4 labels"):
-        load_split(tmp_path, "test")
+        load_split(tmp_path, "test", "mnist")
 
 
-def test_tensor_pipeline_matches_seed_pipeline_exactly(data_dir):
-    """The fast path must feed the model the very tensors the seed's ToTensor+Normalize produced."""
-    fast = InMemoryMNIST(load_split(data_dir, "test"), torch.device("cpu"))
-    seed = seed_style_dataset(data_dir, "mnist", train=False)
+def test_tensor_pipeline_matches_torchvision_pipeline_exactly(data_dir):
+    """The fast path must feed the model the very tensors the original script's ToTensor+Normalize produced."""
+    fast = InMemoryDataset(load_split(data_dir, "test", "mnist"), torch.device("cpu"))
+    original = torchvision_dataset(data_dir, "mnist", train=False)
     indices = [0, 1, 7, 4242, 9999]
     fast_images, fast_labels = fast.__getitems__(indices)
-    seed_images = torch.stack([seed[i][0] for i in indices])
-    assert torch.equal(fast_images, seed_images)
-    assert fast_labels.tolist() == [seed[i][1] for i in indices]
-    assert torch.equal(fast[7][0], seed[7][0])
+    original_images = torch.stack([original[i][0] for i in indices])
+    assert torch.equal(fast_images, original_images)
+    assert fast_labels.tolist() == [original[i][1] for i in indices]
+    assert torch.equal(fast[7][0], original[7][0])
+
+
+def shuffled(world_size: int, rank: int, images: int = 100, batch: int = 8, seed: int = 0) -> ShuffledBatches:
+    split = Split(torch.zeros(images, 28, 28, dtype=torch.uint8), torch.arange(images), DATASETS["mnist"])
+    return ShuffledBatches(InMemoryDataset(split, torch.device("cpu")), batch, seed, rank, world_size)
+
+
+def test_shuffled_batches_drop_the_partial_batch_and_keep_one_shape():
+    batches = shuffled(1, 0)
+    assert len(batches) == 12  # 100 images, batch 8: the last 4 wait for another epoch's shuffle
+    epoch = list(batches.epoch(0))
+    assert len(epoch) == 12 and {tuple(images.shape) for images, _ in epoch} == {(8, 1, 28, 28)}
+    labels = torch.cat([labels for _, labels in epoch])
+    assert len(set(labels.tolist())) == 96  # no image twice in an epoch
+
+
+def test_shuffled_batches_are_one_order_for_any_number_of_processes_and_after_a_resume():
+    whole = [labels for _, labels in shuffled(1, 0).epoch(3)]
+    halves = [[labels for _, labels in shuffled(2, rank).epoch(3)] for rank in (0, 1)]
+    assert all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*halves, whole, strict=True))
+    resumed = [labels for _, labels in shuffled(1, 0).epoch(3, start=5)]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[5:], strict=True))
+    other_epoch = [labels for _, labels in shuffled(1, 0).epoch(4)]
+    assert not torch.equal(torch.cat(other_epoch), torch.cat(whole))
 
 
 def test_normalize_shape_and_scale():
-    batch = normalize(torch.full((2, 28, 28), 255, dtype=torch.uint8))
+    batch = normalize(torch.full((2, 28, 28), 255, dtype=torch.uint8), DATASETS["mnist"])
     assert batch.shape == (2, 1, 28, 28) and batch.dtype == torch.float32
     assert torch.allclose(batch, torch.full_like(batch, (1 - 0.1307) / 0.3081))

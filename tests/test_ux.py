@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import BIN, FIGURES, ROOT, assert_png, read_metrics, run
+from conftest import BIN, FIGURES, ROOT, TRAIN, assert_png, read_metrics, run
 from lenet_dist.data import load_split
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+LOGGED_STEPS = sorted(set(range(10, 235, 10)) | {117, 234})  # every --log-every steps and each epoch's end
 
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
     output = tmp_path_factory.mktemp("logged")
-    result = run([sys.executable, "lenet_dist/train.py", "--epochs", "2", "--log-with", "tensorboard",
-                  "--output-dir", str(output)])
+    result = run([*TRAIN, "--epochs", "2", "--batch-size", "512", "--log-with", "tensorboard,wandb",
+                  "--output-dir", str(output)], env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr
     return output, result
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_and_summary_when_not_a_terminal(logged_run):
     _, result = logged_run
     progress_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/2  step ")]
@@ -38,10 +40,11 @@ def test_plain_progress_lines_and_summary_when_not_a_terminal(logged_run):
         assert figure in result.stdout  # train lists where its figures went
 
 
+@pytest.mark.slow
 def test_rich_progress_bar_on_a_terminal(tmp_path, data_dir):
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "lenet_dist/train.py", "--epochs", "1", "--output-dir", str(tmp_path)],
+        [*TRAIN, "--target-accuracy", "0.95", "--output-dir", str(tmp_path)],
         cwd=ROOT, stdout=terminal, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"},
     )
     os.close(terminal)
@@ -58,28 +61,80 @@ def test_rich_progress_bar_on_a_terminal(tmp_path, data_dir):
     shown = b"".join(chunks).decode(errors="replace")
     assert process.returncode == 0
     assert "img/s" in shown and "━" in shown and "\x1b[" in shown  # a live rich bar
-    assert "epoch 1/1  step " not in shown  # not the plain log lines
+    assert not re.search(r"epoch 1/2  step \d+/468", shown)  # not the plain log lines
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_read_back(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output, _ = logged_run
-    events = EventAccumulator(str(output / "tensorboard"))
+    events = EventAccumulator(str(output / "trackers" / "lenet-dist"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "test/accuracy", "train/images_per_second"} <= tags
-    # every --log-every (10) steps, and at each epoch's last step (469 per epoch)
-    assert [e.step for e in events.Scalars("train/loss")] == sorted(set(range(10, 939, 10)) | {469, 938})
+    assert [e.step for e in events.Scalars("train/loss")] == LOGGED_STEPS
     accuracy = [event.value for event in events.Scalars("test/accuracy")]
-    assert accuracy == pytest.approx([e["test_accuracy"] for e in read_metrics(output)["epochs"]])
+    assert accuracy == pytest.approx([e["test_accuracy"] for e in read_metrics(output)["evaluations"]])
     for figure in FIGURES:
         assert_png(output / figure)
 
 
+def wandb_records(path: Path):
+    """The records of an offline wandb run file: LevelDB's log format (32 KiB blocks of checksum, length,
+    kind, payload) after a 7-byte W&B header, each record a protobuf wandb writes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, pieces = 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pieces += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_reads_back(logged_run):
+    output, _ = logged_run
+    (run_file,) = (output / "trackers" / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config = [], {}
+    def name(item) -> str:  # "train/loss" is stored as the nested key ["train", "loss"]
+        return item.key or "/".join(item.nested_key)
+
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({name(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "config":
+            config.update({name(item): json.loads(item.value_json) for item in record.config.update})
+    assert [row["_step"] for row in history if "train/loss" in row] == LOGGED_STEPS
+    accuracy = [row["test/accuracy"] for row in history if "test/accuracy" in row]
+    assert accuracy == pytest.approx([e["test_accuracy"] for e in read_metrics(output)["evaluations"]])
+    assert config["lr"] == 0.006 and config["batch_size"] == 512
+
+
+def test_a_tracker_that_is_not_installed_names_its_package():
+    from lenet_dist.errors import UserError
+    from lenet_dist.trackers import require_installed
+
+    require_installed(["tensorboard", "wandb", "all"])
+    with pytest.raises(UserError, match="--log-with comet_ml: the tracker is not installed; pip install comet-ml"):
+        require_installed(["tensorboard", "comet_ml"])
+
+
+@pytest.mark.slow
 def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
     output, _ = logged_run
-    test = load_split(data_dir, "test")
+    test = load_split(data_dir, "test", "mnist")
     files, truth = [], []
     for i in range(100):
         digit = test.images[i].numpy()
@@ -100,7 +155,7 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
     broken.write_text("this is not an image")
     result = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json",
                   str(files[0]), str(broken), *map(str, files[1:])], timeout=300)
-    assert result.returncode == 2  # one file failed
+    assert result.returncode == 1  # one file failed
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and str(broken) in result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["file"] for a in answers] == list(map(str, files))  # the others were all classified
@@ -111,10 +166,9 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
     assert text.returncode == 0 and text.stdout.startswith(f"{files[0]}: {truth[0]}   top-3:")
 
 
-def test_fashion_mnist_from_flat_gzipped_folder(tmp_path):
-    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"Fashion-MNIST is expected at {FASHION_DIR}: apt-get install dataset-fashion-mnist")
-    result = run([sys.executable, "lenet_dist/train.py", "--dataset", "fashion-mnist", "--data-dir", str(FASHION_DIR),
+@pytest.mark.slow
+def test_fashion_mnist(tmp_path, fashion_dir):
+    result = run([*TRAIN, "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
                   "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)

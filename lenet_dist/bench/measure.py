@@ -1,0 +1,188 @@
+"""The timing core: training and inference images/s of one matrix cell, in this process.
+
+Each cell trains the real LeNet-5 on real MNIST batches from the real pipeline. Images/s is the median
+of several timed windows after a warm-up (compilation happens in the warm-up). The roofline % is
+achieved FLOP/s (FLOPs per image from torch.utils.flop_counter × images/s) over the matmul FLOP/s this
+device measures in the same run, as nanoGPT reports MFU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, make_loader, torchvision_dataset
+from lenet_dist.model import LeNet5
+from lenet_dist.recipe import AUTOCAST_DTYPES, autocast, build_model, build_optimizer
+
+# The original script's loader: batch 64, no worker processes, the model and Adam as PyTorch makes them.
+ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the matrix: what is measured. `bench compare` matches rows by these five."""
+
+    device: str
+    pipeline: str  # "original" or "tuned" (see BenchConfig.pipelines)
+    precision: str  # "no", "bf16", "fp16"
+    compile: str  # "eager" or "compile"
+    batch_size: int
+
+    def label(self) -> str:
+        return f"{self.device} {self.pipeline} {self.precision} {self.compile} b{self.batch_size}"
+
+
+@dataclass
+class Throughput:
+    train_images_per_second: float
+    inference_images_per_second: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_second(device: torch.device, precision: str) -> float:
+    """The device's dense matmul rate in this precision: the ceiling the roofline % is measured against."""
+    size = 4096 if device.type == "cuda" else 2048
+    dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    rates = []
+    for _ in range(7):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        synchronize(device)
+        rates.append(4 * 2 * size**3 / (time.perf_counter() - started))
+    return max(rates)
+
+
+def flops_per_image(batch_size: int = 64) -> tuple[float, float]:
+    """Training (forward + backward) and inference FLOPs of one image, by torch's own flop counter."""
+    model = LeNet5()
+    images, labels = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    training = counter.get_total_flops() / batch_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    return training, counter.get_total_flops() / batch_size
+
+
+def endless(batches: Callable[[int], Iterator]) -> Iterator:
+    epoch = 0
+    while True:
+        yield from batches(epoch)
+        epoch += 1
+
+
+def training_batches(cell: Cell, train: Split, data_dir: Path) -> Iterator:
+    device = torch.device(cell.device)
+    if cell.pipeline == "tuned":
+        shuffled = ShuffledBatches(InMemoryDataset(train, device), cell.batch_size, seed=0, rank=0, world_size=1)
+        return endless(shuffled.epoch)
+    loader = make_loader(torchvision_dataset(data_dir, train.info.name, train=True), cell.batch_size, shuffle=True,
+                         workers=ORIGINAL_WORKERS, pin_memory=device.type == "cuda", drop_last=True)
+    return endless(lambda _: iter(loader))
+
+
+def test_batches(cell: Cell, test: Split, data_dir: Path) -> Iterator:
+    """Whole batches only, so a compiled model sees one shape."""
+    device = torch.device(cell.device)
+    dataset = InMemoryDataset(test, device) if cell.pipeline == "tuned" else torchvision_dataset(
+        data_dir, test.info.name, train=False)
+    loader = make_loader(dataset, cell.batch_size, shuffle=False, workers=0, drop_last=True)
+    return endless(lambda _: iter(loader))
+
+
+def timed_windows(step: Callable[[], None], device: torch.device, steps_per_window: int, windows: int,
+                  batch_size: int) -> float:
+    """Median images/s over `windows` windows; `step()` runs one batch."""
+    rates = []
+    for _ in range(windows):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps_per_window):
+            step()
+        synchronize(device)
+        rates.append(steps_per_window * batch_size / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def model_and_optimizer(cell: Cell) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The tuned rows build exactly what `lenet-dist train` builds; the original rows what the original script did."""
+    torch.manual_seed(0)
+    if cell.pipeline == "tuned":
+        config = TrainConfig()
+        model = build_model(config, num_classes=10)
+        return model, build_optimizer(config, model)
+    model = LeNet5()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images: int, windows: int,
+            profiler: Any) -> Throughput:
+    device = torch.device(cell.device)
+    model, optimizer = model_and_optimizer(cell)
+    model.to(device)  # in place: the optimizer keeps the same parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=cell.precision == "fp16")
+    if cell.compile == "compile":
+        # every cell compiles afresh: cells sharing one cache would exhaust dynamo's recompile limit and
+        # the later "compile" cells would silently run eager
+        torch.compiler.reset()
+    network = torch.compile(model, dynamic=False) if cell.compile == "compile" else model
+    steps_per_window = max(4, window_images // cell.batch_size)
+    batches = training_batches(cell, train, data_dir)
+
+    def train_step() -> None:
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, cell.precision):
+            loss = F.cross_entropy(network(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        profiler.step()
+
+    network.train()
+    for _ in range(max(3, steps_per_window // 2)):  # warm-up: worker start, allocator, compilation
+        train_step()
+    train_rate = timed_windows(train_step, device, steps_per_window, windows, cell.batch_size)
+
+    evaluation = test_batches(cell, test, data_dir)
+
+    @torch.no_grad()
+    def inference_step() -> None:
+        images, _ = next(evaluation)
+        with autocast(device, cell.precision):
+            network(images.to(device, non_blocking=True)).argmax(dim=1)
+
+    network.eval()
+    for _ in range(3):
+        inference_step()
+    inference_rate = timed_windows(inference_step, device, steps_per_window, windows, cell.batch_size)
+    return Throughput(train_rate, inference_rate)
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

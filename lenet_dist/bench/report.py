@@ -1,0 +1,131 @@
+"""The benchmark's result on the terminal, as JSON and as charts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lenet_dist.bench.machine import label
+from lenet_dist.bench.measure import Cell, Throughput
+from lenet_dist.files import write_atomically, write_json
+
+
+def row_line(cell: Cell, measured: Throughput) -> str:
+    return (f"{cell.label():<34} train {measured.train_images_per_second:>12,.0f}/s  "
+            f"infer {measured.inference_images_per_second:>12,.0f}/s")
+
+
+def console():
+    from rich.console import Console
+
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=160)  # logs: never cut a column to fit 80
+
+
+def show(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    table = Table(title=f"lenet-dist bench: {label(result['machine'])}")
+    for column in ("device", "pipeline", "precision", "compile", "batch", "train img/s", "infer img/s", "roofline %",
+                   "× original"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        speedup = row["speedup_vs_original"]
+        table.add_row(row["device"], row["pipeline"], row["precision"], row["compile"], str(row["batch_size"]),
+                      f"{row['train_images_per_second']:,.0f}", f"{row['inference_images_per_second']:,.0f}",
+                      f"{row['roofline_percent']:.1f}", "" if speedup is None else f"{speedup:.2f}")
+    out.print(table)
+    for device, timings in (result.get("runs") or {}).items():
+        for line in run_lines(device, timings):
+            out.print(line)
+    if result.get("scaling"):
+        out.print(scaling_table(result["scaling"]))
+
+
+def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
+    default, original, fast, compiled = timings["default"], timings["original"], timings["fast_to_98"], \
+        timings["compile"]
+    lines = [
+        f"{device}: whole process, default 2-epoch run {default['wall_seconds']:.1f} s "
+        f"({default['final_test_accuracy']:.2%}; training {default['train_seconds']:.1f} s + evaluation "
+        f"{default['eval_seconds']:.1f} s + fixed overhead {default['overhead_seconds']:.1f} s); original script "
+        f"{original['wall_seconds']:.1f} s ({original['final_test_accuracy']:.2%}): "
+        f"{original['wall_seconds'] / default['wall_seconds']:.2f}× faster",
+    ]
+    if fast["time_to_98"] is not None:
+        versus = (f"; original script {original['time_to_98']:.1f} s: "
+                  f"{original['time_to_98'] / fast['time_to_98']:.2f}× shorter") if original["time_to_98"] else ""
+        within = sum(run["first_epoch"] for run in fast["runs"])
+        lines.append(f"{device}: time to 98% {fast['time_to_98']:.2f} s, median of {len(fast['runs'])} seeds "
+                     f"({', '.join(_seconds(run['time_to_98']) for run in fast['runs'])}; {within} in the first "
+                     f"epoch) with {fast['flags']}{versus}")
+    else:
+        lines.append(f"{device}: time to 98%: not reached with {fast['flags']}")
+    lines.append(f"{device}: --compile spends {compiled['cold_seconds']:.1f} s compiling with an empty inductor cache, "
+                 f"{compiled['warm_seconds']:.1f} s with a warm one; epoch images/s eager "
+                 f"{compiled['runs']['eager']['train_images_per_second']:,.0f}, compiled "
+                 f"{compiled['runs']['warm']['train_images_per_second']:,.0f}")
+    return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f} s"
+
+
+def scaling_table(scaling: dict[str, Any]):
+    from rich.table import Table
+
+    threads = scaling["threads_per_process"]
+    table = Table(title=f"scaling on {scaling['device']}" + (f", {threads} thread(s) per process" if threads else ""))
+    for column in ("scaling", "processes", "global batch", "train img/s", "step ms", "efficiency"):
+        table.add_column(column, justify="right")
+    for row in scaling["rows"]:
+        table.add_row(row["mode"], str(row["processes"]), str(row["global_batch"]),
+                      f"{row['train_images_per_second']:,.0f}", f"{row['step_ms']:.2f}",
+                      "" if row["efficiency"] is None else f"{row['efficiency']:.0%}")
+    return table
+
+
+def save(result: dict[str, Any], json_path: str | None, chart_path: str | None) -> None:
+    if json_path:
+        print(f"wrote {write_json(Path(json_path), result)}")
+    if chart_path:
+        print(f"wrote {throughput_chart(result, Path(chart_path))}")
+        if result.get("scaling"):
+            path = Path(chart_path)
+            print(f"wrote {scaling_chart(result['scaling'], path.with_name(path.stem + '-scaling' + path.suffix))}")
+
+
+def throughput_chart(result: dict[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    labels = [Cell(**{key: row[key] for key in Cell.__dataclass_fields__}).label() for row in rows]
+    figure = Figure(figsize=(9, 0.32 * len(rows) + 1.2), layout="constrained")
+    axes = figure.subplots()
+    colors = ["tab:gray" if row["pipeline"] == "original" else "tab:blue" for row in rows]
+    axes.barh(labels, [row["train_images_per_second"] for row in rows], color=colors)
+    axes.set_xscale("log")
+    axes.invert_yaxis()
+    axes.set_xlabel("training images/s (median of timed windows; grey: the original script's pipeline)")
+    axes.set_title(f"LeNet-5 training throughput, {label(result['machine'])}, {result['date'][:10]}", fontsize=9)
+    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+
+
+def scaling_chart(scaling: dict[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3.5), layout="constrained")
+    rate_axis, efficiency_axis = figure.subplots(1, 2)
+    for mode, color in (("strong", "tab:blue"), ("weak", "tab:orange")):
+        rows = [row for row in scaling["rows"] if row["mode"] == mode]
+        counts = [row["processes"] for row in rows]
+        rate_axis.plot(counts, [row["train_images_per_second"] for row in rows], marker="o", color=color,
+                       label=f"{mode} (global batch {'fixed' if mode == 'strong' else 'grows'})")
+        efficiency_axis.plot(counts, [100 * (row["efficiency"] or 0) for row in rows], marker="o", color=color)
+    rate_axis.set(xlabel="processes", ylabel="training images/s", title=f"Throughput on {scaling['device']}")
+    rate_axis.legend(fontsize=8)
+    efficiency_axis.axhline(100, color="gray", linestyle=":")
+    efficiency_axis.set(xlabel="processes", ylabel="scaling efficiency (%)", title="Efficiency vs. ideal")
+    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))

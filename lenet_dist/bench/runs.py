@@ -1,0 +1,150 @@
+"""The benchmark's timed training commands: real processes, started the way a user starts them.
+
+Commands that are compared run alternately, `repeats` times each, and report medians: on a shared
+machine a noisy minute then lands on both sides instead of deciding a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lenet_dist.errors import UserError
+from lenet_dist.launching import config_path
+from lenet_dist.recipe import FAST_TO_98
+
+TRAIN = [sys.executable, "-m", "lenet_dist.train", "--no-progress"]
+ORIGINAL = [sys.executable, "-m", "lenet_dist.bench.original"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def device_env(device: str, threads: int | None = None) -> dict[str, str]:
+    """The environment that puts a training process on `device` (cpu, or cuda:N)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device.partition(":")[2] or "0"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    """Wall seconds from start to exit of a real process; its last error line if it fails."""
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        raise UserError(f"benchmark run `{' '.join(command[1:4])} …` failed: {lines[-1]}")
+    return seconds
+
+
+def train_run(flags: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as output_dir:
+        wall = timed([*TRAIN, *flags, "--output-dir", output_dir], env)
+        return wall, json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+def original_run(data_dir: Path, seed: int, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as folder:
+        summary = Path(folder) / "summary.json"
+        wall = timed([*ORIGINAL, "--data-dir", str(data_dir), "--seed", str(seed), "--summary", str(summary),
+                      "--figure", str(Path(folder) / "predictions.png")], env)
+        return wall, json.loads(summary.read_text())
+
+
+def whole_process_and_time_to_98(data_dir: Path, device: str, repeats: int, seeds: int) -> dict[str, Any]:
+    """Whole-process seconds of the default 2-epoch run and of the original script, and seconds to 98 %.
+
+    The fixed overhead is what a run costs beyond training and evaluation: start-up, imports, data
+    loading, checkpoints, the figures and metrics at the end. Time to 98 % counts training and
+    evaluation from the first step to the first evaluation at ≥ 98 %, for the fast recipe's flags
+    (over `seeds` seeds) and for the original script (its per-epoch evaluations).
+    """
+    env = device_env(device)
+    default, original, fast = [], [], []
+    for index in range(max(repeats, seeds)):
+        if index < repeats:
+            wall, metrics = train_run(["--data-dir", str(data_dir)], env)
+            default.append({"wall_seconds": wall, "train_seconds": metrics["train_seconds"],
+                            "eval_seconds": metrics["eval_seconds"],
+                            "overhead_seconds": wall - metrics["train_seconds"] - metrics["eval_seconds"],
+                            "final_test_accuracy": metrics["final_test_accuracy"]})
+            wall, summary = original_run(data_dir, index, env)
+            reached = [e["elapsed_seconds"] for e in summary["epochs"] if e["test_accuracy"] >= 0.98]
+            original.append({"wall_seconds": wall, "time_to_98": reached[0] if reached else None,
+                             "final_test_accuracy": summary["epochs"][-1]["test_accuracy"]})
+        if index < seeds:
+            _, metrics = train_run([*FAST_TO_98, "--seed", str(index), "--data-dir", str(data_dir)], env)
+            target = metrics["reached_target"]
+            fast.append({"seed": index, "time_to_98": target and target["elapsed_seconds"],
+                         "images": target and target["images"], "first_epoch": bool(target and target["epoch"] == 1)})
+    return {
+        "default": {**_medians(default), "runs": default},
+        "original": {**_medians(original), "runs": original},
+        "fast_to_98": {"flags": " ".join(FAST_TO_98), **_medians(fast, keys=("time_to_98", "images")), "runs": fast},
+    }
+
+
+def compile_seconds(data_dir: Path, device: str) -> dict[str, Any]:
+    """Seconds `--compile` spends compiling with inductor's on-disk cache empty (cold) and filled (warm),
+    and the compiled run's steady training rate beside an eager run's."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**device_env(device), "TORCHINDUCTOR_CACHE_DIR": cache}
+        flags = ["--epochs", "1", "--data-dir", str(data_dir)]
+        runs = {}
+        for name, extra in (("eager", []), ("cold", ["--compile"]), ("warm", ["--compile"])):
+            wall, metrics = train_run([*flags, *extra], env)
+            runs[name] = {"wall_seconds": wall, "compile_seconds": metrics["compile_seconds"],
+                          "train_images_per_second": metrics["epochs"][0]["train_images_per_second"]}
+    return {"cold_seconds": runs["cold"]["compile_seconds"], "warm_seconds": runs["warm"]["compile_seconds"],
+            "runs": runs}
+
+
+def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None) -> dict[str, Any]:
+    """Training images/s of 1, 2, … processes launched through the packaged accelerate config.
+
+    Strong scaling keeps the global batch (the default recipe's 128) and splits it; weak scaling keeps
+    each process's batch (64). Efficiency is images/s over N × the 1-process images/s, each process
+    having the same resources (`threads` cores on CPU, one GPU on CUDA).
+    """
+    launch_config = config_path("cpu-ddp" if device == "cpu" else "multi-gpu")
+    rows = []
+    for mode, batch_of in (("strong", lambda n: 128), ("weak", lambda n: 64 * n)):
+        for count in counts:
+            command = [*LAUNCH, "--config_file", str(launch_config), "--num_processes", str(count),
+                       "--main_process_port", str(_free_port()), "-m", "lenet_dist.train", "--no-progress",
+                       "--epochs", "1", "--batch-size", str(batch_of(count)), "--data-dir", str(data_dir)]
+            env = device_env(device, threads) if device == "cpu" else {**os.environ}
+            with tempfile.TemporaryDirectory() as output_dir:
+                timed([*command, "--output-dir", output_dir], env)
+                metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+            rate = metrics["epochs"][0]["train_images_per_second"]
+            rows.append({"mode": mode, "processes": count, "global_batch": batch_of(count),
+                         "train_images_per_second": rate, "step_ms": 1000 * batch_of(count) / rate})
+    for row in rows:
+        (single,) = [r for r in rows if r["mode"] == row["mode"] and r["processes"] == 1] or [None]
+        row["efficiency"] = row["train_images_per_second"] / (row["processes"] * single["train_images_per_second"]) \
+            if single else None
+    return {"device": device, "threads_per_process": threads, "rows": rows}
+
+
+def _medians(runs: list[dict[str, Any]], keys: tuple[str, ...] | None = None) -> dict[str, float | None]:
+    keys = keys or tuple(key for key, value in runs[0].items() if isinstance(value, float))
+    medians = {}
+    for key in keys:
+        values = [run[key] for run in runs if run[key] is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,129 @@
+"""The whole benchmark, in order: the throughput matrix, the timed training commands, the scaling sweep."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lenet_dist.bench import measure, report, runs
+from lenet_dist.bench.compare import SCHEMA
+from lenet_dist.bench.machine import describe_machine
+from lenet_dist.bench.measure import Cell
+from lenet_dist.config import BenchConfig, TrainConfig, split_list
+from lenet_dist.data import ensure_dataset, load_split
+from lenet_dist.errors import UsageError
+from lenet_dist.profiling import profiler_for
+
+DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-dist train` runs by default
+
+
+def run(bench: BenchConfig) -> dict[str, Any]:
+    devices = device_list(bench)
+    counts = process_counts(bench, devices)
+    data_dir = TrainConfig(data_dir=bench.data_dir).resolved_data_dir()
+    ensure_dataset(data_dir, "mnist")
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "bench_config": asdict(bench),
+        **throughput_matrix(bench, devices, data_dir),
+    }
+    if bench.runs:
+        result["runs"] = {str(device): {
+            **runs.whole_process_and_time_to_98(data_dir, str(device), bench.repeats, bench.seeds),
+            "compile": runs.compile_seconds(data_dir, str(device)),
+        } for device in devices}
+    if counts:
+        device = "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
+        threads = max(1, len(os.sched_getaffinity(0)) // max(counts)) if device == "cpu" else None
+        result["scaling"] = runs.scaling(data_dir, device, counts, threads)
+    report.show(result)
+    report.save(result, bench.json, bench.chart)
+    return result
+
+
+def throughput_matrix(bench: BenchConfig, devices: list[torch.device], data_dir: Path) -> dict[str, Any]:
+    """Every cell, measured in `bench.rounds` whole passes over the matrix; each row is the median of its passes."""
+    train, test = load_split(data_dir, "train", "mnist"), load_split(data_dir, "test", "mnist")
+    flops_train, flops_inference = measure.flops_per_image()
+    peaks = {f"{device}/{precision}": measure.matmul_flops_per_second(device, precision)
+             for device in devices for precision in precision_list(bench, device)}
+    cells = [Cell(str(device), *axes) for device in devices for axes in itertools.product(
+        split_list(bench.pipelines), precision_list(bench, device), split_list(bench.compile_modes),
+        [int(b) for b in split_list(bench.batch_sizes)])]
+    passes: dict[Cell, list[measure.Throughput]] = {cell: [] for cell in cells}
+    profile_dir = Path(bench.profile_dir) / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    for round_index in range(bench.rounds):
+        for cell in cells:
+            traced = bench.profile and round_index == 0 and (cell.pipeline, cell.precision, cell.compile,
+                                                             cell.batch_size) == DEFAULT_ROW
+            worker = cell.label().replace(" ", "-").replace(":", "")
+            with profiler_for(replace(TrainConfig(), profile=traced), profile_dir, worker) as profiler:
+                passes[cell].append(measure.measure(cell, train, test, data_dir, bench.window_images, bench.windows,
+                                                    profiler))
+            print(f"round {round_index + 1}/{bench.rounds} {report.row_line(cell, passes[cell][-1])}", flush=True)
+    rows = []
+    for cell, measured in passes.items():
+        train_rates = [m.train_images_per_second for m in measured]
+        inference_rates = [m.inference_images_per_second for m in measured]
+        peak = peaks[f"{cell.device}/{cell.precision}"]
+        rows.append({
+            **asdict(cell),
+            "train_images_per_second": statistics.median(train_rates), "train_images_per_second_rounds": train_rates,
+            "inference_images_per_second": statistics.median(inference_rates),
+            "inference_images_per_second_rounds": inference_rates,
+            "train_flops_per_image": flops_train,
+            "roofline_percent": 100 * statistics.median(train_rates) * flops_train / peak,
+            "inference_roofline_percent": 100 * statistics.median(inference_rates) * flops_inference / peak,
+        })
+    add_speedups(rows)
+    return {"peak_matmul_flops_per_second": peaks, "rows": rows,
+            "profile_dir": str(profile_dir) if bench.profile else None}
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Each row's training rate over the original script's (original pipeline, batch 64, fp32, eager) on its device."""
+    for row in rows:
+        baseline = [r for r in rows if r["device"] == row["device"] and (r["pipeline"], r["precision"], r["compile"],
+                    r["batch_size"]) == ("original", "no", "eager", measure.ORIGINAL_BATCH)]
+        row["speedup_vs_original"] = (row["train_images_per_second"] / baseline[0]["train_images_per_second"]
+                                      if baseline else None)
+
+
+def device_list(bench: BenchConfig) -> list[torch.device]:
+    names = split_list(bench.devices) or ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for name in names:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--devices names {name} but this machine has no CUDA device")
+        if name != "cpu" and not name.startswith("cuda"):
+            raise UsageError(f"--devices: unknown device {name}; use cpu or cuda:N")
+    return [torch.device(name) for name in names]
+
+
+def precision_list(bench: BenchConfig, device: torch.device) -> list[str]:
+    if bench.precisions:
+        return split_list(bench.precisions)
+    return ["no", "bf16", "fp16"] if device.type == "cuda" else ["no", "bf16"]
+
+
+def process_counts(bench: BenchConfig, devices: list[torch.device]) -> list[int]:
+    """The sweep's process counts: --processes, else 1 and 2 where there are two cores (or GPUs)."""
+    gpus = torch.cuda.device_count()
+    available = gpus if any(d.type == "cuda" for d in devices) else len(os.sched_getaffinity(0))
+    if bench.processes is None:
+        return [1, 2] if available >= 2 else []
+    counts = sorted({int(count) for count in split_list(bench.processes)})
+    too_many = [count for count in counts if count > available]
+    if too_many and not bench.oversubscribe:
+        what = "GPUs" if gpus and any(d.type == "cuda" for d in devices) else "cores"
+        raise UsageError(f"--processes {max(too_many)} is more than this machine's {available} {what}; "
+                         "pass --oversubscribe to run it anyway")
+    return counts

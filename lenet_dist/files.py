@@ -1,0 +1,60 @@
+"""Writing files so that a reader never sees half of one, and a failed write is one line naming the file.
+
+Everything lenet-dist writes (metrics, weights, checkpoints' progress, figures, traces, benchmark
+results) goes through `write_atomically`: into `<name>.partial`, then renamed over the target, so
+a crash, a kill or a full disk leaves the previous file (or none), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lenet_dist.errors import UserError
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(partial_path)`, then rename the partial file onto `path`."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        partial.replace(path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        if is_write_failure(error):
+            raise UserError(write_failure(path, error)) from None
+        raise
+    return path
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    return write_atomically(path, lambda partial: partial.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def is_write_failure(error: Exception) -> bool:
+    """OSError, or a library's wrapper of one: torch.save raises RuntimeError, safetensors its SafetensorError."""
+    return isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+
+
+def write_failure(path: Path, error: Exception) -> str:
+    """`could not write PATH: <the OS error>`, finding the OS error when a library hid it."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else _likely_cause(path)
+    return f"could not write {path}: {reason or str(error).splitlines()[0]}; free space or choose another --output-dir"
+
+
+def _likely_cause(path: Path) -> str | None:
+    """torch.save says `unexpected pos 704 vs 598` where the OS said EFBIG or ENOSPC: name the likely one."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY:
+        return f"{os.strerror(27)} (the file size limit is {limit:,} bytes)"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 1 << 20:
+            return os.strerror(28)
+    return None

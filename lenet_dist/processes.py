@@ -1,0 +1,142 @@
+"""The processes of a run: the accelerator, core pinning, printing on rank 0, agreeing, and naming a lost rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import UsageError, UserError
+
+
+def start_processes() -> PartialState:
+    """Join the run's processes (one, or the ones torchrun / accelerate launch started)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _join_as_restarted(restarts)
+    return PartialState(cpu=_cpu_processes())
+
+
+def _join_as_restarted(restarts: int) -> None:
+    """Form the process group under a prefix of this attempt's own.
+
+    torchrun's static rendezvous (accelerate launch's default) hands restarted workers the first
+    attempt's store, whose keys still hold the dead processes' addresses: the new group would try to
+    connect to them until it timed out. accelerate then finds the group formed and uses it.
+    """
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=5))
+    backend = "gloo" if _cpu_processes() else "nccl"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"lenet-dist-attempt-{restarts}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _cpu_processes() -> bool:
+    """accelerate's multi-process launcher on a machine without GPUs leaves the processes with no
+    backend unless cpu=True, which selects MULTI_CPU over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path, logging_dir: Path) -> Accelerator:
+    options: dict[str, Any] = {}
+    if config.mixed_precision is not None:  # otherwise accelerate's launch config decides
+        options["mixed_precision"] = config.mixed_precision
+    if config.compile:
+        # static shapes: every training batch has the same shape, so one graph serves them all
+        options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", dynamic=False)
+    if config.log_with:
+        options["log_with"] = config.trackers()
+    try:
+        return Accelerator(
+            cpu=_cpu_processes(),
+            # split_batches: --batch-size is the global batch, so the recipe does not change with the
+            # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+            **options,
+        )
+    except ValueError as error:  # e.g. fp16 on a device that cannot do it
+        raise UsageError(f"accelerate refused the configuration: {error}") from None
+
+
+def pin_cores(state: PartialState) -> None:
+    """Give each local CPU process a disjoint slice of the cores it may run on.
+
+    Left alone, the OS migrates single-threaded ranks between cores and they sometimes share one;
+    pinned, each rank keeps its core's caches. --no-pin-cores turns it off.
+    """
+    if state.device.type != "cpu" or state.num_processes == 1 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    share = len(cores) // local_processes
+    if share:
+        index = state.local_process_index
+        os.sched_setaffinity(0, cores[index * share : (index + 1) * share])
+
+
+def announce(state: PartialState, message: str) -> None:
+    """Print on global rank 0 only: accelerator.print prints once per machine, not once per job."""
+    if state.is_main_process:
+        print(message, flush=True)
+
+
+def agree(problem: UserError | None) -> None:
+    """Raise rank 0's verdict on every rank, so no rank is left waiting in a collective."""
+    verdict = [problem]
+    broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise verdict[0]
+
+
+def agree_on_any(problem: UserError | None) -> None:
+    """Raise on every rank if any rank met a problem (the first one's, by rank)."""
+    problems = [p for p in gather_object([problem]) if p is not None]
+    if problems:
+        raise problems[0]
+
+
+class Ranks:
+    """Who the other processes are, so that a lost one can be named rather than left to torchrun's log."""
+
+    def __init__(self, state: PartialState) -> None:
+        self.rank = state.process_index
+        self.members: list[tuple[int, str, int]] = gather_object([(state.process_index, socket.gethostname(),
+                                                                    os.getpid())])
+
+    def lost(self, error: Exception) -> UserError:
+        """The one-line error for a collective that failed because another rank is gone."""
+        host = socket.gethostname()
+        dead = [(rank, pid) for rank, member_host, pid in self.members if member_host == host and not _alive(pid)]
+        if dead:
+            names = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in dead)
+            return UserError(
+                f"{names} died (killed or crashed); rank {self.rank} stops too. Relaunch with --resume auto to "
+                "continue from the last checkpoint (torchrun/accelerate launch --max_restarts does it for you)"
+            )
+        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return UserError(f"rank {self.rank} lost contact with another rank ({summary}); the job stops")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that its parent has not reaped yet is a zombie: dead all the same
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True

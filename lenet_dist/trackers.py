@@ -1,0 +1,52 @@
+"""Experiment trackers through accelerate: any it supports, each checked before the run starts.
+
+Trackers that write files put them under <output-dir>/trackers/ (TensorBoard in trackers/lenet-dist/,
+wandb in trackers/wandb/ with WANDB_MODE=offline, Aim, DVCLive); the ones that talk to a server
+(MLflow, Comet, ClearML, SwanLab, Trackio) use their own settings, e.g. MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import UserError
+
+PROJECT = "lenet-dist"
+TRACKERS_DIR = "trackers"
+PIP_PACKAGES = {"comet_ml": "comet-ml"}  # the rest install under their tracker's name
+
+
+def require_installed(trackers: list[str]) -> None:
+    """One line naming the pip package of the first requested tracker that is not installed."""
+    from accelerate.utils import imports
+
+    for name in trackers:
+        if name != "all" and not getattr(imports, f"is_{name}_available")():
+            raise UserError(f"--log-with {name}: the tracker is not installed; pip install {PIP_PACKAGES.get(name, name)}")
+
+
+def logging_dir(output_dir: Path) -> Path:
+    return output_dir / TRACKERS_DIR
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> None:
+    if not config.log_with:
+        return
+    folder = str(logging_dir(output_dir))
+    accelerator.init_trackers(
+        PROJECT,
+        config=hyperparameters(config),
+        init_kwargs={"wandb": {"dir": folder, "name": output_dir.name}, "dvclive": {"dir": folder},
+                     "mlflow": {"run_name": output_dir.name}},
+    )
+
+
+def hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    """Trackers take numbers, strings and booleans (TensorBoard's hparams nothing else)."""
+    return {key: value for key, value in asdict(config).items() if isinstance(value, (int, float, str, bool))}
+

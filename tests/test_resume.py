@@ -1,0 +1,202 @@
+"""Checkpoints and resume under real signals: SIGKILL, SIGTERM on 1 and 2 processes, torchrun's restarts,
+resuming with another number of processes. Every run here is a real process on real MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import (
+    TRAIN, checkpoint_exists, kill_all, launch_ddp, numbers, rank_pids, read_metrics, run, same_weights, start,
+    wait_for,
+)
+
+# 117 steps per epoch at batch 512: two epochs are a few seconds, and step 160 is 43 steps into epoch 2
+RECIPE = ["--epochs", "2", "--batch-size", "512", "--no-progress"]
+EPOCH_END = 117
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> Path:
+    output = tmp_path_factory.mktemp("uninterrupted")
+    result = run([*TRAIN, *RECIPE, "--output-dir", str(output)])
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    process = start([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path)])
+    wait_for(checkpoint_exists(tmp_path, 160), 120, process)
+    kill_all(process)
+    assert not (tmp_path / "metrics.json").exists()
+
+    refused = run([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path)], timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr  # nothing is started over by mistake
+    resumed = run([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resumed from .*step-00000(16|20)0: epoch 2", resumed.stdout), resumed.stdout
+    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
+    assert same_weights(tmp_path, uninterrupted)  # no step trained twice or skipped
+
+
+@pytest.fixture(scope="module")
+def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess, int]:
+    """A 1-process run with no periodic checkpoints, sent SIGTERM in the middle of its second epoch."""
+    output = tmp_path_factory.mktemp("sigtermed")
+    process = start([*TRAIN, *RECIPE, "--output-dir", str(output)])
+    wait_for(checkpoint_exists(output, EPOCH_END), 120, process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - signalled < 30
+    return output, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), EPOCH_END
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed, uninterrupted, tmp_path):
+    output, stopped, _ = sigtermed
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    (line,) = stopped.stderr.strip().splitlines()
+    step = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved: ", line)[1])
+    assert EPOCH_END < step < 2 * EPOCH_END and f"step-{step:08d}" in line and "--resume" in line
+    progress = json.loads((output / "checkpoints" / f"step-{step:08d}" / "progress.json").read_text())
+    assert (progress["global_step"], progress["epoch"], progress["batches_done"]) == (step, 2, step - EPOCH_END)
+    assert not (output / "metrics.json").exists()
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(output, resumed_dir)
+    resumed = run([*TRAIN, *RECIPE, "--output-dir", str(resumed_dir), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {resumed_dir}/checkpoints/step-{step:08d}: epoch 2, step {step}" in resumed.stdout
+    assert numbers(read_metrics(resumed_dir)) == numbers(read_metrics(uninterrupted))
+    assert same_weights(resumed_dir, uninterrupted)
+
+
+@pytest.mark.ddp
+def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path):
+    output, _, _ = sigtermed
+    shutil.copytree(output, tmp_path / "run")
+    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(saved by 1 processes)" in resumed.stdout
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["world_size"] == 2 and all(e["eval_samples"] == 10_000 for e in metrics["evaluations"])
+    single = read_metrics(uninterrupted)
+    assert numbers(metrics)[0] == numbers(single)[0]  # epoch 1 was trained by the one process
+    assert abs(metrics["final_test_accuracy"] - single["final_test_accuracy"]) <= 0.002
+
+
+@pytest.mark.ddp
+def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(uninterrupted, tmp_path, data_dir):
+    marker = f"sigterm-{os.getpid()}"
+    launcher = start(launch_ddp(*RECIPE, "--output-dir", str(tmp_path)), env={"LENET_TEST_LAUNCH": marker})
+    try:
+        wait_for(checkpoint_exists(tmp_path, EPOCH_END), 180, launcher)
+        wait_for(lambda: len(rank_pids(marker)) == 2, 30, launcher)
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)  # as `scancel` or a spot instance's shutdown would
+        signalled = time.monotonic()
+        wait_for(lambda: launcher.poll() is not None and not rank_pids(marker), 60)
+        assert time.monotonic() - signalled < 60
+        _, stderr = launcher.communicate()
+    finally:
+        kill_all(launcher, marker)
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert len(stopped) == 1, stderr[-3000:]  # rank 0 alone reports
+    step = int(re.search(r"after step (\d+)", stopped[0])[1])
+    assert EPOCH_END < step < 2 * EPOCH_END
+    checkpoint = tmp_path / "checkpoints" / f"step-{step:08d}"
+    assert json.loads((checkpoint / "progress.json").read_text())["processes"] == 2
+
+    two_to_one = tmp_path.parent / f"{tmp_path.name}-on-one"
+    shutil.copytree(tmp_path, two_to_one)
+    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    on_one = run([*TRAIN, *RECIPE, "--output-dir", str(two_to_one), "--resume"])
+    assert on_one.returncode == 0, on_one.stderr
+    assert "(saved by 2 processes)" in on_one.stdout
+    single = read_metrics(uninterrupted)["final_test_accuracy"]
+    for folder, world in ((tmp_path, 2), (two_to_one, 1)):
+        metrics = read_metrics(folder)
+        assert metrics["world_size"] == world and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+        assert abs(metrics["final_test_accuracy"] - single) <= 0.002
+
+
+@pytest.mark.ddp
+def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterrupted, tmp_path, data_dir):
+    marker = f"elastic-{os.getpid()}"
+    command = launch_ddp(*RECIPE, "--checkpoint-every", "40", "--resume", "auto", "--output-dir", str(tmp_path),
+                         extra=("--max_restarts", "1"))
+    launcher = start(command, env={"LENET_TEST_LAUNCH": marker})
+    try:
+        wait_for(checkpoint_exists(tmp_path, 160), 180, launcher)
+        os.kill(rank_pids(marker)[1], signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        kill_all(launcher, marker)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert re.search(r"resumed from .*step-00000(16|20)0: epoch 2", stdout), stdout[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert abs(metrics["final_test_accuracy"] - read_metrics(uninterrupted)["final_test_accuracy"]) <= 0.002
+
+
+def test_sigkill_while_saving_leaves_usable_checkpoints(uninterrupted, tmp_path):
+    rng = random.Random(0)
+    command = [*TRAIN, *RECIPE, "--checkpoint-every", "3", "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
+    checkpoints = tmp_path / "checkpoints"
+    def newest() -> str:
+        return max((p.name for p in checkpoints.glob("step-*")), default="")
+
+    for attempt in range(3):
+        before = newest()
+        process = start(command + (["--resume"] if attempt else []))
+        wait_for(lambda: newest() > before, 120, process)
+        time.sleep(rng.uniform(0, 0.3))  # saves every 3 steps: some kills land mid-save
+        kill_all(process)
+        complete = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))
+        assert complete, "the previous complete checkpoint must survive"
+        for checkpoint in complete:
+            json.loads((checkpoint / "progress.json").read_text())
+            assert load_file(str(checkpoint / "model.safetensors"))
+    # --deterministic only constrains GPU kernels: on CPU it must not change a single number
+    finished = run(command + ["--resume", "--deterministic"])
+    assert finished.returncode == 0, finished.stderr
+    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
+    assert not list(checkpoints.glob(".*.partial"))
+
+
+def test_resume_auto_starts_fresh_when_there_is_nothing_to_resume(tmp_path, data_dir):
+    result = run([*TRAIN, "--target-accuracy", "0.95", "--resume", "auto", "--output-dir", str(tmp_path / "new")])
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" not in result.stdout
+    again = run([*TRAIN, "--target-accuracy", "0.95", "--resume", "auto", "--output-dir", str(tmp_path / "new")],
+                timeout=120)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr  # finished: refused
+
+
+def test_second_signal_while_stopping_changes_nothing(tmp_path, data_dir):
+    process = start([*TRAIN, *RECIPE, "--output-dir", str(tmp_path)])
+    wait_for(checkpoint_exists(tmp_path, EPOCH_END), 120, process)
+    for _ in range(5):  # Ctrl-C pressed again and again while it saves
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    _, stderr = process.communicate(timeout=60)
+    # 130, or killed by a late Ctrl-C after Python's teardown has restored the default handler (the
+    # shell shows 130 for both)
+    assert process.returncode in (128 + signal.SIGINT, -signal.SIGINT), stderr
+    step = int(re.search(r"stopped by SIGINT after step (\d+)", stderr)[1])
+    assert json.loads((tmp_path / "checkpoints" / f"step-{step:08d}" / "progress.json").read_text())["global_step"] \
+        == step
+    assert not list((tmp_path / "checkpoints").glob(".*.partial"))
