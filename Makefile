@@ -6,7 +6,7 @@ export LENET_DATA_DIR ?= data
 # Where the tests look for Fashion-MNIST; make data puts it there.
 export LENET_FASHION_DIR ?= $(LENET_DATA_DIR)
 
-.PHONY: train test data install bench clean
+.PHONY: train test check lint data install bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,8 +24,20 @@ data: install
 train: install
 	$(VENV)/bin/lenet-dist train
 
+# The full suite: real MNIST, real processes, real signals (CI runs this).
 test: data
 	$(PYTHON) -m pytest -q
+
+# The everyday tier: lint, then the in-process tests and one short training run (under 3 minutes).
+check: install lint
+	$(PYTHON) -m pytest -q -m "not slow and not ddp and not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check lenet_dist tests
+
+# On a CUDA machine, with its own Python and no venv: see scripts/gpu-check.
+gpu-check:
+	scripts/gpu-check
 
 bench: install
 	$(VENV)/bin/lenet-dist bench

@@ -140,7 +140,9 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, config: Any) 
     except FileNotFoundError:
         raise UsageError(f"--resume {checkpoint}: not a checkpoint folder (no {PROGRESS_FILE})") from None
     except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(f"--resume {checkpoint}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint") from None
+        raise UserError(
+            f"--resume {checkpoint}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint"
+        ) from None
     differing = [
         f"{option(name)} {value} (this run: {getattr(config, name)})"
         for name, value in state.trajectory.items() if getattr(config, name) != value

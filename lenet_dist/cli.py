@@ -11,8 +11,17 @@ import importlib
 import sys
 
 from lenet_dist.config import (
-    ArgumentParser, BenchConfig, CompareConfig, DownloadConfig, InspectConfig, LaunchConfigConfig, PredictConfig,
-    TrainConfig, add_config_arguments, config_from_args, version_text,
+    ArgumentParser,
+    BenchConfig,
+    CompareConfig,
+    DownloadConfig,
+    InspectConfig,
+    LaunchConfigConfig,
+    PredictConfig,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    version_text,
 )
 from lenet_dist.errors import exit_on_user_error
 

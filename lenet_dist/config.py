@@ -79,7 +79,8 @@ class TrainConfig:
     warmup: float = flag(0.3, "one-cycle schedule: the share of the run spent raising the learning rate to its peak")
     seed: int = flag(0, "seed for weights and data order")
     deterministic: bool = flag(
-        False, "also make GPU kernels deterministic (torch.use_deterministic_algorithms); CPU runs already repeat exactly"
+        False,
+        "also make GPU kernels deterministic (torch.use_deterministic_algorithms); CPU runs already repeat exactly",
     )
     data_dir: str | None = flag(
         None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
@@ -95,7 +96,9 @@ class TrainConfig:
     workers: int | None = flag(
         None, "DataLoader worker processes (default: 0 for the tensor pipeline, 2 for torchvision)", short="-j"
     )
-    pin_memory: bool | None = flag(None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)")
+    pin_memory: bool | None = flag(
+        None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)"
+    )
     persistent_workers: bool = flag(True, "keep DataLoader workers alive between epochs (when --workers > 0)")
     pin_cores: bool = flag(
         True, "in multi-process CPU runs, give each local process its own slice of this machine's cores"
@@ -105,6 +108,10 @@ class TrainConfig:
         choices=("no", "bf16", "fp16"),
     )
     compile: bool = flag(False, "torch.compile the model through accelerate's dynamo plugin (inductor)")
+    cuda_graph: bool | None = flag(
+        None, "capture the training step as one CUDA graph (default: on with one CUDA GPU and the tensor pipeline; "
+        "not with several processes, fp16 or --compile)"
+    )
     channels_last: bool = flag(
         True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)"
     )
@@ -186,7 +193,8 @@ class BenchConfig:
                                            "with --quick)")
     runs: bool | None = flag(
         None, "also time real training commands: whole-process seconds of the default run and of the original "
-        "script, time to 98%% over --seeds seeds, compile seconds cold and warm (default: on; off with --quick)"
+        "script, time to 98%% over --seeds seeds, and (with compile among --compile-modes) compile seconds cold "
+        "and warm (default: on; off with --quick)"
     )
     repeats: int = flag(3, "runs of each whole-process command, alternating (the median is reported)")
     seeds: int = flag(3, "seeds of the time-to-98%% runs (the median is reported)")
@@ -233,15 +241,23 @@ class CompareConfig:
 
 @dataclass
 class InspectConfig:
-    run_dir: str = flag("", "a profiles/<run> folder holding rank<N>.*.pt.trace.json files", positional=True)
+    run_dirs: list[str] = flag(
+        [], "a profiles/<run> folder holding rank<N>.*.pt.trace.json[.gz] files; a second one is compared with it "
+        "(B against A)", metavar="RUN",
+    )
     top: int = flag(12, "how many operators to list")
     json: str | None = flag(None, "also write the report as JSON here ('-' for stdout only, no table)")
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.run_dirs) <= 2:
+            raise UsageError(f"pass one profile folder, or two to compare (A B), got {len(self.run_dirs)}: "
+                             "lenet-dist inspect profiles/<run> [profiles/<other-run>]")
 
 
 @dataclass
 class PredictConfig:
     model: str = flag("", "a training run's output dir (holding model.safetensors)")
-    images: list[str] = flag([], "PNG/JPEG files, any size, RGB or grayscale", metavar="IMAGE")
+    images: list[str] = flag([], "image files (PNG, JPEG, …; up to 40 megapixels), RGB or grayscale", metavar="IMAGE")
     top: int = flag(3, "how many classes to list per image")
     json: bool = flag(False, "print one JSON object per image instead of text")
 

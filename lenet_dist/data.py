@@ -105,7 +105,8 @@ def ensure_dataset(data_dir: Path, dataset: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         raise UserError(
             f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte and flat IDX files) and "
-            f"the download failed ({type(error).__name__}); put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
+            f"the download failed ({type(error).__name__}); put the IDX files there or pass --data-dir / set "
+            "LENET_DATA_DIR"
         ) from None
 
 

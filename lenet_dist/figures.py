@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def image_mosaic(images: np.ndarray, wrong: list[bool], columns: int) -> np.ndar
     """28×28 grayscale images tiled into one RGB array, each framed (red when wrong) below a caption band."""
     rows = max(1, -(-len(images) // columns))
     mosaic = np.ones((rows * CELL_HEIGHT, columns * CELL_WIDTH, 3), dtype=np.float32)
-    for index, (image, is_wrong) in enumerate(zip(images, wrong)):
+    for index, (image, is_wrong) in enumerate(zip(images, wrong, strict=True)):
         top, left = _tile_origin(index, columns)
         mosaic[top : top + FRAMED, left : left + FRAMED] = RED if is_wrong else WHITE
         scaled = (image.astype(np.float32) - image.min()) / max(float(np.ptp(image)), 1e-6)
@@ -60,7 +61,7 @@ def save_image_grid(
     figure = Figure(figsize=(columns * 1.4, height))
     axis = figure.add_axes((0.01, 0.01, 0.98, 1 - 0.6 / height))  # placed by hand: a layout engine costs more
     axis.imshow(image_mosaic(images.cpu().numpy(), wrong, columns), interpolation="nearest")
-    for index, (caption, is_wrong) in enumerate(zip(captions, wrong)):
+    for index, (caption, is_wrong) in enumerate(zip(captions, wrong, strict=True)):
         top, left = _tile_origin(index, columns)
         axis.text(left + FRAMED / 2, top - 1.5, caption, ha="center", va="bottom", fontsize=9,
                   color="red" if is_wrong else "black")
@@ -74,7 +75,7 @@ def save_predictions_grid(
     images: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str], path: Path
 ) -> Path:
     """The first test images captioned `pred P / true T`, mistakes in red, as the original script's figure."""
-    pairs = list(zip(predicted.tolist(), truth.tolist()))
+    pairs = list(zip(predicted.tolist(), truth.tolist(), strict=True))
     wrong = [p != t for p, t in pairs]
     return save_image_grid(
         images, [f"pred {classes[p]} / true {classes[t]}" for p, t in pairs], wrong,

@@ -42,7 +42,9 @@ def claim_output_dir(state: PartialState, config: TrainConfig) -> Path:
 
 def _check_output_dir(output_dir: Path, config: TrainConfig) -> UserError | None:
     if (output_dir / METRICS_FILE).exists() and not config.overwrite:
-        return UsageError(f"--output-dir {output_dir} already holds a finished run; pass --overwrite or another --output-dir")
+        return UsageError(
+            f"--output-dir {output_dir} already holds a finished run; pass --overwrite or another --output-dir"
+        )
     if complete_checkpoints(output_dir) and not config.resume and not config.overwrite:
         return UsageError(
             f"--output-dir {output_dir} holds the checkpoints of an unfinished run; continue it with --resume "

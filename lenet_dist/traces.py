@@ -3,7 +3,8 @@
 Reads the Chrome-trace JSON files the profiler wrote (rank<N>.<ms>.pt.trace.json[.gz]) and reports
 the operators with the most self time, the share of step time spent in convolutions (forward and
 backward, per layer), and step-time statistics, one column per rank so a straggler stands out.
-Times are host-side (CPU) op times; on a GPU they measure launch and synchronisation, not kernels.
+Operator times are host-side (CPU) times; on a GPU they measure launch and synchronisation, so a trace
+with kernels also gets a GPU section (gpu_trace.py). `inspect A B` sets two runs side by side.
 """
 
 from __future__ import annotations
@@ -13,18 +14,27 @@ import json
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lenet_dist.config import InspectConfig
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.errors import UserError
 from lenet_dist.files import write_json
+from lenet_dist.gpu_trace import GPU_WORK, LAUNCHES, STEP_MARKER, analyse_gpu, print_gpu_report
+
+if TYPE_CHECKING:  # rich loads only when a table is printed
+    from rich.console import Console
 
 TRACE_NAME = re.compile(r"^(?P<worker>.+?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")
 RANK_NAME = re.compile(r"^rank(\d+)$")
 CONV_FORWARD = {"aten::conv2d", "aten::convolution"}
 CONV_BACKWARD = {"aten::convolution_backward"}
+HOST = ("cpu_op", "user_annotation")
+STEP_WINDOWS = "ProfilerStep markers"
+WHOLE = "whole trace"
+WHOLE_TRACE = f"{WHOLE} (no ProfilerStep markers)"
 
 
 @dataclass
@@ -44,6 +54,14 @@ class Event:
     @property
     def self_time(self) -> float:
         return self.duration - sum(child.duration for child in self.children)
+
+
+class Window(NamedTuple):
+    """A stretch of a trace that the figures cover: one profiled step, or the whole trace."""
+
+    name: str
+    start: float  # µs
+    end: float
 
 
 def trace_files(run_dir: Path) -> dict[str, list[Path]]:
@@ -73,11 +91,22 @@ def load_events(path: Path) -> list[Event]:
     except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a readable Chrome trace (truncated or corrupt); re-record it") from None
     return [
-        Event(e["name"], e.get("cat", ""), float(e["ts"]), float(e["dur"]), (e.get("pid"), e.get("tid")), e.get("args") or {})
+        Event(e["name"], e["cat"], float(e["ts"]), float(e["dur"]), (e.get("pid"), e.get("tid")), e.get("args") or {})
         for e in events
-        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
+        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in (*HOST, *GPU_WORK, *LAUNCHES)
         and "ts" in e and "dur" in e
     ]
+
+
+def step_windows(events: list[Event], path: Path) -> list[Window]:
+    """The ProfilerStep ranges; a trace without them (recorded without a schedule) is one window, first to last
+    event."""
+    steps = [Window(e.name, e.start, e.end) for e in events if e.category in HOST and e.name.startswith(STEP_MARKER)]
+    if steps:
+        return sorted(steps, key=lambda window: window.start)
+    if not events:
+        raise UserError(f"{path} holds no profiled events; re-record it with train --profile")
+    return [Window(WHOLE, min(e.start for e in events), max(e.end for e in events))]
 
 
 def nest(events: list[Event]) -> list[Event]:
@@ -108,33 +137,36 @@ def _layer(event: Event, weight_argument: int) -> str:
 
 
 def analyse_worker(paths: list[Path]) -> dict[str, Any]:
-    step_ms: list[float] = []
+    events: list[Event] = []
+    windows: list[Window] = []
+    for path in paths:  # one file per recording cycle; cycles do not overlap in time, so their events pool
+        loaded = load_events(path)
+        events += loaded
+        windows += step_windows(loaded, path)
+    by_thread: dict[tuple, list[Event]] = defaultdict(list)
+    for event in events:
+        if event.category in HOST:
+            by_thread[event.thread].append(event)
+    trees = {thread: nest(host_events) for thread, host_events in by_thread.items()}
+
+    # Steps are ranges on the training thread; on a GPU, autograd runs the backward pass on a
+    # thread of its own, so ops are matched to steps by time, not by nesting.
+    def in_a_step(event: Event) -> bool:
+        return any(window.start <= event.start < window.end for window in windows)
+
     self_us: dict[str, float] = defaultdict(float)
     conv_us: dict[str, float] = defaultdict(float)
-    for path in paths:
-        by_thread: dict[tuple, list[Event]] = defaultdict(list)
-        for event in load_events(path):
-            by_thread[event.thread].append(event)
-        trees = [root for events in by_thread.values() for root in nest(events)]
-        steps = [e for root in trees for e in walk(root) if e.name.startswith("ProfilerStep#")]
-        step_ms += [step.duration / 1000 for step in steps]
-
-        # Steps are ranges on the training thread; on a GPU, autograd runs the backward pass on a
-        # thread of its own, so ops are matched to steps by time, not by nesting.
-        def in_a_step(event: Event) -> bool:
-            return any(step.start <= event.start < step.end for step in steps)
-
-        for root in trees:
-            for event in walk(root):
-                if not event.name.startswith("ProfilerStep#") and in_a_step(event):
-                    self_us[event.name] += event.self_time
-            _collect_conv(root, conv_us, inside_conv=False, counts=in_a_step)
-    if not step_ms:
-        raise UserError(f"{paths[0]} holds no profiler steps (ProfilerStep#); re-record with train --profile")
+    for root in (root for roots in trees.values() for root in roots):
+        for event in walk(root):
+            if not event.name.startswith(STEP_MARKER) and in_a_step(event):
+                self_us[event.name] += event.self_time
+        _collect_conv(root, conv_us, inside_conv=False, counts=in_a_step)
+    step_ms = [(window.end - window.start) / 1000 for window in windows]
     total_us = sum(step_ms) * 1000
     steps_seen = len(step_ms)
-    return {
+    report = {
         "files": [str(p) for p in paths],
+        "window": WHOLE_TRACE if any(window.name == WHOLE for window in windows) else STEP_WINDOWS,
         "steps": steps_seen,
         "step_ms": {
             "mean": statistics.fmean(step_ms), "median": statistics.median(step_ms),
@@ -146,6 +178,10 @@ def analyse_worker(paths: list[Path]) -> dict[str, Any]:
             name: us / 1000 / steps_seen for name, us in sorted(self_us.items(), key=lambda kv: -kv[1])
         },
     }
+    gpu = analyse_gpu(events, trees, windows)
+    if gpu:
+        report["gpu"] = gpu
+    return report
 
 
 def _collect_conv(event: Event, conv_us: dict[str, float], inside_conv: bool, counts) -> None:
@@ -165,19 +201,25 @@ def inspect_run(run_dir: Path) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "workers": {w: analyse_worker(p) for w, p in trace_files(run_dir).items()}}
 
 
-def print_report(report: dict[str, Any], top: int) -> None:
+def _console(columns: int) -> Console:
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=100 + 14 * columns)
+
+
+def print_report(report: dict[str, Any], top: int) -> None:
     from rich.table import Table
 
     workers = report["workers"]
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=100 + 14 * len(workers))
+    console = _console(len(workers))
     ranking: dict[str, float] = defaultdict(float)
     for result in workers.values():
         for name, ms in result["self_ms_per_step"].items():
             ranking[name] += ms
     console.print(f"[bold]{report['run_dir']}[/bold]: {len(workers)} trace worker(s)")
+    if any(r["window"] == WHOLE_TRACE for r in workers.values()):
+        console.print(f"profiled window: {WHOLE_TRACE}")
     ops = Table(title=f"self time per step (ms), top {top}")
     ops.add_column("operator")
     for worker in workers:
@@ -201,16 +243,79 @@ def print_report(report: dict[str, Any], top: int) -> None:
     for label, cell in rows:
         summary.add_row(label, *(cell(r) for r in workers.values()))
     console.print(summary)
+    if any("gpu" in r for r in workers.values()):
+        print_gpu_report(console, workers, top)
+
+
+def _change(a: float, b: float) -> dict[str, float | None]:
+    return {"a": a, "b": b, "change": b - a, "ratio": b / a if a else None}
+
+
+def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Run B against run A. Each side's figures are the mean over its ranks, so that runs with different
+    process counts compare per rank (an operator a rank never ran counts 0 there)."""
+
+    def mean(report: dict[str, Any], figure: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.fmean(figure(worker) for worker in report["workers"].values())
+
+    def self_ms(name: str) -> Callable[[dict[str, Any]], float]:
+        return lambda worker: worker["self_ms_per_step"].get(name, 0.0)
+
+    names = {name for report in (a, b) for worker in report["workers"].values() for name in worker["self_ms_per_step"]}
+    operators = [{"name": name, **_change(mean(a, self_ms(name)), mean(b, self_ms(name)))} for name in names]
+    figures: dict[str, Callable[[dict[str, Any]], float]] = {
+        "step_ms_median": lambda w: w["step_ms"]["median"],
+        "conv_share": lambda w: w["conv_share"],
+    }
+    if all("gpu" in worker for report in (a, b) for worker in report["workers"].values()):
+        figures |= {"gpu_busy_share": lambda w: w["gpu"]["busy_share"],
+                    "kernel_ms_per_step": lambda w: w["gpu"]["kernel_ms_per_step"]}
+    return {
+        "run_dirs": [a["run_dir"], b["run_dir"]],
+        "ranks": [len(a["workers"]), len(b["workers"])],
+        "self_ms_per_step": sorted(operators, key=lambda row: (-abs(row["change"]), row["name"])),
+        "figures": {key: _change(mean(a, figure), mean(b, figure)) for key, figure in figures.items()},
+    }
+
+
+def print_comparison(comparison: dict[str, Any], top: int) -> None:
+    from rich.table import Table
+
+    console = _console(4)
+    (a, b), (a_ranks, b_ranks) = comparison["run_dirs"], comparison["ranks"]
+    console.print(f"A: [bold]{a}[/bold] ({a_ranks} rank(s))\nB: [bold]{b}[/bold] ({b_ranks} rank(s))")
+
+    def ratio(row: dict[str, Any]) -> str:
+        return "–" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+
+    ops = Table(title=f"self time per step (ms, mean over ranks), top {top} by change")
+    for column in ("operator", "A", "B", "B−A", "B/A"):
+        ops.add_column(column, justify="left" if column == "operator" else "right")
+    for row in comparison["self_ms_per_step"][:top]:
+        ops.add_row(row["name"], f"{row['a']:.3f}", f"{row['b']:.3f}", f"{row['change']:+.3f}", ratio(row))
+    console.print(ops)
+
+    figures = Table(title="steps (mean over ranks)")
+    for column in ("", "A", "B", "B−A", "B/A"):
+        figures.add_column(column, justify="left" if not column else "right")
+    labels = {"step_ms_median": "step ms (median)", "conv_share": "conv fwd+bwd share",
+              "gpu_busy_share": "GPU busy", "kernel_ms_per_step": "kernel ms per step"}
+    for key, row in comparison["figures"].items():
+        if key.endswith("share"):  # a share's change is in percentage points
+            cells = (f"{row['a']:.1%}", f"{row['b']:.1%}", f"{100 * row['change']:+.1f} pp")
+        else:
+            cells = (f"{row['a']:.2f}", f"{row['b']:.2f}", f"{row['change']:+.2f}")
+        figures.add_row(labels[key], *cells, ratio(row))
+    console.print(figures)
 
 
 def run(config: InspectConfig) -> dict[str, Any]:
-    if not config.run_dir:
-        raise UsageError("pass the profile folder: lenet-dist inspect profiles/<run>")
-    report = inspect_run(Path(config.run_dir))
+    reports = [inspect_run(Path(run_dir)) for run_dir in config.run_dirs]
+    report, show = (compare_runs(*reports), print_comparison) if len(reports) == 2 else (reports[0], print_report)
     if config.json == "-":
         print(json.dumps(report, indent=2))
         return report
-    print_report(report, config.top)
+    show(report, config.top)
     if config.json:
         write_json(Path(config.json), report)
         print(f"wrote {config.json}")

@@ -27,7 +27,8 @@ def require_installed(trackers: list[str]) -> None:
 
     for name in trackers:
         if name != "all" and not getattr(imports, f"is_{name}_available")():
-            raise UserError(f"--log-with {name}: the tracker is not installed; pip install {PIP_PACKAGES.get(name, name)}")
+            package = PIP_PACKAGES.get(name, name)
+            raise UserError(f"--log-with {name}: the tracker is not installed; pip install {package}")
 
 
 def logging_dir(output_dir: Path) -> Path:

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,26 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.profiler import record_function
 
 from lenet_dist.checkpoint import RunState, checkpoint_to_resume, restore_checkpoint, save_checkpoint, trajectory_of
 from lenet_dist.config import TrainConfig, parse_train_config
-from lenet_dist.data import ShuffledBatches, ensure_dataset, load_split
+from lenet_dist.data import ShuffledBatches, Split, ensure_dataset, load_split
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error
 from lenet_dist.outputs import claim_output_dir, versions, write_run_outputs
-from lenet_dist.preemption import StopRequest, Stopped, stop_on_signals
+from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
 from lenet_dist.processes import Ranks, announce, make_accelerator, pin_cores, start_processes
 from lenet_dist.profiling import labelled, profiler_for
 from lenet_dist.recipe import (
-    EvaluationCadence, build_model, build_optimizer, build_scheduler, build_test_loader, build_training_batches,
+    EvaluationCadence,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_test_loader,
+    build_training_batches,
+    wants_cuda_graph,
 )
 from lenet_dist.reporting import EpochReporter, print_summary
+from lenet_dist.steps import EagerStep, GraphedStep
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
 
 
@@ -54,18 +60,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
     ranks = Ranks(state)
-
-    train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
-    batches = build_training_batches(config, train_split, data_dir, accelerator.device, state.process_index,
-                                     state.num_processes)
-    model = build_model(config, num_classes=len(train_split.info.classes))
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
-    model, optimizer, scheduler, test_loader = accelerator.prepare(
-        model, optimizer, scheduler, build_test_loader(config, test_split, data_dir, accelerator.device)
-    )
-    if not isinstance(batches, ShuffledBatches):
-        batches = accelerator.prepare(batches)
+    trainer = build_trainer(config, accelerator, data_dir, output_dir)
 
     run = RunState(trajectory=trajectory_of(config))
     checkpoint = checkpoint_to_resume(config.resume, output_dir)
@@ -74,21 +69,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         announce(state, f"resumed from {checkpoint}: epoch {run.epoch}, step {run.global_step}"
                         + (f" (saved by {run.processes} processes)" if run.processes != state.num_processes else ""))
     start_trackers(accelerator, config, output_dir)
-    announce(state, f"LeNet-5 on {len(train_split.labels):,} {config.dataset} images: {state.num_processes} "
-                    f"process(es) on {accelerator.device.type}, global batch {config.batch_size}, "
-                    f"precision {accelerator.mixed_precision}")
+    announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images: "
+                    f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
+                    f"{config.batch_size}, precision {accelerator.mixed_precision}")
+    trainer.step = make_step(trainer, run)
 
-    if config.compile:
-        run.compile_seconds = compile_graphs(accelerator, model, config.batch_size // state.num_processes,
-                                             test_loader.total_batch_size // state.num_processes)
-        announce(state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
-                        f"(inductor's cache: {inductor_cache_dir()})")
-    cadence = EvaluationCadence(config, steps_per_epoch=len(batches))
     profile_dir = Path(config.profile_dir) / output_dir.name
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
-            predictions = fit(accelerator, config, model, optimizer, scheduler, batches, test_loader, run, cadence,
-                              stop, profiler, output_dir)
+            predictions = fit(trainer, run, stop, profiler)
     except RuntimeError as error:  # a collective that failed: name the rank that is gone
         if state.num_processes == 1:
             raise
@@ -96,11 +85,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.profile:
         announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {profile_dir}")
 
-    metrics = run_metrics(config, accelerator, run, steps_per_epoch=len(batches))
+    metrics = run_metrics(trainer, run)
     if accelerator.is_main_process:
-        network = accelerator.unwrap_model(model, keep_torch_compile=False)
-        written = write_run_outputs(output_dir, metrics, network, predictions, test_split.images,
-                                    test_split.info.classes)
+        network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,
+                                    trainer.test.info.classes)
         print_summary(metrics)
         announce(state, f"wrote {output_dir}/: " + ", ".join(path.name for path in written))
         if config.show:
@@ -111,6 +100,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+@dataclass
+class Trainer:
+    """Everything a run trains with, built once."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Any  # ShuffledBatches, or accelerate's DataLoader for the torchvision pipeline
+    test_loader: Any
+    test: Split
+    train_images: int
+    output_dir: Path
+    step: Any = None  # EagerStep or GraphedStep, made once the state to train from is loaded
+
+
 def check_run(config: TrainConfig, processes: int) -> None:
     """What can be refused before any work: flags that cannot work together or with this launch."""
     require_installed(config.trackers())
@@ -119,6 +125,36 @@ def check_run(config: TrainConfig, processes: int) -> None:
                          f"{processes} processes")
     if config.resume == "auto" and not config.output_dir:
         raise UsageError("--resume auto needs --output-dir: it resumes the checkpoints found there")
+
+
+def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
+    train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
+    batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
+                                     accelerator.num_processes)
+    model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
+    optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
+    model, optimizer, scheduler, test_loader = accelerator.prepare(
+        model, optimizer, scheduler, build_test_loader(config, test_split, data_dir, accelerator.device)
+    )
+    if not isinstance(batches, ShuffledBatches):
+        batches = accelerator.prepare(batches)
+    return Trainer(config, accelerator, model, optimizer, scheduler, batches, test_loader, test_split,
+                   len(train_split.labels), output_dir)
+
+
+def make_step(trainer: Trainer, run: RunState):
+    """The training step, compiled (--compile) or captured as a CUDA graph (one GPU) when asked to."""
+    config, accelerator = trainer.config, trainer.accelerator
+    local_batch = config.batch_size // accelerator.num_processes
+    if config.compile:
+        run.compile_seconds = compile_graphs(accelerator, trainer.model, local_batch,
+                                             trainer.test_loader.total_batch_size // accelerator.num_processes)
+        announce(accelerator.state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
+                                    f"(inductor's cache: {inductor_cache_dir()})")
+    if wants_cuda_graph(config, accelerator):
+        return GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
+    return EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
 
 
 def compile_graphs(accelerator: Accelerator, model, train_batch: int, eval_batch: int) -> float:
@@ -146,44 +182,44 @@ def inductor_cache_dir() -> str:
     return cache_dir()
 
 
-def fit(accelerator, config, model, optimizer, scheduler, batches, test_loader, run: RunState,
-        cadence: EvaluationCadence, stop: StopRequest, profiler, output_dir: Path) -> dict[str, torch.Tensor]:
+def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler) -> dict[str, torch.Tensor]:
     """Train until the last epoch ends or the target accuracy is reached; the last evaluation's predictions."""
+    config, accelerator = trainer.config, trainer.accelerator
+    cadence = EvaluationCadence(config, steps_per_epoch=len(trainer.batches))
     predictions = None
     while run.epoch <= config.epochs:
         until = cadence.next_evaluation(run)
-        train_one_epoch(accelerator, config, model, optimizer, scheduler, batches, run, profiler, stop, output_dir,
-                        until_step=until)
+        train_one_epoch(trainer, run, profiler, stop, until_step=until)
         stop_signal = stop.agreed(accelerator.device)
         if stop_signal:
-            raise Stopped(stop_signal, run.global_step, save_checkpoint(accelerator, output_dir, run,
+            raise Stopped(stop_signal, run.global_step, save_checkpoint(accelerator, trainer.output_dir, run,
                                                                         config.keep_checkpoints))
-        epoch_ended = run.batches_done == len(batches)
+        epoch_ended = run.batches_done == len(trainer.batches)
         if not (epoch_ended or run.global_step == until):
             continue
         started = time.perf_counter()
-        predictions = evaluate(accelerator, model, test_loader)
+        predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
         run.eval_seconds += time.perf_counter() - started
         accuracy = record_evaluation(accelerator, config, run, predictions, epoch_ended)
         if epoch_ended:
             run.epoch, run.batches_done, run.loss_sum, run.epoch_train_seconds = run.epoch + 1, 0, 0.0, 0.0
-            save_checkpoint(accelerator, output_dir, run, config.keep_checkpoints)
+            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
         if config.target_accuracy is not None and accuracy >= config.target_accuracy:
             if not epoch_ended:
-                save_checkpoint(accelerator, output_dir, run, config.keep_checkpoints)
+                save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
             announce(accelerator.state, f"reached --target-accuracy {config.target_accuracy:.2%} at step "
                                         f"{run.global_step}; stopping")
             break
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
-        predictions = evaluate(accelerator, model, test_loader)
+        predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
 
 
-def train_one_epoch(accelerator: Accelerator, config: TrainConfig, model, optimizer, scheduler, batches,
-                    run: RunState, profiler, stop: StopRequest, output_dir: Path, until_step: int) -> None:
+def train_one_epoch(trainer: Trainer, run: RunState, profiler, stop: StopRequest, until_step: int) -> None:
     """Train the rest of `run.epoch`, or up to global step `until_step`, or until a rank is asked to stop."""
-    model.train()
-    steps = len(batches)
+    config, accelerator = trainer.config, trainer.accelerator
+    trainer.model.train()
+    steps = len(trainer.batches)
     bar = EpochReporter(
         enabled=accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
         epoch=run.epoch, epochs=config.epochs, steps=steps, batch_size=config.batch_size, done=run.batches_done,
@@ -191,16 +227,11 @@ def train_one_epoch(accelerator: Accelerator, config: TrainConfig, model, optimi
     epoch_loss = torch.tensor(run.loss_sum, device=accelerator.device)
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
     started = time.perf_counter()
-    for images, labels in labelled(epoch_batches(accelerator, batches, run), "data_loading"):
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        with record_function("optimizer_step"):
-            optimizer.step()
-        scheduler.step()
+    for images, labels in labelled(epoch_batches(trainer, run), "data_loading"):
+        loss = trainer.step(images, labels)
         profiler.step()
-        epoch_loss += loss.detach()  # no .item() per step: it would stall a GPU
-        window_loss += loss.detach()
+        epoch_loss += loss  # no .item() per step: it would stall a GPU
+        window_loss += loss
         window_steps += 1
         run.batches_done += 1
         run.global_step += 1
@@ -213,9 +244,10 @@ def train_one_epoch(accelerator: Accelerator, config: TrainConfig, model, optimi
                 bar.close()
                 raise UserError(
                     f"training loss became {mean_loss} by step {run.global_step} (epoch {run.epoch}); "
-                    f"the last good checkpoint is kept in {output_dir / 'checkpoints'}; lower --lr"
+                    f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr"
                 )
-            accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=run.global_step)
+            accelerator.log({"train/loss": mean_loss, "train/lr": float(trainer.scheduler.get_last_lr()[0])},
+                            step=run.global_step)
             bar.update(run.batches_done, mean_loss)
             window_loss.zero_()
             window_steps = 0
@@ -225,7 +257,7 @@ def train_one_epoch(accelerator: Accelerator, config: TrainConfig, model, optimi
             bar.update(run.batches_done)
         if due_checkpoint and run.batches_done < steps:  # the epoch end saves its own
             run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
-            save_checkpoint(accelerator, output_dir, run, config.keep_checkpoints)
+            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
         elif accelerator.num_processes == 1 and stop.signal:  # one process: stop at this very step
             break
     bar.close()
@@ -235,13 +267,14 @@ def train_one_epoch(accelerator: Accelerator, config: TrainConfig, model, optimi
     run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
 
 
-def epoch_batches(accelerator: Accelerator, batches, run: RunState):
+def epoch_batches(trainer: Trainer, run: RunState):
     """This epoch's batches from where `run` stands; the order is a function of (seed, epoch) alone."""
+    batches = trainer.batches
     if isinstance(batches, ShuffledBatches):
         return batches.epoch(run.epoch - 1, start=run.batches_done)
     batches.set_epoch(run.epoch - 1)
     if run.batches_done:  # resuming mid-epoch: the same order, minus the batches already trained
-        batches = accelerator.skip_first_batches(batches, run.batches_done)
+        batches = trainer.accelerator.skip_first_batches(batches, run.batches_done)
         batches.set_epoch(run.epoch - 1)
     return batches
 
@@ -297,7 +330,8 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
     return accuracy
 
 
-def run_metrics(config: TrainConfig, accelerator: Accelerator, run: RunState, steps_per_epoch: int) -> dict[str, Any]:
+def run_metrics(trainer: Trainer, run: RunState) -> dict[str, Any]:
+    config, accelerator = trainer.config, trainer.accelerator
     target = config.target_accuracy
     reached = [e for e in run.evaluations if target is not None and e["test_accuracy"] >= target]
     return {
@@ -305,8 +339,9 @@ def run_metrics(config: TrainConfig, accelerator: Accelerator, run: RunState, st
         "world_size": accelerator.num_processes,
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
+        "cuda_graph": isinstance(trainer.step, GraphedStep),
         "versions": versions(),
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": len(trainer.batches),
         "epochs": run.epochs,
         "evaluations": run.evaluations,
         "final_test_accuracy": run.evaluations[-1]["test_accuracy"],

@@ -33,6 +33,15 @@ FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "co
 RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked gpu are reported as skipped, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device: run `make gpu-check` on one"))
+
+
 def require_dataset(folder: Path, torchvision_class: str, name: str) -> Path:
     """The data set's folder; otherwise a one-line skip (a failure under CI=true, where data must be there)."""
     folder = folder.resolve()

@@ -1,27 +1,18 @@
-import gzip
-import struct
-
 import pytest
 import torch
 
-from lenet_dist.data import DATASETS, SPLIT_FILES, InMemoryDataset, ShuffledBatches, load_split, normalize, read_idx, torchvision_dataset
-from lenet_dist.data import Split
+from conftest import idx_bytes, write_split
+from lenet_dist.data import (
+    DATASETS,
+    InMemoryDataset,
+    ShuffledBatches,
+    Split,
+    load_split,
+    normalize,
+    read_idx,
+    torchvision_dataset,
+)
 from lenet_dist.errors import UserError
-
-
-def idx_bytes(array: torch.Tensor) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
-    return header + array.to(torch.uint8).numpy().tobytes()
-
-
-def write_split(folder, split, images, labels, compress=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in zip(SPLIT_FILES[split], (images, labels)):
-        payload = idx_bytes(array)
-        if compress:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
-        else:
-            (folder / name).write_bytes(payload)
 
 
 @pytest.fixture

@@ -18,7 +18,16 @@ import pytest
 import torch
 
 from conftest import (
-    TRAIN, kill_all, launch_ddp, one_line_error, rank_pids, read_metrics, run, start, wait_for, write_split,
+    TRAIN,
+    kill_all,
+    launch_ddp,
+    one_line_error,
+    rank_pids,
+    read_metrics,
+    run,
+    start,
+    wait_for,
+    write_split,
 )
 
 

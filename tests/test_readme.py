@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, run
 
 # `make test` is this very suite; running it from inside itself would recurse.
@@ -27,6 +29,7 @@ def readme_commands() -> list[str]:
     return commands
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs(data_dir, tmp_path):
     commands = readme_commands()
     assert len(commands) >= 10, commands

@@ -17,7 +17,16 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import (
-    TRAIN, checkpoint_exists, kill_all, launch_ddp, numbers, rank_pids, read_metrics, run, same_weights, start,
+    TRAIN,
+    checkpoint_exists,
+    kill_all,
+    launch_ddp,
+    numbers,
+    rank_pids,
+    read_metrics,
+    run,
+    same_weights,
+    start,
     wait_for,
 )
 
@@ -162,7 +171,7 @@ def test_sigkill_while_saving_leaves_usable_checkpoints(uninterrupted, tmp_path)
     for attempt in range(3):
         before = newest()
         process = start(command + (["--resume"] if attempt else []))
-        wait_for(lambda: newest() > before, 120, process)
+        wait_for(lambda before=before: newest() > before, 120, process)
         time.sleep(rng.uniform(0, 0.3))  # saves every 3 steps: some kills land mid-save
         kill_all(process)
         complete = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))

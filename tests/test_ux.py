@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import pty
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from PIL import Image
 
 from conftest import BIN, FIGURES, ROOT, TRAIN, assert_png, read_metrics, run
 from lenet_dist.data import load_split
-
 
 LOGGED_STEPS = sorted(set(range(10, 235, 10)) | {117, 234})  # every --log-every steps and each epoch's end
 
@@ -159,7 +158,7 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and str(broken) in result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["file"] for a in answers] == list(map(str, files))  # the others were all classified
-    correct = sum(a["prediction"] == t for a, t in zip(answers, truth))
+    correct = sum(a["prediction"] == t for a, t in zip(answers, truth, strict=True))
     assert correct >= 95, correct
     assert all(len(a["top"]) == 3 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)
     text = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), str(files[0])], timeout=120)

@@ -69,7 +69,7 @@ def main() -> None:
     with torch.no_grad():
         predicted = model(images[:10]).argmax(dim=1)
     figure, axes = plt.subplots(2, 5, figsize=(10, 5))
-    for axis, image, guess, truth in zip(axes.flat, images, predicted, labels):
+    for axis, image, guess, truth in zip(axes.flat, images, predicted, labels, strict=False):
         axis.imshow(image.squeeze(), cmap="gray")
         axis.set_title(f"Pred: {guess.item()}, True: {truth.item()}")
         axis.axis("off")

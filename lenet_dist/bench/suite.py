@@ -37,10 +37,11 @@ def run(bench: BenchConfig) -> dict[str, Any]:
         **throughput_matrix(bench, devices, data_dir),
     }
     if bench.runs:
-        result["runs"] = {str(device): {
-            **runs.whole_process_and_time_to_98(data_dir, str(device), bench.repeats, bench.seeds),
-            "compile": runs.compile_seconds(data_dir, str(device)),
-        } for device in devices}
+        result["runs"] = {str(device): runs.whole_process_and_time_to_98(data_dir, str(device), bench.repeats,
+                                                                          bench.seeds) for device in devices}
+        if "compile" in split_list(bench.compile_modes):
+            for device in devices:
+                result["runs"][str(device)]["compile"] = runs.compile_seconds(data_dir, str(device))
     if counts:
         device = "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
         threads = max(1, len(os.sched_getaffinity(0)) // max(counts)) if device == "cpu" else None

@@ -1,0 +1,103 @@
+"""The training step: forward, loss, backward, Adam, the schedule's next learning rate.
+
+`EagerStep` runs it op by op through accelerate, as on every device. On one CUDA GPU the same step is
+captured once as a CUDA graph and replayed for every batch (`GraphedStep`): LeNet-5's kernels are so
+small that launching them one by one from Python, not computing them, is what limits a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.profiler import record_function
+
+
+class EagerStep:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler) -> None:
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        with record_function("optimizer_step"):
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+
+class GraphedStep:
+    """The step as one CUDA graph over static buffers that every batch is copied into.
+
+    What a graph needs, and where it comes from: the same shapes every step (ShuffledBatches yields
+    whole batches only); Adam with `capturable=True`, its learning rate a tensor on the GPU that the
+    schedule updates in place between replays (build_optimizer); gradients that stay allocated
+    (zeroed inside the graph, not set to None). Capturing needs a few warm-up steps first; they run on
+    a copy of the weights and of the optimizer's state, which are put back afterwards, so the run's
+    trajectory is exactly the eager one's. With `capture=False` (no CUDA) the same static-buffer step
+    runs eagerly: that is how the tests check it on a CPU.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batch: int,
+                 device: torch.device, capture: bool = True) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.images = torch.zeros(batch, 1, 28, 28, device=device)
+        self.labels = torch.zeros(batch, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss = self._warm_up(device if capture else None)
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+
+    def _step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _warm_up(self, device: torch.device | None) -> torch.Tensor:
+        """Run a few steps on zeros (on a side stream, as capture requires), then restore every tensor."""
+        saved = [tensor.clone() for tensor in self._state()]
+        stream = torch.cuda.Stream() if device is not None else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(self.WARMUP_STEPS):
+                loss = self._step()
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        state = self._state()
+        with torch.no_grad():
+            for tensor, before in zip(state, saved, strict=False):
+                tensor.copy_(before)
+            for tensor in state[len(saved):]:  # Adam's moments and step counts, made by the first warm-up step
+                tensor.zero_()  # as a fresh Adam's are
+            for parameter in self.model.parameters():
+                parameter.grad.zero_()
+        return loss
+
+    def _state(self) -> list[torch.Tensor]:
+        """The weights and the optimizer's tensors, in a fixed order (new optimizer state comes last)."""
+        tensors = [parameter.data for parameter in self.model.parameters()]
+        for parameter in self.model.parameters():
+            tensors += [value for value in self.optimizer.state.get(parameter, {}).values()
+                        if isinstance(value, torch.Tensor)]
+        return tensors
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.images.copy_(images, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.loss = self._step()
+        self.scheduler.step()  # writes the next learning rate into the tensor the graph reads
+        return self.loss.clone()
+

@@ -1,0 +1,77 @@
+"""lenet-dist installed as a user installs it (not editable), used from an empty folder far from any checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_checkout, free_port, read_metrics, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+SHORT = ["--target-accuracy", "0.95", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv holding a wheel-style install of this working tree; its dependencies are this venv's,
+    reached through a .pth file rather than installed again (the wheels are gigabytes)."""
+    root = tmp_path_factory.mktemp("installed")
+    source = copy_checkout(root / "source")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    result = run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                  str(source)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    return venv
+
+
+def in_empty_folder(installed: Path, tmp_path: Path, *command: str, timeout: float = 600):
+    folder = tmp_path / "empty"
+    folder.mkdir(exist_ok=True)
+    env = {"PATH": f"{installed / 'bin'}{os.pathsep}{os.environ['PATH']}", "HF_HOME": str(tmp_path / "hf")}
+    return run(list(command), cwd=folder, env=env, timeout=timeout), folder
+
+
+def test_the_installed_package_is_the_one_that_runs(installed, tmp_path):
+    result, _ = in_empty_folder(installed, tmp_path, "python", "-c", "import lenet_dist; print(lenet_dist.__file__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(installed))
+    config, _ = in_empty_folder(installed, tmp_path, "lenet-dist", "launch-config", "cpu-ddp")
+    assert config.returncode == 0 and Path(config.stdout.strip()).is_file()
+    assert config.stdout.strip().startswith(str(installed)) and "MULTI_GPU" in Path(config.stdout.strip()).read_text()
+
+
+def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, data_dir):
+    result, folder = in_empty_folder(installed, tmp_path, "python", "-m", "torch.distributed.run", "--nproc-per-node",
+                                     "2", "--master-port", str(free_port()), "-m", "lenet_dist.train", *SHORT,
+                                     "--output-dir", "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(folder / "out")["world_size"] == 2
+
+
+def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, data_dir):
+    """Its training commands (python -m, accelerate launch with the packaged config) start from the package."""
+    result, folder = in_empty_folder(installed, tmp_path, "lenet-dist", "bench", "--quick", "--pipelines", "tuned",
+                                     "--runs", "--repeats", "1", "--seeds", "1", "--processes", "1,2",
+                                     "--json", "bench.json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((folder / "bench.json").read_text())
+    cpu = report["runs"]["cpu"]
+    assert cpu["default"]["final_test_accuracy"] > 0.98 and cpu["original"]["final_test_accuracy"] > 0.97
+    assert 0 < cpu["default"]["overhead_seconds"] < cpu["default"]["wall_seconds"]
+    assert cpu["fast_to_98"]["time_to_98"] > 0
+    rows = report["scaling"]["rows"]
+    assert [(row["mode"], row["processes"]) for row in rows] == [("strong", 1), ("strong", 2), ("weak", 1),
+                                                                 ("weak", 2)]
+    assert all(0 < row["efficiency"] <= 1.2 for row in rows)
+    assert sorted(path.name for path in folder.iterdir()) == ["bench.json"]  # nothing else left behind

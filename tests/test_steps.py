@@ -1,0 +1,66 @@
+"""The training step as eager ops and as the static-buffer step a CUDA graph captures, checked on a CPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import UsageError
+from lenet_dist.recipe import build_model, build_optimizer, build_scheduler, wants_cuda_graph
+from lenet_dist.steps import EagerStep, GraphedStep
+
+BATCH = 16
+
+
+def pieces(graph: bool):
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = build_model(config, num_classes=10)
+    optimizer = build_optimizer(config, model, graph=graph)
+    return model, optimizer, build_scheduler(config, optimizer, steps_per_epoch=20)
+
+
+def batches(count: int):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 1, 28, 28, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("steps_before", [0, 5], ids=["fresh", "resumed-optimizer"])
+def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before):
+    data = batches(12)
+    eager_model, eager_optimizer, eager_scheduler = pieces(graph=False)
+    eager = EagerStep(Accelerator(cpu=True), eager_model, eager_optimizer, eager_scheduler)
+    graph_model, graph_optimizer, graph_scheduler = pieces(graph=True)
+    warm = EagerStep(Accelerator(cpu=True), graph_model, graph_optimizer, graph_scheduler)
+    for images, labels in data[:steps_before]:  # an optimizer with state, as after --resume
+        eager(images, labels)
+        warm(images, labels)
+    # capture=False: the static buffers, the warm-up on zeros and the restore, without a GPU to capture on
+    graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, torch.device("cpu"), capture=False)
+    for images, labels in data[steps_before:]:
+        assert torch.allclose(eager(images, labels), graphed(images, labels), rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(graph_scheduler.get_last_lr()[0]) == pytest.approx(eager_scheduler.get_last_lr()[0])
+    assert graph_optimizer.state[next(graph_model.parameters())]["step"].item() == 12  # warm-up steps undone
+
+
+def test_a_graph_is_captured_only_where_it_applies():
+    cpu, cuda = SimpleNamespace(type="cpu"), SimpleNamespace(type="cuda")
+    one_gpu = SimpleNamespace(device=cuda, num_processes=1, mixed_precision="no")
+    assert wants_cuda_graph(TrainConfig(), one_gpu)
+    assert not wants_cuda_graph(TrainConfig(cuda_graph=False), one_gpu)
+    assert not wants_cuda_graph(TrainConfig(), SimpleNamespace(device=cpu, num_processes=1, mixed_precision="no"))
+    assert not wants_cuda_graph(TrainConfig(data_pipeline="torchvision"), one_gpu)
+    assert not wants_cuda_graph(TrainConfig(), SimpleNamespace(device=cuda, num_processes=2, mixed_precision="no"))
+    with pytest.raises(UsageError, match="--cuda-graph: it needs a CUDA device"):
+        wants_cuda_graph(TrainConfig(cuda_graph=True), SimpleNamespace(device=cpu, num_processes=1,
+                                                                       mixed_precision="no"))
+    with pytest.raises(UsageError, match="fp16"):
+        wants_cuda_graph(TrainConfig(cuda_graph=True), SimpleNamespace(device=cuda, num_processes=1,
+                                                                       mixed_precision="fp16"))
