@@ -196,8 +196,9 @@ class BenchConfig:
         "script, time to 98%% over --seeds seeds, and (with compile among --compile-modes) compile seconds cold "
         "and warm (default: on; off with --quick)"
     )
-    repeats: int = flag(3, "runs of each whole-process command, alternating (the median is reported)")
-    seeds: int = flag(3, "seeds of the time-to-98%% runs (the median is reported)")
+    repeats: int = flag(3, "runs of the original script (seeds 0, 1, …), alternating with the recipe's")
+    seeds: int = flag(3, "seeds of the recipe's runs, default and fast-to-98%%, on 1 and 2 processes "
+                         "(medians and spreads are reported)")
     processes: str | None = flag(
         None, "comma-separated process counts for the scaling sweep, e.g. 1,2,4 (default: 1 and 2 where there are "
         "two cores or GPUs; none with --quick)"

@@ -185,7 +185,7 @@ def inductor_cache_dir() -> str:
 def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler) -> dict[str, torch.Tensor]:
     """Train until the last epoch ends or the target accuracy is reached; the last evaluation's predictions."""
     config, accelerator = trainer.config, trainer.accelerator
-    cadence = EvaluationCadence(config, steps_per_epoch=len(trainer.batches))
+    cadence = EvaluationCadence(config, len(trainer.batches), test_images=len(trainer.test.labels))
     predictions = None
     while run.epoch <= config.epochs:
         until = cadence.next_evaluation(run)

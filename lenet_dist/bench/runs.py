@@ -45,9 +45,18 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def train_run(flags: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+def train_run(flags: list[str], env: dict[str, str], processes: int = 1) -> tuple[float, dict[str, Any]]:
+    """Wall seconds and metrics of a real training command: `python -m lenet_dist.train`, or for several
+    processes `accelerate launch` with the packaged config (cpu-ddp on CPU, multi-gpu on CUDA)."""
+    if processes == 1:
+        launcher = TRAIN
+    else:
+        device = "cpu" if env.get("CUDA_VISIBLE_DEVICES") == "" else "cuda"
+        launcher = [*LAUNCH, "--config_file", str(config_path("cpu-ddp" if device == "cpu" else "multi-gpu")),
+                    "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+                    "-m", "lenet_dist.train", "--no-progress"]
     with tempfile.TemporaryDirectory() as output_dir:
-        wall = timed([*TRAIN, *flags, "--output-dir", output_dir], env)
+        wall = timed([*launcher, *flags, "--output-dir", output_dir], env)
         return wall, json.loads((Path(output_dir) / "metrics.json").read_text())
 
 
@@ -59,37 +68,43 @@ def original_run(data_dir: Path, seed: int, env: dict[str, str]) -> tuple[float,
         return wall, json.loads(summary.read_text())
 
 
-def whole_process_and_time_to_98(data_dir: Path, device: str, repeats: int, seeds: int) -> dict[str, Any]:
-    """Whole-process seconds of the default 2-epoch run and of the original script, and seconds to 98 %.
+def recipe_runs(data_dir: Path, device: str, processes: list[int], seeds: int, repeats: int) -> dict[str, Any]:
+    """The recipe's results over seeds, on 1 and N processes, and the original script's beside them.
 
-    The fixed overhead is what a run costs beyond training and evaluation: start-up, imports, data
-    loading, checkpoints, the figures and metrics at the end. Time to 98 % counts training and
-    evaluation from the first step to the first evaluation at ≥ 98 %, for the fast recipe's flags
-    (over `seeds` seeds) and for the original script (its per-epoch evaluations).
+    For each process count and seed: the default 2-epoch run (whole-process seconds, accuracy, and the
+    fixed overhead: start-up, imports, data loading, checkpoints, the figures and metrics at the end,
+    that is, the wall time beyond training and evaluation) and the fast-to-98 % recipe (seconds of
+    training and evaluation until the first evaluation at ≥ 98 %). The original script runs `repeats`
+    times (seeds 0, 1, …); its time to 98 % comes from its per-epoch evaluations. All interleaved.
     """
     env = device_env(device)
-    default, original, fast = [], [], []
-    for index in range(max(repeats, seeds)):
-        if index < repeats:
-            wall, metrics = train_run(["--data-dir", str(data_dir)], env)
-            default.append({"wall_seconds": wall, "train_seconds": metrics["train_seconds"],
-                            "eval_seconds": metrics["eval_seconds"],
-                            "overhead_seconds": wall - metrics["train_seconds"] - metrics["eval_seconds"],
-                            "final_test_accuracy": metrics["final_test_accuracy"]})
-            wall, summary = original_run(data_dir, index, env)
+    results: dict[str, Any] = {"original": {"runs": []}, **{f"{n}_process": {"default": {"runs": []},
+                                                                             "fast_to_98": {"runs": []}}
+                                                             for n in processes}}
+    for seed in range(max(seeds, repeats)):
+        if seed < repeats:
+            wall, summary = original_run(data_dir, seed, env)
             reached = [e["elapsed_seconds"] for e in summary["epochs"] if e["test_accuracy"] >= 0.98]
-            original.append({"wall_seconds": wall, "time_to_98": reached[0] if reached else None,
-                             "final_test_accuracy": summary["epochs"][-1]["test_accuracy"]})
-        if index < seeds:
-            _, metrics = train_run([*FAST_TO_98, "--seed", str(index), "--data-dir", str(data_dir)], env)
+            results["original"]["runs"].append({"seed": seed, "wall_seconds": wall,
+                                                "time_to_98": reached[0] if reached else None,
+                                                "final_test_accuracy": summary["epochs"][-1]["test_accuracy"]})
+        for count in processes if seed < seeds else []:
+            wall, metrics = train_run(["--seed", str(seed), "--data-dir", str(data_dir)], env, count)
+            results[f"{count}_process"]["default"]["runs"].append({
+                "seed": seed, "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
+                "eval_seconds": metrics["eval_seconds"],
+                "overhead_seconds": wall - metrics["train_seconds"] - metrics["eval_seconds"],
+                "final_test_accuracy": metrics["final_test_accuracy"]})
+            _, metrics = train_run([*FAST_TO_98, "--seed", str(seed), "--data-dir", str(data_dir)], env, count)
             target = metrics["reached_target"]
-            fast.append({"seed": index, "time_to_98": target and target["elapsed_seconds"],
-                         "images": target and target["images"], "first_epoch": bool(target and target["epoch"] == 1)})
-    return {
-        "default": {**_medians(default), "runs": default},
-        "original": {**_medians(original), "runs": original},
-        "fast_to_98": {"flags": " ".join(FAST_TO_98), **_medians(fast, keys=("time_to_98", "images")), "runs": fast},
-    }
+            results[f"{count}_process"]["fast_to_98"]["runs"].append({
+                "seed": seed, "time_to_98": target and target["elapsed_seconds"], "images": target and target["images"],
+                "first_epoch": bool(target and target["epoch"] == 1)})
+    for group in [results["original"], *(results[f"{n}_process"][part] for n in processes
+                                          for part in ("default", "fast_to_98"))]:
+        group.update(_medians(group["runs"]))
+    results["fast_to_98"] = " ".join(FAST_TO_98)
+    return results
 
 
 def compile_seconds(data_dir: Path, device: str) -> dict[str, Any]:
@@ -135,8 +150,9 @@ def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None)
     return {"device": device, "threads_per_process": threads, "rows": rows}
 
 
-def _medians(runs: list[dict[str, Any]], keys: tuple[str, ...] | None = None) -> dict[str, float | None]:
-    keys = keys or tuple(key for key, value in runs[0].items() if isinstance(value, float))
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The median of each measured number over the runs (None where no run has it: 98 % never reached)."""
+    keys = [key for key in runs[0] if key not in ("seed", "first_epoch")]
     medians = {}
     for key in keys:
         values = [run[key] for run in runs if run[key] is not None]

@@ -37,8 +37,8 @@ def run(bench: BenchConfig) -> dict[str, Any]:
         **throughput_matrix(bench, devices, data_dir),
     }
     if bench.runs:
-        result["runs"] = {str(device): runs.whole_process_and_time_to_98(data_dir, str(device), bench.repeats,
-                                                                          bench.seeds) for device in devices}
+        result["runs"] = {str(device): runs.recipe_runs(data_dir, str(device), recipe_processes(device),
+                                                        bench.seeds, bench.repeats) for device in devices}
         if "compile" in split_list(bench.compile_modes):
             for device in devices:
                 result["runs"][str(device)]["compile"] = runs.compile_seconds(data_dir, str(device))
@@ -113,6 +113,12 @@ def precision_list(bench: BenchConfig, device: torch.device) -> list[str]:
     if bench.precisions:
         return split_list(bench.precisions)
     return ["no", "bf16", "fp16"] if device.type == "cuda" else ["no", "bf16"]
+
+
+def recipe_processes(device: torch.device) -> list[int]:
+    """The recipe is checked on one process, and on two where the machine has two cores (or GPUs)."""
+    available = torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
+    return [1, 2] if available >= 2 else [1]
 
 
 def process_counts(bench: BenchConfig, devices: list[torch.device]) -> list[int]:
