@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lenet_dist.config import option
 from lenet_dist.errors import UsageError, UserError
-from lenet_dist.files import is_write_failure, write_atomically, write_failure
+from lenet_dist.files import is_write_failure, write_atomically, write_failure, write_json
 from lenet_dist.model import LeNet5
 from lenet_dist.processes import agree_on_any
 
@@ -34,7 +34,7 @@ PROGRESS_FILE = "progress.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
-TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "seed", "dataset")
+TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "seed", "dataset", "data_pipeline")
 
 
 @dataclass
@@ -85,7 +85,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: RunState, ke
         accelerator.save_state(str(partial))  # every rank: rank 0 the weights, each rank its RNG state
         if accelerator.is_main_process:
             state.processes = accelerator.num_processes
-            write_atomically(partial / PROGRESS_FILE, lambda path: path.write_text(json.dumps(asdict(state), indent=2)))
+            write_json(partial / PROGRESS_FILE, asdict(state))
     except UserError as error:
         problem = error
     except Exception as error:
@@ -149,12 +149,14 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, config: Any) 
     ]
     if differing:
         raise UsageError(f"--resume {checkpoint} comes from a different config: {', '.join(differing)}")
+    problem = None
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as error:  # any unreadable piece means the same thing to the user
-        raise UserError(
+        problem = UserError(
             f"--resume {checkpoint}: checkpoint is corrupt ({type(error).__name__}); use an older checkpoint"
-        ) from None
+        )
+    agree_on_any(problem)  # one rank's unreadable file stops every rank, not just that one
     return state
 
 

@@ -55,6 +55,11 @@ def require_at_least(config: Any, minimums: dict[str, int]) -> None:
             raise UsageError(f"{option(name)} must be at least {least}, got {value}")
 
 
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """--data-dir, else $LENET_DATA_DIR, else ./data."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+
+
 def split_list(text: str | None) -> list[str]:
     """`"a, b,c"` → ["a", "b", "c"]: how list-valued flags are spelled."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -160,7 +165,7 @@ class TrainConfig:
         require_choices("log_with", self.log_with, (*TRACKERS, "all"))
 
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+        return resolve_data_dir(self.data_dir)
 
     def resolved_workers(self) -> int:
         if self.workers is not None:
@@ -197,8 +202,11 @@ class BenchConfig:
         "and warm (default: on; off with --quick)"
     )
     repeats: int = flag(3, "runs of the original script (seeds 0, 1, …), alternating with the recipe's")
-    seeds: int = flag(3, "seeds of the recipe's runs, default and fast-to-98%%, on 1 and 2 processes "
-                         "(medians and spreads are reported)")
+    seeds: int = flag(3, "seeds of the recipe's runs, default and fast-to-98%% (medians and spreads are reported)")
+    recipe_processes: str | None = flag(
+        None, "comma-separated process counts the recipe's runs use (default: 1, and 2 where there are two cores "
+        "or GPUs)"
+    )
     processes: str | None = flag(
         None, "comma-separated process counts for the scaling sweep, e.g. 1,2,4 (default: 1 and 2 where there are "
         "two cores or GPUs; none with --quick)"
@@ -223,7 +231,7 @@ class BenchConfig:
         require_choices("pipelines", self.pipelines, ("original", "tuned"))
         require_choices("compile_modes", self.compile_modes, ("eager", "compile"))
         require_choices("precisions", self.precisions, ("no", "bf16", "fp16"))
-        for name in ("batch_sizes", "processes"):
+        for name in ("batch_sizes", "processes", "recipe_processes"):
             if not all(value.isdigit() and int(value) > 0 for value in split_list(getattr(self, name))):
                 raise UsageError(f"{option(name)} takes positive whole numbers separated by commas, "
                                  f"got {getattr(self, name)!r}")
@@ -269,7 +277,7 @@ class DownloadConfig:
     data_dir: str | None = flag(None, f"where to put it (default: ${DATA_DIR_ENV}, else ./data)")
 
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+        return resolve_data_dir(self.data_dir)
 
 
 @dataclass

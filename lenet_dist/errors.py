@@ -7,15 +7,21 @@ checkpoint), and 128 + N for a run stopped by signal N after saving its checkpoi
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """A failure the user can fix: missing data, an unwritable path, a corrupt file. The message says how."""
+    """A failure the user can fix: missing data, an unwritable path, a corrupt file. The message says how.
+
+    Under DDP the ranks agree on such errors before raising them, so rank 0 alone prints them, unless
+    `every_rank` is set (a rank reporting what it alone saw).
+    """
 
     exit_status = 1
+    every_rank = False
 
 
 class UsageError(UserError):
@@ -30,5 +36,6 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        if error.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None

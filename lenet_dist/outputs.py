@@ -1,6 +1,7 @@
-"""What a run writes into its output directory, all of it by rank 0 and atomically.
+"""What a run writes into its output directory, by rank 0 and atomically (in checkpoints/, every rank
+also saves its own random-number state, see checkpoint.py).
 
-    config.json            the resolved flags, written when the run starts
+    config.json            the resolved flags, written once the run has started (or resumed)
     checkpoints/           see checkpoint.py
     model.safetensors      the trained LeNet-5, plain names, config in its metadata
     predictions.png, training_curves.png, confusion_matrix.png, confident_mistakes.png
@@ -11,32 +12,29 @@ from __future__ import annotations
 
 import platform
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 import lenet_dist
 from lenet_dist.checkpoint import CHECKPOINTS_DIR, complete_checkpoints, export_weights
 from lenet_dist.config import TrainConfig, default_run_dir
 from lenet_dist.errors import UsageError, UserError
 from lenet_dist.files import write_json
-from lenet_dist.processes import agree
+from lenet_dist.processes import agree_on_any
 
 METRICS_FILE = "metrics.json"
 
 
 def claim_output_dir(state: PartialState, config: TrainConfig) -> Path:
     """Rank 0 picks the directory (a timestamp would differ across ranks), checks it, and tells the others."""
-    from accelerate.utils import broadcast_object_list
-
     chosen = [str(config.output_dir or default_run_dir())]
     broadcast_object_list(chosen, from_process=0)
     output_dir = Path(chosen[0])
-    problem = _check_output_dir(output_dir, config) if state.is_main_process else None
-    agree(problem)
+    agree_on_any(_check_output_dir(output_dir, config) if state.is_main_process else None)
     return output_dir
 
 
@@ -55,10 +53,11 @@ def _check_output_dir(output_dir: Path, config: TrainConfig) -> UserError | None
             shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "config.json", asdict(config))
-    except (OSError, UserError) as error:
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        return UserError(f"--output-dir {output_dir} is not writable ({reason}); choose another --output-dir")
+        probe = output_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        return UserError(f"--output-dir {output_dir} is not writable ({error.strerror}); choose another --output-dir")
     return None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_object
 
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError, UserError
@@ -92,14 +92,6 @@ def announce(state: PartialState, message: str) -> None:
         print(message, flush=True)
 
 
-def agree(problem: UserError | None) -> None:
-    """Raise rank 0's verdict on every rank, so no rank is left waiting in a collective."""
-    verdict = [problem]
-    broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        raise verdict[0]
-
-
 def agree_on_any(problem: UserError | None) -> None:
     """Raise on every rank if any rank met a problem (the first one's, by rank)."""
     problems = [p for p in gather_object([problem]) if p is not None]
@@ -115,18 +107,26 @@ class Ranks:
         self.members: list[tuple[int, str, int]] = gather_object([(state.process_index, socket.gethostname(),
                                                                     os.getpid())])
 
-    def lost(self, error: Exception) -> UserError:
-        """The one-line error for a collective that failed because another rank is gone."""
+    def lost(self, error: RuntimeError) -> UserError | None:
+        """The one-line error for a collective that failed because another rank is gone; None when `error`
+        is something else (out of memory, a bug), which must keep its traceback."""
         host = socket.gethostname()
         dead = [(rank, pid) for rank, member_host, pid in self.members if member_host == host and not _alive(pid)]
         if dead:
             names = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in dead)
-            return UserError(
+            lost = UserError(
                 f"{names} died (killed or crashed); rank {self.rank} stops too. Relaunch with --resume auto to "
                 "continue from the last checkpoint (torchrun/accelerate launch --max_restarts does it for you)"
             )
-        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return UserError(f"rank {self.rank} lost contact with another rank ({summary}); the job stops")
+        elif isinstance(error, torch.distributed.DistError) or any(
+            word in str(error) for word in ("gloo", "NCCL", "Connection", "connection")
+        ):
+            summary = str(error).strip().splitlines()[0]
+            lost = UserError(f"rank {self.rank} lost contact with another rank ({summary}); the job stops")
+        else:
+            return None
+        lost.every_rank = True  # each surviving rank says what it saw
+        return lost
 
 
 def _alive(pid: int) -> bool:

@@ -1,20 +1,26 @@
-"""The training recipe and its builders: model, optimizer, schedule, data, precision.
+"""The training recipe and its builders: model, optimizer, schedule, data, precision, evaluation cadence.
 
-`lenet-dist train` and `lenet-dist bench` both build from here, so the benchmark's tuned rows time
-exactly what training runs. The numbers that are not flags live here, with why they are what they are.
+`lenet-dist train` builds its run here (`build_trainer`) and `lenet-dist bench` its tuned rows from the
+same builders, so those rows time the model, optimizer and data path training uses (eagerly: on a
+GPU, training also captures its step as a CUDA graph, see steps.py). The numbers that are not flags
+live here, with why they are what they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
 from lenet_dist.checkpoint import RunState
 from lenet_dist.config import TrainConfig
-from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, make_loader, torchvision_dataset
+from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, load_split, make_loader, torchvision_dataset
 from lenet_dist.errors import UsageError
 from lenet_dist.model import LeNet5
 
@@ -34,7 +40,8 @@ FIRST_EVALUATIONS_PER_EPOCH = 4
 EVALUATION_COST = 0.4
 # Evaluation batches: bigger than training's (no activations kept for a backward pass), small enough
 # that a batch's activations stay in the CPU's caches (2,000 took ~1.6× as long per pass here); 500
-# divides the 10,000 test images, so every batch has one shape.
+# divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of the
+# number of processes, which share each batch.
 EVAL_BATCH_SIZE = 500
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,7 +80,7 @@ def build_scheduler(
 
 def build_training_batches(
     config: TrainConfig, train: Split, data_dir: Path, device: torch.device, rank: int, world_size: int
-):
+) -> ShuffledBatches | DataLoader:
     """The training batches, in one of two forms that train's loop tells apart by type:
     ShuffledBatches for the in-memory pipeline, a DataLoader (for accelerate to shard) for torchvision's.
     """
@@ -83,13 +90,47 @@ def build_training_batches(
     return make_loader(dataset, config.batch_size, shuffle=True, drop_last=True, **_loader_options(config, device))
 
 
-def build_test_loader(config: TrainConfig, test: Split, data_dir: Path, device: torch.device):
+def build_test_loader(config: TrainConfig, test: Split, data_dir: Path, device: torch.device,
+                      processes: int) -> DataLoader:
     """The whole test set in order, for accelerate to shard and gather_for_metrics to put back together."""
     if config.data_pipeline == "tensor":
         dataset = InMemoryDataset(test, device)
     else:
         dataset = torchvision_dataset(data_dir, config.dataset, train=False)
-    return make_loader(dataset, EVAL_BATCH_SIZE, shuffle=False, **_loader_options(config, device))
+    batch = -(-EVAL_BATCH_SIZE // processes) * processes
+    return make_loader(dataset, batch, shuffle=False, **_loader_options(config, device))
+
+
+@dataclass
+class Trainer:
+    """Everything a run trains with, built once."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: ShuffledBatches | DataLoader  # accelerate's DataLoader for the torchvision pipeline
+    test_loader: DataLoader
+    test: Split
+    train_images: int
+    output_dir: Path
+    step: Any = None  # steps.EagerStep or GraphedStep, made once the state to train from is loaded
+
+
+def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
+    train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
+    batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
+                                     accelerator.num_processes)
+    model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
+    optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
+    test_loader = build_test_loader(config, test_split, data_dir, accelerator.device, accelerator.num_processes)
+    model, optimizer, scheduler, test_loader = accelerator.prepare(model, optimizer, scheduler, test_loader)
+    if not isinstance(batches, ShuffledBatches):
+        batches = accelerator.prepare(batches)
+    return Trainer(config, accelerator, model, optimizer, scheduler, batches, test_loader, test_split,
+                   len(train_split.labels), output_dir)
 
 
 def _loader_options(config: TrainConfig, device: torch.device) -> dict:
@@ -99,7 +140,7 @@ def _loader_options(config: TrainConfig, device: torch.device) -> dict:
     return {"workers": config.resolved_workers(), "pin_memory": pin_memory, "persistent": config.persistent_workers}
 
 
-def wants_cuda_graph(config: TrainConfig, accelerator) -> bool:
+def wants_cuda_graph(config: TrainConfig, accelerator: Accelerator) -> bool:
     """Whether to capture the training step as a CUDA graph: by default on one CUDA GPU with the in-memory
     pipeline, where it applies; asked for elsewhere, refused in one line."""
     reasons = [reason for reason, applies in (
@@ -130,14 +171,19 @@ class EvaluationCadence:
         self.cost = EVALUATION_COST * test_images / config.batch_size  # in training steps
 
     def next_evaluation(self, run: RunState) -> int:
-        """The global step of the next evaluation after `run.global_step`."""
+        """The global step of the next evaluation after `run.global_step`.
+
+        A function of the evaluations so far, not of the step a run resumed at: a resumed run evaluates
+        where the uninterrupted one did.
+        """
         step = run.global_step
         epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
         if self.every:
             return min(epoch_end, (step // self.every + 1) * self.every)
         if self.target is None:
             return epoch_end
-        return min(epoch_end, step + self._steps_to_wait(run))
+        last_evaluated = run.evaluations[-1]["step"] if run.evaluations else 0
+        return min(epoch_end, max(step + 1, last_evaluated + self._steps_to_wait(run)))
 
     def _steps_to_wait(self, run: RunState) -> int:
         first_wait = max(1, self.steps_per_epoch // FIRST_EVALUATIONS_PER_EPOCH)

@@ -12,7 +12,8 @@ from rich.table import Table
 
 
 class EpochReporter:
-    """One epoch's progress on the main process; silent elsewhere.
+    """An epoch's progress on the main process, from where training (re)starts in it to the next
+    evaluation or the epoch's end; silent on the other ranks.
 
     On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
     --no-progress: a plain line each quarter epoch, so logs stay readable.

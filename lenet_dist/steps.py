@@ -8,15 +8,60 @@ small that launching them one by one from Python, not computing them, is what li
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.profiler import record_function
 
+from lenet_dist.checkpoint import RunState
+from lenet_dist.processes import announce
+from lenet_dist.recipe import Trainer, wants_cuda_graph
+
+
+def make_step(trainer: Trainer, run: RunState) -> EagerStep | GraphedStep:
+    """The training step, compiled first (--compile), captured as a CUDA graph where that applies."""
+    config, accelerator = trainer.config, trainer.accelerator
+    local_batch = config.batch_size // accelerator.num_processes
+    if config.compile:
+        run.compile_seconds = compile_graphs(accelerator, trainer.model, local_batch,
+                                             trainer.test_loader.total_batch_size // accelerator.num_processes)
+        announce(accelerator.state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
+                                    f"(inductor's cache: {inductor_cache_dir()})")
+    if wants_cuda_graph(config, accelerator):
+        return GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
+    return EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
+
+
+def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch: int, eval_batch: int) -> float:
+    """Run one training-shaped and one evaluation-shaped batch of zeros through the compiled model, so the
+    compilation happens now, timed on its own, and not inside the first epoch's images/s.
+
+    No optimizer step and no gradient all-reduce: the weights and the optimizer are untouched.
+    """
+    started = time.perf_counter()
+    images = torch.zeros(train_batch, 1, 28, 28, device=accelerator.device)
+    labels = torch.zeros(train_batch, dtype=torch.long, device=accelerator.device)
+    model.train()
+    with accelerator.no_sync(model):
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(eval_batch, 1, 28, 28, device=accelerator.device))
+    return time.perf_counter() - started
+
+
+def inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
 
 class EagerStep:
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler) -> None:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,9 +88,13 @@ class GraphedStep:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batch: int,
-                 device: torch.device, capture: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, batch: int, device: torch.device,
+                 capture: bool = True) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        for group in optimizer.param_groups:  # a checkpoint's lr comes back as a float or a tensor on the CPU
+            if not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.images = torch.zeros(batch, 1, 28, 28, device=device)
         self.labels = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None

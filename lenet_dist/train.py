@@ -16,34 +16,27 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from lenet_dist.checkpoint import RunState, checkpoint_to_resume, restore_checkpoint, save_checkpoint, trajectory_of
 from lenet_dist.config import TrainConfig, parse_train_config
-from lenet_dist.data import ShuffledBatches, Split, ensure_dataset, load_split
+from lenet_dist.data import ShuffledBatches, ensure_dataset
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error
+from lenet_dist.files import write_json
 from lenet_dist.outputs import claim_output_dir, versions, write_run_outputs
 from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
 from lenet_dist.processes import Ranks, announce, make_accelerator, pin_cores, start_processes
 from lenet_dist.profiling import labelled, profiler_for
-from lenet_dist.recipe import (
-    EvaluationCadence,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    build_test_loader,
-    build_training_batches,
-    wants_cuda_graph,
-)
+from lenet_dist.recipe import EvaluationCadence, Trainer, build_trainer
 from lenet_dist.reporting import EpochReporter, print_summary
-from lenet_dist.steps import EagerStep, GraphedStep
+from lenet_dist.steps import GraphedStep, make_step
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
 
 
@@ -68,6 +61,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         run = restore_checkpoint(accelerator, checkpoint, config)
         announce(state, f"resumed from {checkpoint}: epoch {run.epoch}, step {run.global_step}"
                         + (f" (saved by {run.processes} processes)" if run.processes != state.num_processes else ""))
+    if accelerator.is_main_process:  # only now: a refused --resume leaves the run's config.json as it was
+        write_json(output_dir / "config.json", asdict(config))
     start_trackers(accelerator, config, output_dir)
     announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
@@ -78,10 +73,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
             predictions = fit(trainer, run, stop, profiler)
-    except RuntimeError as error:  # a collective that failed: name the rank that is gone
-        if state.num_processes == 1:
+    except RuntimeError as error:  # a collective that failed because a rank is gone: name it
+        lost = ranks.lost(error) if state.num_processes > 1 else None
+        if lost is None:
             raise
-        raise ranks.lost(error) from None
+        raise lost from None
     if config.profile:
         announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {profile_dir}")
 
@@ -100,94 +96,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-@dataclass
-class Trainer:
-    """Everything a run trains with, built once."""
-
-    config: TrainConfig
-    accelerator: Accelerator
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    batches: Any  # ShuffledBatches, or accelerate's DataLoader for the torchvision pipeline
-    test_loader: Any
-    test: Split
-    train_images: int
-    output_dir: Path
-    step: Any = None  # EagerStep or GraphedStep, made once the state to train from is loaded
-
-
 def check_run(config: TrainConfig, processes: int) -> None:
     """What can be refused before any work: flags that cannot work together or with this launch."""
     require_installed(config.trackers())
     if config.batch_size % processes:
         raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly across "
                          f"{processes} processes")
-    if config.resume == "auto" and not config.output_dir:
-        raise UsageError("--resume auto needs --output-dir: it resumes the checkpoints found there")
+    if config.resume in ("auto", "latest") and not config.output_dir:
+        raise UsageError(f"--resume{' auto' if config.resume == 'auto' else ''} needs --output-dir: it resumes the "
+                         "checkpoints found there")
 
 
-def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
-    train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
-    batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
-                                     accelerator.num_processes)
-    model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
-    optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
-    model, optimizer, scheduler, test_loader = accelerator.prepare(
-        model, optimizer, scheduler, build_test_loader(config, test_split, data_dir, accelerator.device)
-    )
-    if not isinstance(batches, ShuffledBatches):
-        batches = accelerator.prepare(batches)
-    return Trainer(config, accelerator, model, optimizer, scheduler, batches, test_loader, test_split,
-                   len(train_split.labels), output_dir)
-
-
-def make_step(trainer: Trainer, run: RunState):
-    """The training step, compiled (--compile) or captured as a CUDA graph (one GPU) when asked to."""
-    config, accelerator = trainer.config, trainer.accelerator
-    local_batch = config.batch_size // accelerator.num_processes
-    if config.compile:
-        run.compile_seconds = compile_graphs(accelerator, trainer.model, local_batch,
-                                             trainer.test_loader.total_batch_size // accelerator.num_processes)
-        announce(accelerator.state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
-                                    f"(inductor's cache: {inductor_cache_dir()})")
-    if wants_cuda_graph(config, accelerator):
-        return GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
-    return EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
-
-
-def compile_graphs(accelerator: Accelerator, model, train_batch: int, eval_batch: int) -> float:
-    """Run one training-shaped and one evaluation-shaped batch of zeros through the compiled model, so the
-    compilation happens now, timed on its own, and not inside the first epoch's images/s.
-
-    No optimizer step and no gradient all-reduce: the weights and the optimizer are untouched.
-    """
-    started = time.perf_counter()
-    images = torch.zeros(train_batch, 1, 28, 28, device=accelerator.device)
-    labels = torch.zeros(train_batch, dtype=torch.long, device=accelerator.device)
-    model.train()
-    with accelerator.no_sync(model):
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(eval_batch, 1, 28, 28, device=accelerator.device))
-    return time.perf_counter() - started
-
-
-def inductor_cache_dir() -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return cache_dir()
-
-
-def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler) -> dict[str, torch.Tensor]:
+def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> dict[str, torch.Tensor]:
     """Train until the last epoch ends or the target accuracy is reached; the last evaluation's predictions."""
     config, accelerator = trainer.config, trainer.accelerator
     cadence = EvaluationCadence(config, len(trainer.batches), test_images=len(trainer.test.labels))
     predictions = None
-    while run.epoch <= config.epochs:
+    while run.epoch <= config.epochs and not reached_target(config, run):
         until = cadence.next_evaluation(run)
         train_one_epoch(trainer, run, profiler, stop, until_step=until)
         stop_signal = stop.agreed(accelerator.device)
@@ -195,27 +120,29 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler) -> dict[st
             raise Stopped(stop_signal, run.global_step, save_checkpoint(accelerator, trainer.output_dir, run,
                                                                         config.keep_checkpoints))
         epoch_ended = run.batches_done == len(trainer.batches)
-        if not (epoch_ended or run.global_step == until):
-            continue
         started = time.perf_counter()
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
         run.eval_seconds += time.perf_counter() - started
-        accuracy = record_evaluation(accelerator, config, run, predictions, epoch_ended)
+        record_evaluation(accelerator, config, run, predictions, epoch_ended)
         if epoch_ended:
             run.epoch, run.batches_done, run.loss_sum, run.epoch_train_seconds = run.epoch + 1, 0, 0.0, 0.0
             save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
-        if config.target_accuracy is not None and accuracy >= config.target_accuracy:
+        if reached_target(config, run):
             if not epoch_ended:
                 save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
             announce(accelerator.state, f"reached --target-accuracy {config.target_accuracy:.2%} at step "
                                         f"{run.global_step}; stopping")
-            break
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
 
 
-def train_one_epoch(trainer: Trainer, run: RunState, profiler, stop: StopRequest, until_step: int) -> None:
+def reached_target(config: TrainConfig, run: RunState) -> bool:
+    return config.target_accuracy is not None and bool(run.evaluations) and \
+        run.evaluations[-1]["test_accuracy"] >= config.target_accuracy
+
+
+def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRequest, until_step: int) -> None:
     """Train the rest of `run.epoch`, or up to global step `until_step`, or until a rank is asked to stop."""
     config, accelerator = trainer.config, trainer.accelerator
     trainer.model.train()
@@ -226,7 +153,15 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler, stop: StopRequest
     )
     epoch_loss = torch.tensor(run.loss_sum, device=accelerator.device)
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
-    started = time.perf_counter()
+    clock = [time.perf_counter()]
+
+    def account() -> None:
+        """Add the training time since the last call to `run`, as a checkpoint must hold it."""
+        now = time.perf_counter()
+        run.train_seconds += now - clock[0]
+        run.epoch_train_seconds += now - clock[0]
+        clock[0] = now
+
     for images, labels in labelled(epoch_batches(trainer, run), "data_loading"):
         loss = trainer.step(images, labels)
         profiler.step()
@@ -257,17 +192,17 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler, stop: StopRequest
             bar.update(run.batches_done)
         if due_checkpoint and run.batches_done < steps:  # the epoch end saves its own
             run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
+            account()
             save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
+            clock[0] = time.perf_counter()  # saving is not training
         elif accelerator.num_processes == 1 and stop.signal:  # one process: stop at this very step
             break
     bar.close()
-    elapsed = time.perf_counter() - started
-    run.train_seconds += elapsed
-    run.epoch_train_seconds += elapsed
+    account()
     run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
 
 
-def epoch_batches(trainer: Trainer, run: RunState):
+def epoch_batches(trainer: Trainer, run: RunState) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """This epoch's batches from where `run` stands; the order is a function of (seed, epoch) alone."""
     batches = trainer.batches
     if isinstance(batches, ShuffledBatches):
@@ -280,7 +215,7 @@ def epoch_batches(trainer: Trainer, run: RunState):
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model, loader) -> dict[str, torch.Tensor]:
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: Iterable) -> dict[str, torch.Tensor]:
     """Predictions for the whole test set, in order, on every rank.
 
     gather_for_metrics drops the samples DDP pads the last batch with, so each image counts once.

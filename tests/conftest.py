@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lenet_dist.config import TrainConfig
 from lenet_dist.data import SPLIT_FILES
+from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,6 +64,16 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     return require_dataset(FASHION_DIR, "FashionMNIST", "Fashion-MNIST")
+
+
+@pytest.fixture(scope="session")
+def single_process_profile(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """A short real run with --profile (the default recipe): its trace folder and the run's output."""
+    root = tmp_path_factory.mktemp("profile")
+    result = run([*TRAIN, "--target-accuracy", "0.95", "--profile", "--profile-dir", str(root / "profiles"),
+                  "--output-dir", str(root / "run")])
+    assert result.returncode == 0, result.stderr
+    return root / "profiles" / "run", result
 
 
 def run(
@@ -178,6 +190,25 @@ def write_split(folder: Path, split: str, images: torch.Tensor, labels: torch.Te
             (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
         else:
             (folder / name).write_bytes(payload)
+
+
+BATCH = 16  # the training steps' tests: small batches of random images
+
+
+def pieces(graph: bool):
+    """The recipe's model, optimizer and schedule, seeded: for comparing two ways of stepping them."""
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = build_model(config, num_classes=10)
+    optimizer = build_optimizer(config, model, graph=graph)
+    return model, optimizer, build_scheduler(config, optimizer, steps_per_epoch=20)
+
+
+def batches(count: int):
+    """`count` batches of BATCH random images and labels, the same every call."""
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 1, 28, 28, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
+            for _ in range(count)]
 
 
 def copy_checkout(destination: Path) -> Path:

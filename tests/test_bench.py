@@ -1,4 +1,7 @@
-"""The benchmark: real rows, real training commands, the scaling sweep, comparing saved results."""
+"""The benchmark: real rows, compile and precision in real runs, comparing saved results, the sweep's limits.
+
+(The training commands it times and the scaling sweep run from an installed package: tests/test_install.py.)
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import BIN, TRAIN, assert_png, read_metrics, run
+from conftest import BIN, TRAIN, assert_png, one_line_error, read_metrics, run
 from lenet_dist.checkpoint import load_model
 from lenet_dist.model import LeNet5
 
@@ -55,12 +58,18 @@ def test_bench_quick_writes_rows_json_chart_and_a_profile(quick_result):
     assert json.loads(shown.stdout)["workers"]["cpu-tuned-no-eager-b128"]["conv_share"] > 0.1
 
 
-@pytest.mark.slow
-def test_bench_rows_report_the_median_of_their_rounds(tmp_path, data_dir):
-    out = tmp_path / "out.json"
-    result = run([*BENCH, "--quick", "--pipelines", "tuned", "--window-images", "512", "--rounds", "3",
-                  "--json", str(out)], timeout=300)
+@pytest.fixture(scope="module")
+def three_rounds(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("rounds") / "out.json"
+    result = run([*BENCH, "--quick", "--pipelines", "tuned", "--batch-sizes", "128,256", "--window-images", "512",
+                  "--rounds", "3", "--json", str(out)], timeout=300)
     assert result.returncode == 0, result.stderr
+    return out, result
+
+
+@pytest.mark.slow
+def test_bench_rows_report_the_median_of_their_rounds(three_rounds):
+    out, result = three_rounds
     assert result.stdout.count("round 3/3") == 2  # --quick's own defaults give way to the flags given
     for row in json.loads(out.read_text())["rows"]:
         for measure in ("train_images_per_second", "inference_images_per_second"):
@@ -86,3 +95,57 @@ def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, d
     assert metadata["config"]["compile"] == ("--compile" in flags)
     with torch.no_grad():
         assert plain(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_compare_matches_rows_of_two_real_results_and_lists_the_rest(quick_result, three_rounds, tmp_path):
+    folder, _ = quick_result
+    other, _ = three_rounds
+    chart = tmp_path / "compare.png"
+    compared = run([*BENCH, "compare", str(folder / "out.json"), str(other), "--chart", str(chart), "--json",
+                    str(tmp_path / "compare.json")], timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    comparison = json.loads((tmp_path / "compare.json").read_text())
+    (row,) = comparison["rows"]  # the one row both ran
+    assert (row["pipeline"], row["batch_size"]) == ("tuned", 128)
+    first = json.loads((folder / "out.json").read_text())
+    second = json.loads(other.read_text())
+    rates = [next(r["train_images_per_second"] for r in result["rows"] if (r["pipeline"], r["batch_size"]) ==
+                  ("tuned", 128)) for result in (first, second)]
+    assert row["train_images_per_second"] == rates and row["ratio"] == [1.0, rates[1] / rates[0]]
+    assert {(r["file"], r["pipeline"], r["batch_size"]) for r in comparison["unmatched"]} == {
+        (0, "original", 64), (0, "original", 128), (0, "tuned", 64), (1, "tuned", 256)}
+    assert "AMX" in compared.stdout or "AVX" in compared.stdout  # each column names its machine's instruction set
+    assert_png(chart)
+
+
+def test_compare_refuses_what_is_not_a_current_bench_result(tmp_path):
+    from lenet_dist.bench.compare import load_result
+    from lenet_dist.errors import UserError
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"rows": [')
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({"machine": {}, "rows": [], "ddp_scaling": None}))  # before results had a schema
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"accuracy": 0.98}))
+    for path, message in ((broken, "not JSON"), (older, "older schema"), (other, "not a lenet-dist bench result"),
+                          (tmp_path / "missing.json", "No such file")):
+        with pytest.raises(UserError, match=message):
+            load_result(path)
+    result = run([*BENCH, "compare", str(broken), str(older)], timeout=60)
+    one_line_error(result, 1, str(broken))
+
+
+def test_process_counts_beyond_the_machine_are_refused(monkeypatch):
+    from lenet_dist.bench.suite import process_counts
+    from lenet_dist.config import BenchConfig
+    from lenet_dist.errors import UsageError
+
+    cpu = [torch.device("cpu")]
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
+    assert process_counts(BenchConfig(processes="2,1"), cpu) == [1, 2]
+    assert process_counts(BenchConfig(), cpu) == [1, 2] and process_counts(BenchConfig(quick=True), cpu) == []
+    with pytest.raises(UsageError, match="--processes 4 is more than this machine's 2 cores; pass --oversubscribe"):
+        process_counts(BenchConfig(processes="1,2,4"), cpu)
+    assert process_counts(BenchConfig(processes="1,2,4", oversubscribe=True), cpu) == [1, 2, 4]

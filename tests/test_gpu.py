@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TRAIN, read_metrics, run
-from lenet_dist.steps import GraphedStep
-from test_steps import BATCH, EagerStep, batches, pieces
+from conftest import BATCH, TRAIN, batches, pieces, read_metrics, run
+from lenet_dist.config import TrainConfig
+from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+from lenet_dist.steps import EagerStep, GraphedStep
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -18,14 +19,10 @@ def test_the_captured_graph_trains_exactly_as_the_eager_step():
 
     data = [(images.to(CUDA), labels.to(CUDA)) for images, labels in batches(12)]
     eager_model, eager_optimizer, eager_scheduler = pieces(graph=False)
-    eager_model.to(CUDA)
-    eager = EagerStep(Accelerator(), eager_model, eager_optimizer, eager_scheduler)
-    graph_model, _, _ = pieces(graph=True)
-    graph_model.to(CUDA)
-    from lenet_dist.config import TrainConfig
-    from lenet_dist.recipe import build_optimizer, build_scheduler
-
-    graph_optimizer = build_optimizer(TrainConfig(), graph_model, graph=True)
+    eager = EagerStep(Accelerator(), eager_model.to(CUDA), eager_optimizer, eager_scheduler)
+    torch.manual_seed(0)
+    graph_model = build_model(TrainConfig(), num_classes=10).to(CUDA)
+    graph_optimizer = build_optimizer(TrainConfig(), graph_model, graph=True)  # its lr a tensor on the GPU
     graph_scheduler = build_scheduler(TrainConfig(), graph_optimizer, steps_per_epoch=20)
     graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, CUDA)
     assert graphed.graph is not None
@@ -33,6 +30,24 @@ def test_the_captured_graph_trains_exactly_as_the_eager_step():
         assert torch.allclose(eager(images, labels), graphed(images, labels), rtol=1e-4, atol=1e-5)
     for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_optimizer_follows_the_schedule_inside_the_graph():
+    """A checkpoint's lr comes back as a float: the graph must still read the schedule's lr each step."""
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(), num_classes=10).to(CUDA)
+    optimizer = build_optimizer(TrainConfig(), model, graph=True)
+    scheduler = build_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
+    optimizer.param_groups[0]["lr"] = float(optimizer.param_groups[0]["lr"])  # as load_state_dict leaves it
+    graphed = GraphedStep(model, optimizer, scheduler, BATCH, CUDA)
+    before = [p.detach().clone() for p in model.parameters()]
+    (images, labels), *_ = batches(1)
+    rates = []
+    for _ in range(3):
+        graphed(images.to(CUDA), labels.to(CUDA))
+        rates.append(float(optimizer.param_groups[0]["lr"]))
+    assert rates[0] != rates[1] != rates[2]  # the warm-up of one-cycle moves every step
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_training_on_one_gpu_captures_the_step(tmp_path, data_dir):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, TRAIN, launch_ddp, one_line_error, run
+from conftest import BIN, launch_ddp, one_line_error, run
 
 # torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
 TB_PLUGIN_LOAD = """
@@ -20,14 +20,6 @@ if __name__ == "__main__":
     print(json.dumps({f"{w}/{s}": [v.name for v in p.views] for (w, s), p in loaded.profiles.items()}))
 """
 
-
-@pytest.fixture(scope="module")
-def single_process_profile(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("profile")
-    result = run([*TRAIN, "--target-accuracy", "0.95", "--profile",
-                  "--profile-dir", str(root / "profiles"), "--output-dir", str(root / "run")])
-    assert result.returncode == 0, result.stderr
-    return root / "profiles" / "run", result
 
 
 @pytest.mark.slow

@@ -44,19 +44,38 @@ def uninterrupted(tmp_path_factory, data_dir) -> Path:
     return output
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
-    process = start([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path)])
-    wait_for(checkpoint_exists(tmp_path, 160), 120, process)
-    kill_all(process)
+def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identically(uninterrupted, tmp_path):
+    """Killed twice in epoch 2, at random instants while it saves every 3 steps: the complete checkpoints
+    survive, and the resumed run (re-creating epoch 2's shuffled order) ends exactly as the uninterrupted one."""
+    rng = random.Random(0)
+    command = [*TRAIN, *RECIPE, "--checkpoint-every", "3", "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
+    checkpoints = tmp_path / "checkpoints"
+
+    def newest() -> int:
+        return max((int(p.name[5:]) for p in checkpoints.glob("step-*")), default=0)
+
+    for attempt in range(2):
+        target = max(newest(), EPOCH_END) + 15
+        process = start(command + (["--resume"] if attempt else []))
+        wait_for(lambda target=target: newest() >= target, 120, process)
+        time.sleep(rng.uniform(0, 0.3))  # some kills land mid-save
+        kill_all(process)
+        complete = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))
+        assert complete, "the previous complete checkpoint must survive"
+        for checkpoint in complete:
+            json.loads((checkpoint / "progress.json").read_text())
+            assert load_file(str(checkpoint / "model.safetensors"))
     assert not (tmp_path / "metrics.json").exists()
 
-    refused = run([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path)], timeout=120)
+    refused = run(command, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # nothing is started over by mistake
-    resumed = run([*TRAIN, *RECIPE, "--checkpoint-every", "40", "--output-dir", str(tmp_path), "--resume"])
+    # --deterministic only constrains GPU kernels: on CPU it must not change a single number
+    resumed = run(command + ["--resume", "--deterministic"])
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(r"resumed from .*step-00000(16|20)0: epoch 2", resumed.stdout), resumed.stdout
+    assert re.search(r"resumed from .*step-\d{8}: epoch 2", resumed.stdout), resumed.stdout
     assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
     assert same_weights(tmp_path, uninterrupted)  # no step trained twice or skipped
+    assert not list(checkpoints.glob(".*.partial"))
 
 
 @pytest.fixture(scope="module")
@@ -159,40 +178,6 @@ def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterr
     metrics = read_metrics(tmp_path)
     assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert abs(metrics["final_test_accuracy"] - read_metrics(uninterrupted)["final_test_accuracy"]) <= 0.002
-
-
-def test_sigkill_while_saving_leaves_usable_checkpoints(uninterrupted, tmp_path):
-    rng = random.Random(0)
-    command = [*TRAIN, *RECIPE, "--checkpoint-every", "3", "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
-    checkpoints = tmp_path / "checkpoints"
-    def newest() -> str:
-        return max((p.name for p in checkpoints.glob("step-*")), default="")
-
-    for attempt in range(3):
-        before = newest()
-        process = start(command + (["--resume"] if attempt else []))
-        wait_for(lambda before=before: newest() > before, 120, process)
-        time.sleep(rng.uniform(0, 0.3))  # saves every 3 steps: some kills land mid-save
-        kill_all(process)
-        complete = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))
-        assert complete, "the previous complete checkpoint must survive"
-        for checkpoint in complete:
-            json.loads((checkpoint / "progress.json").read_text())
-            assert load_file(str(checkpoint / "model.safetensors"))
-    # --deterministic only constrains GPU kernels: on CPU it must not change a single number
-    finished = run(command + ["--resume", "--deterministic"])
-    assert finished.returncode == 0, finished.stderr
-    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
-    assert not list(checkpoints.glob(".*.partial"))
-
-
-def test_resume_auto_starts_fresh_when_there_is_nothing_to_resume(tmp_path, data_dir):
-    result = run([*TRAIN, "--target-accuracy", "0.95", "--resume", "auto", "--output-dir", str(tmp_path / "new")])
-    assert result.returncode == 0, result.stderr
-    assert "resumed from" not in result.stdout
-    again = run([*TRAIN, "--target-accuracy", "0.95", "--resume", "auto", "--output-dir", str(tmp_path / "new")],
-                timeout=120)
-    assert again.returncode == 2 and "already holds a finished run" in again.stderr  # finished: refused
 
 
 def test_second_signal_while_stopping_changes_nothing(tmp_path, data_dir):

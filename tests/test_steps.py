@@ -8,26 +8,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from conftest import BATCH, batches, pieces
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import build_model, build_optimizer, build_scheduler, wants_cuda_graph
+from lenet_dist.recipe import wants_cuda_graph
 from lenet_dist.steps import EagerStep, GraphedStep
-
-BATCH = 16
-
-
-def pieces(graph: bool):
-    torch.manual_seed(0)
-    config = TrainConfig()
-    model = build_model(config, num_classes=10)
-    optimizer = build_optimizer(config, model, graph=graph)
-    return model, optimizer, build_scheduler(config, optimizer, steps_per_epoch=20)
-
-
-def batches(count: int):
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 1, 28, 28, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
-            for _ in range(count)]
 
 
 @pytest.mark.parametrize("steps_before", [0, 5], ids=["fresh", "resumed-optimizer"])
@@ -64,3 +49,13 @@ def test_a_graph_is_captured_only_where_it_applies():
     with pytest.raises(UsageError, match="fp16"):
         wants_cuda_graph(TrainConfig(cuda_graph=True), SimpleNamespace(device=cuda, num_processes=1,
                                                                        mixed_precision="fp16"))
+
+
+def test_a_resumed_learning_rate_becomes_the_tensor_the_graph_reads():
+    model, optimizer, scheduler = pieces(graph=True)
+    optimizer.param_groups[0]["lr"] = float(optimizer.param_groups[0]["lr"])  # as a checkpoint leaves it
+    GraphedStep(model, optimizer, scheduler, BATCH, torch.device("cpu"), capture=False)
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.device.type == "cpu"
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(float(scheduler.get_last_lr()[0]))

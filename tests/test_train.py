@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FIGURES, RUN_FILES, assert_png, read_metrics, run
+from conftest import BIN, FIGURES, RUN_FILES, assert_png, one_line_error, read_metrics, run
 
 SHORT = ["--target-accuracy", "0.95"]  # a real run that stops at its first evaluation at ≥ 95 %
 
@@ -40,11 +40,16 @@ def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
 )
 def test_entry_points_train(launcher, tmp_path, data_dir):
     # HF_HOME points at an empty folder so no `accelerate config` file from the developer's machine is used.
-    result = run([*launcher, *SHORT, "--output-dir", str(tmp_path)], env={"HF_HOME": str(tmp_path / "hf")})
+    # --resume auto with nothing to resume starts afresh; the same command on the finished run is refused.
+    command = [*launcher, *SHORT, "--resume", "auto", "--output-dir", str(tmp_path / "run")]
+    result = run(command, env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
-    metrics = read_metrics(tmp_path)
+    assert "resumed from" not in result.stdout
+    metrics = read_metrics(tmp_path / "run")
     assert metrics["reached_target"]["test_accuracy"] >= 0.95
-    assert_png(tmp_path / "predictions.png")
+    assert_png(tmp_path / "run" / "predictions.png")
+    again = run(command, env={"HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
 
 
 def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir):
@@ -67,9 +72,6 @@ def test_missing_data_is_one_line_error(tmp_path):
     missing = tmp_path / "no-mnist-here"
     result = run([sys.executable, "-m", "lenet_dist.train", "--data-dir", str(missing), "--output-dir",
                   str(tmp_path / "out")], timeout=120)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert str(missing) in lines[0] and "--data-dir" in lines[0]
+    one_line_error(result, 1, str(missing), "--data-dir")
     assert not (tmp_path / "out").exists()
     assert not missing.exists()  # the failed download leaves no empty folders behind

@@ -150,14 +150,12 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
         image.save(path)
         files.append(path)
         truth.append(str(int(test.labels[i])))
-    broken = tmp_path / "notes.png"
-    broken.write_text("this is not an image")
-    result = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json",
-                  str(files[0]), str(broken), *map(str, files[1:])], timeout=300)
-    assert result.returncode == 1  # one file failed
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and str(broken) in result.stderr
+    # a trained run classifies photo-like copies of test digits as it classifies the digits themselves
+    # (what each odd or hostile file gets is tests/test_predict.py's, in-process)
+    result = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, files)], timeout=300)
+    assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [a["file"] for a in answers] == list(map(str, files))  # the others were all classified
+    assert [a["file"] for a in answers] == list(map(str, files))
     correct = sum(a["prediction"] == t for a, t in zip(answers, truth, strict=True))
     assert correct >= 95, correct
     assert all(len(a["top"]) == 3 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)

@@ -16,7 +16,7 @@ from lenet_dist.errors import UserError
 from lenet_dist.files import write_atomically, write_json
 
 KEY = ("device", "pipeline", "precision", "compile", "batch_size")
-SCHEMA = "lenet-dist-bench/2"  # bench.SCHEMA, spelled here so that comparing needs no torch
+SCHEMA = "lenet-dist-bench/2"  # what suite.py writes; here so that comparing imports no torch
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -45,14 +45,15 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
                      "ratio": [rate / rates[0] for rate in rates]})
     unmatched = [{"file": index, **dict(zip(KEY, key, strict=True))}
                  for index, table in enumerate(tables) for key in table if key not in matched]
-    return {"machines": [column_label(result) for result in results], "rows": rows, "unmatched": unmatched}
+    return {"machines": [f"{label(result['machine'])}, {result['date'][:10]}" for result in results], "rows": rows,
+            "unmatched": unmatched}
 
 
-def column_label(result: dict[str, Any]) -> str:
-    machine = result["machine"]
-    gpu = f", {machine['gpus'][0]}" if machine["gpus"] else ""
-    return (f"{machine['cpu']} ({machine['isa']}, {machine['usable_cores']} cores){gpu}, "
-            f"torch {machine['versions']['torch']}, {result['date'][:10]}")
+def label(machine: dict[str, Any]) -> str:
+    """One line naming a machine: `Intel Xeon … (AMX, 2 cores), torch 2.14.1` and its GPU if any."""
+    gpus = f", {machine['gpus'][0]}" if machine.get("gpus") else ""
+    cores = f"{machine['isa']}, {machine['usable_cores']} cores"
+    return f"{machine['cpu']} ({cores}){gpus}, torch {machine['versions']['torch']}"
 
 
 def run(config: CompareConfig) -> dict[str, Any]:

@@ -43,13 +43,6 @@ def isa_level(flags: set[str]) -> str:
     return "unknown"
 
 
-def label(machine: dict[str, Any]) -> str:
-    """One line naming a machine: `Intel Xeon … (AMX, 2 cores), torch 2.14.1` and its GPU if any."""
-    gpus = f", {machine['gpus'][0]}" if machine.get("gpus") else ""
-    cores = f"{machine['isa']}, {machine['usable_cores']} cores"
-    return f"{machine['cpu']} ({cores}){gpus}, torch {machine['versions']['torch']}"
-
-
 def _cpuinfo() -> tuple[str, set[str]]:
     cpu, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):

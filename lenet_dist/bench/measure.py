@@ -8,7 +8,6 @@ device measures in the same run, as nanoGPT reports MFU.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -176,13 +175,3 @@ def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images
         inference_step()
     inference_rate = timed_windows(inference_step, device, steps_per_window, windows, cell.batch_size)
     return Throughput(train_rate, inference_rate)
-
-
-@contextlib.contextmanager
-def threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

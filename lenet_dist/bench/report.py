@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lenet_dist.bench.machine import label
+from lenet_dist.bench.compare import label
 from lenet_dist.bench.measure import Cell, Throughput
 from lenet_dist.files import write_atomically, write_json
 

@@ -26,9 +26,11 @@ ORIGINAL = [sys.executable, "-m", "lenet_dist.bench.original"]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def device_env(device: str, threads: int | None = None) -> dict[str, str]:
-    """The environment that puts a training process on `device` (cpu, or cuda:N)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device.partition(":")[2] or "0"}
+def device_env(device: str, threads: int | None = None, processes: int = 1) -> dict[str, str]:
+    """The environment that puts training on `device` (cpu, or cuda:N and the GPUs after it, one per process)."""
+    first = int(device.partition(":")[2] or 0)
+    gpus = ",".join(str(first + index) for index in range(processes))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else gpus}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -77,18 +79,18 @@ def recipe_runs(data_dir: Path, device: str, processes: list[int], seeds: int, r
     training and evaluation until the first evaluation at ≥ 98 %). The original script runs `repeats`
     times (seeds 0, 1, …); its time to 98 % comes from its per-epoch evaluations. All interleaved.
     """
-    env = device_env(device)
     results: dict[str, Any] = {"original": {"runs": []}, **{f"{n}_process": {"default": {"runs": []},
                                                                              "fast_to_98": {"runs": []}}
                                                              for n in processes}}
     for seed in range(max(seeds, repeats)):
         if seed < repeats:
-            wall, summary = original_run(data_dir, seed, env)
+            wall, summary = original_run(data_dir, seed, device_env(device))
             reached = [e["elapsed_seconds"] for e in summary["epochs"] if e["test_accuracy"] >= 0.98]
             results["original"]["runs"].append({"seed": seed, "wall_seconds": wall,
                                                 "time_to_98": reached[0] if reached else None,
                                                 "final_test_accuracy": summary["epochs"][-1]["test_accuracy"]})
         for count in processes if seed < seeds else []:
+            env = device_env(device, processes=count)
             wall, metrics = train_run(["--seed", str(seed), "--data-dir", str(data_dir)], env, count)
             results[f"{count}_process"]["default"]["runs"].append({
                 "seed": seed, "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
@@ -127,7 +129,8 @@ def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None)
 
     Strong scaling keeps the global batch (the default recipe's 128) and splits it; weak scaling keeps
     each process's batch (64). Efficiency is images/s over N × the 1-process images/s, each process
-    having the same resources (`threads` cores on CPU, one GPU on CUDA).
+    having the same resources (`threads` cores on CPU, one GPU on CUDA) and the same eager step (no CUDA
+    graph for the single GPU either, which several processes cannot have).
     """
     launch_config = config_path("cpu-ddp" if device == "cpu" else "multi-gpu")
     rows = []
@@ -135,8 +138,9 @@ def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None)
         for count in counts:
             command = [*LAUNCH, "--config_file", str(launch_config), "--num_processes", str(count),
                        "--main_process_port", str(_free_port()), "-m", "lenet_dist.train", "--no-progress",
-                       "--epochs", "1", "--batch-size", str(batch_of(count)), "--data-dir", str(data_dir)]
-            env = device_env(device, threads) if device == "cpu" else {**os.environ}
+                       "--no-cuda-graph", "--epochs", "1", "--batch-size", str(batch_of(count)),
+                       "--data-dir", str(data_dir)]
+            env = device_env(device, threads if device == "cpu" else None, count)
             with tempfile.TemporaryDirectory() as output_dir:
                 timed([*command, "--output-dir", output_dir], env)
                 metrics = json.loads((Path(output_dir) / "metrics.json").read_text())

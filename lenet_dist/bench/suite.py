@@ -16,7 +16,7 @@ from lenet_dist.bench import measure, report, runs
 from lenet_dist.bench.compare import SCHEMA
 from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.measure import Cell
-from lenet_dist.config import BenchConfig, TrainConfig, split_list
+from lenet_dist.config import BenchConfig, TrainConfig, resolve_data_dir, split_list
 from lenet_dist.data import ensure_dataset, load_split
 from lenet_dist.errors import UsageError
 from lenet_dist.profiling import profiler_for
@@ -27,7 +27,7 @@ DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-
 def run(bench: BenchConfig) -> dict[str, Any]:
     devices = device_list(bench)
     counts = process_counts(bench, devices)
-    data_dir = TrainConfig(data_dir=bench.data_dir).resolved_data_dir()
+    data_dir = resolve_data_dir(bench.data_dir)
     ensure_dataset(data_dir, "mnist")
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -37,7 +37,7 @@ def run(bench: BenchConfig) -> dict[str, Any]:
         **throughput_matrix(bench, devices, data_dir),
     }
     if bench.runs:
-        result["runs"] = {str(device): runs.recipe_runs(data_dir, str(device), recipe_processes(device),
+        result["runs"] = {str(device): runs.recipe_runs(data_dir, str(device), recipe_processes(bench, device),
                                                         bench.seeds, bench.repeats) for device in devices}
         if "compile" in split_list(bench.compile_modes):
             for device in devices:
@@ -115,8 +115,10 @@ def precision_list(bench: BenchConfig, device: torch.device) -> list[str]:
     return ["no", "bf16", "fp16"] if device.type == "cuda" else ["no", "bf16"]
 
 
-def recipe_processes(device: torch.device) -> list[int]:
-    """The recipe is checked on one process, and on two where the machine has two cores (or GPUs)."""
+def recipe_processes(bench: BenchConfig, device: torch.device) -> list[int]:
+    """--recipe-processes, else one process and two where the machine has two cores (or GPUs)."""
+    if bench.recipe_processes:
+        return sorted({int(count) for count in split_list(bench.recipe_processes)})
     available = torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
     return [1, 2] if available >= 2 else [1]
 
