@@ -1,4 +1,4 @@
-"""LeNet-5 as the seed describes it: tanh activations and average pooling."""
+"""LeNet-5 as the original README describes it: tanh activations and average pooling."""
 
 from __future__ import annotations
 

@@ -74,7 +74,14 @@ def summary_table(metrics: dict[str, Any]) -> Table:
 
 
 def print_summary(metrics: dict[str, Any]) -> None:
+    """The epochs' table (when an epoch finished) and, for a run with a target, when it was reached."""
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console = Console(file=sys.stdout, width=120)
-    console.print(summary_table(metrics))
+    if metrics["epochs"]:
+        console.print(summary_table(metrics))
+    reached = metrics["reached_target"]
+    if reached:
+        console.print(f"reached {reached['test_accuracy']:.2%} at step {reached['step']:,} (epoch {reached['epoch']}, "
+                      f"{reached['images']:,} images) after {reached['elapsed_seconds']:.1f} s of training and "
+                      "evaluation", highlight=False)

@@ -127,11 +127,8 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> di
         if epoch_ended:
             run.epoch, run.batches_done, run.loss_sum, run.epoch_train_seconds = run.epoch + 1, 0, 0.0, 0.0
             save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
-        if reached_target(config, run):
-            if not epoch_ended:
-                save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
-            announce(accelerator.state, f"reached --target-accuracy {config.target_accuracy:.2%} at step "
-                                        f"{run.global_step}; stopping")
+        if reached_target(config, run) and not epoch_ended:  # stopping mid-epoch: keep where it stopped
+            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
@@ -245,7 +242,8 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
     accelerator.log({"test/accuracy": accuracy}, step=run.global_step)
     if not epoch_ended:
         announce(accelerator.state, f"epoch {run.epoch}/{config.epochs}  step {run.global_step}  test accuracy "
-                                    f"{accuracy:.2%} ({evaluation['eval_samples']:,} images)")
+                                    f"{accuracy:.2%} ({evaluation['eval_samples']:,} images)  "
+                                    f"{run.elapsed_seconds:.1f} s")
         return accuracy
     record = {
         "epoch": run.epoch,

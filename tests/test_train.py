@@ -64,7 +64,7 @@ def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir
     assert all(e["test_accuracy"] < 0.95 for e in metrics["evaluations"][:-1])
     assert reached["epoch"] == 1 and reached["step"] < 468 and metrics["epochs"] == []  # stopped mid-epoch
     assert reached["images"] == reached["step"] * 128
-    assert f"reached --target-accuracy 95.00% at step {reached['step']}" in result.stdout
+    assert f"reached {reached['test_accuracy']:.2%} at step {reached['step']:,} (epoch 1," in result.stdout
     assert_png(tmp_path / "training_curves.png")
 
 
