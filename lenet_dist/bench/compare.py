@@ -52,7 +52,8 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
 def label(machine: dict[str, Any]) -> str:
     """One line naming a machine: `Intel Xeon … (AMX, 2 cores), torch 2.14.1` and its GPU if any."""
     gpus = f", {machine['gpus'][0]}" if machine.get("gpus") else ""
-    cores = f"{machine['isa']}, {machine['usable_cores']} cores"
+    count = machine["usable_cores"]
+    cores = f"{machine['isa']}, {count} core{'' if count == 1 else 's'}"
     return f"{machine['cpu']} ({cores}){gpus}, torch {machine['versions']['torch']}"
 
 
