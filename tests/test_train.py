@@ -49,7 +49,9 @@ def test_entry_points_train(launcher, tmp_path, data_dir):
     assert metrics["reached_target"]["test_accuracy"] >= 0.95
     assert_png(tmp_path / "run" / "predictions.png")
     again = run(command, env={"HF_HOME": str(tmp_path / "hf")}, timeout=120)
-    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "already holds a finished run" in again.stderr
+    # accelerate's launcher reports any failure of its child as 1; started directly, a refusal is 2
+    assert again.returncode == (1 if "accelerate" in launcher[0] else 2)
 
 
 def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir):
