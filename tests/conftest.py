@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lenet_dist.bench.compare import label
+from lenet_dist.bench.machine import describe_machine
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import SPLIT_FILES
 from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
@@ -33,6 +35,12 @@ os.environ.setdefault("LENET_DATA_DIR", str(ROOT / "data"))
 FASHION_DIR = Path(os.environ.get("LENET_FASHION_DIR") or os.environ["LENET_DATA_DIR"])
 FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
 RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the machine under the summary: a suite's time means little without the CPU it ran on."""
+    machine = describe_machine()
+    terminalreporter.write_line(f"ran on {label(machine)}")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
