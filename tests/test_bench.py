@@ -80,7 +80,10 @@ def test_bench_rows_report_the_median_of_their_rounds(three_rounds):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
 def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, data_dir):
-    result = run([*TRAIN, "--target-accuracy", "0.9", *flags, "--output-dir", str(tmp_path)])
+    # dynamo logs every recompilation: the compiled run should make its training graph, then its evaluation
+    # graph (one recompilation, both before the first step), and no more: no partial batch, no new shape
+    result = run([*TRAIN, "--target-accuracy", "0.9", *flags, "--output-dir", str(tmp_path)],
+                 env={"TORCH_LOGS": "recompiles"})
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     assert metrics["final_test_accuracy"] >= 0.9
@@ -88,6 +91,7 @@ def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, d
         assert metrics["mixed_precision"] == "bf16"
     else:
         assert metrics["compile_seconds"] > 0 and "inductor's cache: " in result.stdout
+        assert result.stderr.count("Recompiling function") == 1, result.stderr[-3000:]
     model, metadata = load_model(tmp_path)
     plain = LeNet5()
     plain.load_state_dict(model.state_dict())  # the names a plain LeNet-5 has: no _orig_mod., no module.
