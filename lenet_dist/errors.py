@@ -30,12 +30,17 @@ class UsageError(UserError):
     exit_status = 2
 
 
+def launched_as_rank_zero() -> bool:
+    """Rank 0 by the launcher's environment (a single process too): who prints when there is no process group."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Turn a UserError into `error: <message>` and its exit status instead of a traceback."""
     try:
         yield
     except UserError as error:
-        if error.every_rank or os.environ.get("RANK", "0") == "0":
+        if error.every_rank or launched_as_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None

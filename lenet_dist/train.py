@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from accelerate.utils import set_seed
 from lenet_dist.checkpoint import RunState, checkpoint_to_resume, restore_checkpoint, save_checkpoint, trajectory_of
 from lenet_dist.config import TrainConfig, parse_train_config
 from lenet_dist.data import ShuffledBatches, ensure_dataset
-from lenet_dist.errors import UsageError, UserError, exit_on_user_error
+from lenet_dist.errors import UsageError, UserError, exit_on_user_error, launched_as_rank_zero
 from lenet_dist.files import write_json
 from lenet_dist.outputs import claim_output_dir, versions, write_run_outputs
 from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
@@ -49,7 +48,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     data_dir = config.resolved_data_dir()
     with state.main_process_first():  # one download, not one per rank
         ensure_dataset(data_dir, config.dataset)
-    output_dir = claim_output_dir(state, replace(config, data_dir=str(data_dir)))
+    output_dir = claim_output_dir(state, config)
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
     ranks = Ranks(state)
@@ -115,28 +114,38 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> di
     while run.epoch <= config.epochs and not reached_target(config, run):
         until = cadence.next_evaluation(run)
         train_one_epoch(trainer, run, profiler, stop, until_step=until)
+        epoch_ended = run.batches_done == len(trainer.batches)
         stop_signal = stop.agreed(accelerator.device)
-        if stop_signal:
+        # a stop that lands on an evaluation's step evaluates first: a resumed run never looks back
+        if stop_signal and not (epoch_ended or run.global_step == until):
             raise Stopped(stop_signal, run.global_step, save_checkpoint(accelerator, trainer.output_dir, run,
                                                                         config.keep_checkpoints))
-        epoch_ended = run.batches_done == len(trainer.batches)
         started = time.perf_counter()
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
         run.eval_seconds += time.perf_counter() - started
         record_evaluation(accelerator, config, run, predictions, epoch_ended)
         if epoch_ended:
             run.epoch, run.batches_done, run.loss_sum, run.epoch_train_seconds = run.epoch + 1, 0, 0.0, 0.0
-            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
-        if reached_target(config, run) and not epoch_ended:  # stopping mid-epoch: keep where it stopped
-            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
+        # saved after the evaluation, so that the checkpoint holds it
+        if epoch_ended or reached_target(config, run) or checkpoint_due(config, run.global_step) or stop_signal:
+            checkpoint = save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
+            if stop_signal:
+                raise Stopped(stop_signal, run.global_step, checkpoint)
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
 
 
 def reached_target(config: TrainConfig, run: RunState) -> bool:
-    return config.target_accuracy is not None and bool(run.evaluations) and \
-        run.evaluations[-1]["test_accuracy"] >= config.target_accuracy
+    return bool(run.evaluations) and meets_target(config, run.evaluations[-1])
+
+
+def meets_target(config: TrainConfig, evaluation: dict[str, Any]) -> bool:
+    return config.target_accuracy is not None and evaluation["test_accuracy"] >= config.target_accuracy
+
+
+def checkpoint_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.checkpoint_every) and step % config.checkpoint_every == 0
 
 
 def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRequest, until_step: int) -> None:
@@ -168,7 +177,7 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
         run.batches_done += 1
         run.global_step += 1
 
-        due_checkpoint = config.checkpoint_every and run.global_step % config.checkpoint_every == 0
+        due_checkpoint = checkpoint_due(config, run.global_step)
         pausing = run.batches_done == steps or run.global_step == until_step
         if run.global_step % config.log_every == 0 or due_checkpoint or pausing:
             mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
@@ -187,7 +196,7 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
                 break
         else:
             bar.update(run.batches_done)
-        if due_checkpoint and run.batches_done < steps:  # the epoch end saves its own
+        if due_checkpoint:  # not when pausing to evaluate: fit saves after the evaluation
             run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
             account()
             save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
@@ -230,8 +239,8 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: Iterable)
 
 
 def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunState,
-                      predictions: dict[str, torch.Tensor], epoch_ended: bool) -> float:
-    """Add the evaluation (and, at an epoch's end, the epoch) to `run`; log and print it. Returns the accuracy."""
+                      predictions: dict[str, torch.Tensor], epoch_ended: bool) -> None:
+    """Add the evaluation (and, at an epoch's end, the epoch) to `run`; log and print it."""
     accuracy = (predictions["predicted"] == predictions["truth"]).float().mean().item()
     evaluation = {
         "step": run.global_step, "epoch": run.epoch, "images": run.global_step * config.batch_size,
@@ -244,7 +253,7 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
         announce(accelerator.state, f"epoch {run.epoch}/{config.epochs}  step {run.global_step}  test accuracy "
                                     f"{accuracy:.2%} ({evaluation['eval_samples']:,} images)  "
                                     f"{run.elapsed_seconds:.1f} s")
-        return accuracy
+        return
     record = {
         "epoch": run.epoch,
         "train_loss": run.loss_sum / run.batches_done,
@@ -260,13 +269,11 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
              f"epoch {run.epoch}/{config.epochs}  train loss {record['train_loss']:.4f}  test accuracy {accuracy:.2%} "
              f"({record['eval_samples']:,} images)  {record['train_seconds']:.1f} s  "
              f"{record['train_images_per_second']:,.0f} images/s")
-    return accuracy
 
 
 def run_metrics(trainer: Trainer, run: RunState) -> dict[str, Any]:
     config, accelerator = trainer.config, trainer.accelerator
-    target = config.target_accuracy
-    reached = [e for e in run.evaluations if target is not None and e["test_accuracy"] >= target]
+    reached = [e for e in run.evaluations if meets_target(config, e)]
     return {
         "config": asdict(config),
         "world_size": accelerator.num_processes,
@@ -290,7 +297,7 @@ def run(config: TrainConfig) -> int:
     try:
         train(config)
     except Stopped as stopped:
-        if os.environ.get("RANK", "0") == "0":
+        if launched_as_rank_zero():
             print(stopped, file=sys.stderr, flush=True)
         return stopped.exit_status
     finally:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FIGURES, RUN_FILES, assert_png, one_line_error, read_metrics, run
+from conftest import BIN, FIGURES, RUN_FILES, TRAIN, assert_png, one_line_error, read_metrics, run
 
 SHORT = ["--target-accuracy", "0.95"]  # a real run that stops at its first evaluation at ≥ 95 %
 
 
 @pytest.mark.slow
 def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
-    result = run([sys.executable, "-m", "lenet_dist.train", "--output-dir", str(tmp_path)])
+    result = run([*TRAIN, "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     assert metrics["world_size"] == 1
@@ -55,12 +56,16 @@ def test_entry_points_train(launcher, tmp_path, data_dir):
 
 
 def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir):
-    result = run([sys.executable, "-m", "lenet_dist.train", "--target-accuracy", "0.95", "--eval-every", "50",
-                  "--output-dir", str(tmp_path)])
+    # checkpoints fall on evaluation steps here: each is saved after its evaluation, none is skipped
+    result = run([*TRAIN, "--target-accuracy", "0.95", "--eval-every", "50",
+                  "--checkpoint-every", "50", "--keep-checkpoints", "100", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     steps = [e["step"] for e in metrics["evaluations"]]
     assert steps == list(range(50, 50 * len(steps) + 1, 50))  # every --eval-every steps
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [f"step-{step:08d}" for step in steps]
+    latest = json.loads((tmp_path / "checkpoints" / f"step-{steps[-1]:08d}" / "progress.json").read_text())
+    assert len(latest["evaluations"]) == len(steps)  # saved after its evaluation
     reached = metrics["reached_target"]
     assert reached == metrics["evaluations"][-1] and reached["test_accuracy"] >= 0.95
     assert all(e["test_accuracy"] < 0.95 for e in metrics["evaluations"][:-1])
@@ -72,7 +77,7 @@ def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir
 
 def test_missing_data_is_one_line_error(tmp_path):
     missing = tmp_path / "no-mnist-here"
-    result = run([sys.executable, "-m", "lenet_dist.train", "--data-dir", str(missing), "--output-dir",
+    result = run([*TRAIN, "--data-dir", str(missing), "--output-dir",
                   str(tmp_path / "out")], timeout=120)
     one_line_error(result, 1, str(missing), "--data-dir")
     assert not (tmp_path / "out").exists()
