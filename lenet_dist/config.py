@@ -21,6 +21,9 @@ import lenet_dist
 from lenet_dist.errors import UsageError
 
 DATA_DIR_ENV = "LENET_DATA_DIR"
+# the MNIST-format data sets (their files and statistics: data.DATASETS)
+DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
+TEST_IMAGES = 10_000  # the test split of each of them
 # accelerate's tracker names (accelerate.utils.LoggerType), spelled here so that building the
 # command line does not import accelerate; a test keeps the two lists equal.
 TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
@@ -91,7 +94,7 @@ class TrainConfig:
         None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
     )
     output_dir: str | None = flag(None, "where metrics.json and figures go (default: runs/<timestamp>)")
-    dataset: str = flag("mnist", "which MNIST-format data set", choices=("mnist", "fashion-mnist", "kmnist"))
+    dataset: str = flag("mnist", "which MNIST-format data set", choices=DATASET_NAMES)
     data_pipeline: str = flag(
         "tensor",
         "tensor: the data set held as one uint8 tensor on the training device, batches gathered by index; "
@@ -235,6 +238,9 @@ class BenchConfig:
             if not all(value.isdigit() and int(value) > 0 for value in split_list(getattr(self, name))):
                 raise UsageError(f"{option(name)} takes positive whole numbers separated by commas, "
                                  f"got {getattr(self, name)!r}")
+        if max(int(size) for size in split_list(self.batch_sizes)) > TEST_IMAGES:
+            raise UsageError(f"--batch-sizes goes up to {TEST_IMAGES}: each row also times whole batches of the "
+                             f"{TEST_IMAGES:,} test images")
 
 
 @dataclass
@@ -258,6 +264,7 @@ class InspectConfig:
     json: str | None = flag(None, "also write the report as JSON here ('-' for stdout only, no table)")
 
     def __post_init__(self) -> None:
+        require_at_least(self, {"top": 1})
         if not 1 <= len(self.run_dirs) <= 2:
             raise UsageError(f"pass one profile folder, or two to compare (A B), got {len(self.run_dirs)}: "
                              "lenet-dist inspect profiles/<run> [profiles/<other-run>]")
@@ -270,10 +277,17 @@ class PredictConfig:
     top: int = flag(3, "how many classes to list per image")
     json: bool = flag(False, "print one JSON object per image instead of text")
 
+    def __post_init__(self) -> None:  # before predict imports torch
+        if not self.model:
+            raise UsageError("pass --model RUN_DIR, the output dir of a training run")
+        if not self.images:
+            raise UsageError("pass at least one image file to classify")
+        require_at_least(self, {"top": 1})
+
 
 @dataclass
 class DownloadConfig:
-    dataset: str = flag("mnist", "which MNIST-format data set", choices=("mnist", "fashion-mnist", "kmnist"))
+    dataset: str = flag("mnist", "which MNIST-format data set", choices=DATASET_NAMES)
     data_dir: str | None = flag(None, f"where to put it (default: ${DATA_DIR_ENV}, else ./data)")
 
     def resolved_data_dir(self) -> Path:

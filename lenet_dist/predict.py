@@ -24,7 +24,7 @@ import torch
 from lenet_dist.checkpoint import load_model
 from lenet_dist.config import PredictConfig
 from lenet_dist.data import DATASETS, normalize
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.errors import UserError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -164,6 +164,10 @@ def _centre_of_mass_shift(frame: np.ndarray) -> np.ndarray:
     rows, cols = np.indices(frame.shape)
     shift_rows = round(FRAME / 2 - 0.5 - (rows * frame).sum() / total)
     shift_cols = round(FRAME / 2 - 0.5 - (cols * frame).sum() / total)
+    # no further than the ink's margins: np.roll would wrap a lopsided digit round to the other side
+    ink_rows, ink_cols = np.nonzero(frame.any(axis=1))[0], np.nonzero(frame.any(axis=0))[0]
+    shift_rows = min(max(shift_rows, -ink_rows[0]), FRAME - 1 - ink_rows[-1])
+    shift_cols = min(max(shift_cols, -ink_cols[0]), FRAME - 1 - ink_cols[-1])
     return np.roll(frame, (shift_rows, shift_cols), axis=(0, 1))
 
 
@@ -177,10 +181,6 @@ def classify(model: torch.nn.Module, frame: torch.Tensor, dataset: str, top: int
 
 def run(config: PredictConfig) -> int:
     """Classify every file; report unreadable ones and carry on. Returns the exit status."""
-    if not config.model:
-        raise UsageError("pass --model RUN_DIR, the output dir of a training run")
-    if not config.images:
-        raise UsageError("pass at least one image file to classify")
     model, metadata = load_model(Path(config.model))
     dataset = metadata.get("config", {}).get("dataset", "mnist")
     failures = 0

@@ -146,7 +146,7 @@ def test_process_counts_beyond_the_machine_are_refused(monkeypatch):
     from lenet_dist.config import BenchConfig
     from lenet_dist.errors import UsageError
 
-    cpu = [torch.device("cpu")]
+    cpu = torch.device("cpu")
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert process_counts(BenchConfig(processes="2,1"), cpu) == [1, 2]
     assert process_counts(BenchConfig(), cpu) == [1, 2] and process_counts(BenchConfig(quick=True), cpu) == []

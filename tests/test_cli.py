@@ -55,6 +55,21 @@ def test_bad_train_flags_are_one_line_usage_errors(flags, culprit, capsys, tmp_p
     assert out == "" and not output_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        (["bench", "--batch-sizes", "64,20000"], "--batch-sizes"),  # bigger than the test set: no whole batch
+        (["inspect", "profiles/x", "--top", "0"], "--top"),
+        (["predict", "--model", "runs/x", "a.png", "--top", "0"], "--top"),
+        (["predict", "--model", "runs/x"], "image file"),
+        (["predict", "a.png"], "--model"),
+    ],
+)
+def test_bad_flags_of_the_other_commands_are_one_line_usage_errors(argv, culprit, capsys):
+    status, out, err = exit_of(argv, capsys)
+    assert status == 2 and err.count("\n") == 1 and culprit in err, err
+
+
 def test_usage_and_runtime_failures_have_their_own_exit_status(capsys):
     def status_of(error: Exception) -> int:
         with pytest.raises(SystemExit) as stopped, exit_on_user_error():

@@ -231,6 +231,19 @@ def test_frame_of_an_off_centre_digit_on_a_big_canvas(tmp_path):
     assert_mnist_like(to_mnist_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
 
 
+def test_a_lopsided_digit_is_centred_without_wrapping_round_the_frame(tmp_path):
+    """A long stroke with a heavy blob at one end: its centre of mass is further from the middle than the frame's
+    margin, so centring it fully would push the stroke's far end out of one side (and np.roll back in at the other)."""
+    image = Image.new("L", (200, 60))
+    draw = ImageDraw.Draw(image)
+    draw.line([(0, 30), (199, 30)], fill=255, width=3)
+    draw.rectangle([140, 0, 199, 59], fill=255)
+    path = tmp_path / "lopsided.png"
+    image.save(path)
+    ink_columns = np.nonzero(to_mnist_frame(path).numpy().any(axis=0))[0]
+    assert (np.diff(ink_columns) == 1).all(), ink_columns  # one unbroken run of columns: nothing wrapped round
+
+
 def test_frame_of_an_rgb_digit(tmp_path):
     rgb = np.zeros((*seven().shape, 3), dtype=np.uint8)
     rgb[..., 2] = seven()  # blue ink on black

@@ -26,7 +26,9 @@ DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-
 
 def run(bench: BenchConfig) -> dict[str, Any]:
     devices = device_list(bench)
-    counts = process_counts(bench, devices)
+    # the process-count sweep runs on the GPUs where there are any, else on the CPU's cores
+    sweep_device = torch.device("cuda" if any(d.type == "cuda" for d in devices) else "cpu")
+    counts = process_counts(bench, sweep_device)
     data_dir = resolve_data_dir(bench.data_dir)
     ensure_dataset(data_dir, "mnist")
     result: dict[str, Any] = {
@@ -43,9 +45,8 @@ def run(bench: BenchConfig) -> dict[str, Any]:
             for device in devices:
                 result["runs"][str(device)]["compile"] = runs.compile_seconds(data_dir, str(device))
     if counts:
-        device = "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
-        threads = max(1, len(os.sched_getaffinity(0)) // max(counts)) if device == "cpu" else None
-        result["scaling"] = runs.scaling(data_dir, device, counts, threads)
+        threads = max(1, len(os.sched_getaffinity(0)) // max(counts)) if sweep_device.type == "cpu" else None
+        result["scaling"] = runs.scaling(data_dir, sweep_device.type, counts, threads)
     report.show(result)
     report.save(result, bench.json, bench.chart)
     return result
@@ -115,24 +116,29 @@ def precision_list(bench: BenchConfig, device: torch.device) -> list[str]:
     return ["no", "bf16", "fp16"] if device.type == "cuda" else ["no", "bf16"]
 
 
+def available_processes(device: torch.device) -> int:
+    """How many processes `device` has room for: its cores on CPU; on cuda:N the GPUs N, N+1, … it launches on."""
+    if device.type == "cuda":
+        return torch.cuda.device_count() - (device.index or 0)
+    return len(os.sched_getaffinity(0))
+
+
 def recipe_processes(bench: BenchConfig, device: torch.device) -> list[int]:
     """--recipe-processes, else one process and two where the machine has two cores (or GPUs)."""
     if bench.recipe_processes:
         return sorted({int(count) for count in split_list(bench.recipe_processes)})
-    available = torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
-    return [1, 2] if available >= 2 else [1]
+    return [1, 2] if available_processes(device) >= 2 else [1]
 
 
-def process_counts(bench: BenchConfig, devices: list[torch.device]) -> list[int]:
-    """The sweep's process counts: --processes, else 1 and 2 where there are two cores (or GPUs)."""
-    gpus = torch.cuda.device_count()
-    available = gpus if any(d.type == "cuda" for d in devices) else len(os.sched_getaffinity(0))
+def process_counts(bench: BenchConfig, device: torch.device) -> list[int]:
+    """The sweep's process counts on `device`: --processes, else 1 and 2 where there are two cores (or GPUs)."""
+    available = available_processes(device)
     if bench.processes is None:
         return [1, 2] if available >= 2 else []
     counts = sorted({int(count) for count in split_list(bench.processes)})
     too_many = [count for count in counts if count > available]
     if too_many and not bench.oversubscribe:
-        what = "GPUs" if gpus and any(d.type == "cuda" for d in devices) else "cores"
+        what = "GPUs" if device.type == "cuda" else "cores"
         raise UsageError(f"--processes {max(too_many)} is more than this machine's {available} {what}; "
                          "pass --oversubscribe to run it anyway")
     return counts
