@@ -28,7 +28,7 @@ train: install
 test: data
 	$(PYTHON) -m pytest -q
 
-# The everyday tier: lint, then the in-process tests and one short training run (under 3 minutes).
+# The everyday tier: lint, then the in-process tests and a few short training runs (under 3 minutes).
 check: install lint
 	$(PYTHON) -m pytest -q -m "not slow and not ddp and not gpu"
 

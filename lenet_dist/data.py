@@ -7,7 +7,6 @@ imported only to download and for its per-image pipeline.
 
 from __future__ import annotations
 
-import gzip
 import io
 import shutil
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lenet_dist.config import DownloadConfig
 from lenet_dist.errors import UsageError, UserError
+from lenet_dist.files import read_maybe_gzipped
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Split:
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read an unsigned-byte IDX file (optionally gzipped) into a uint8 tensor."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = read_maybe_gzipped(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or not 1 <= raw[3] <= 3:
         raise UserError(f"{path} is not an unsigned-byte IDX file (bad magic number); re-download it")
     ndim = raw[3]

@@ -8,6 +8,7 @@ a crash, a kill or a full disk leaves the previous file (or none), never a trunc
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import resource
@@ -46,7 +47,7 @@ def is_write_failure(error: Exception) -> bool:
 def write_failure(path: Path, error: Exception) -> str:
     """`could not write PATH: <the OS error>`, finding the OS error when a library hid it."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else _likely_cause(path)
-    return f"could not write {path}: {reason or str(error).splitlines()[0]}; free space or choose another --output-dir"
+    return f"could not write {path}: {reason or str(error).splitlines()[0]}; free space, or choose another folder"
 
 
 def _likely_cause(path: Path) -> str | None:
@@ -58,3 +59,8 @@ def _likely_cause(path: Path) -> str | None:
         if shutil.disk_usage(path.parent).free < 1 << 20:
             return os.strerror(28)
     return None
+
+
+def read_maybe_gzipped(path: Path) -> bytes:
+    """The bytes of `path`, decompressed when its name ends in .gz."""
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()

@@ -61,6 +61,11 @@ def length(intervals: list[Interval]) -> float:
     return sum(end - start for start, end in intervals)
 
 
+def in_windows(start: float, windows: list[Window]) -> bool:
+    """Whether an event that starts at `start` belongs to one of the analysed steps."""
+    return any(window.start <= start < window.end for window in windows)
+
+
 def is_nccl(kernel_name: str) -> bool:
     return "nccl" in kernel_name.lower()
 
@@ -120,7 +125,7 @@ def analyse_gpu(events: list[Event], trees: dict[Any, list[Event]], windows: lis
     for kernel in kernels:
         # a kernel belongs to the step it starts in, as a host op does; kernels lag their launch, so
         # matching by launch time would charge a step with work the GPU did in the next one
-        if not any(window.start <= kernel.start < window.end for window in windows):
+        if not in_windows(kernel.start, windows):
             continue
         launch = launches.get(kernel.args.get("correlation"))
         chain = enclosing(trees.get(launch.thread, []), launch.start, launch.end) if launch else []

@@ -56,13 +56,10 @@ def build_model(config: TrainConfig, num_classes: int) -> LeNet5:
 def build_optimizer(config: TrainConfig, model: torch.nn.Module, graph: bool = False) -> torch.optim.Adam:
     """Adam, fused: one kernel updates all ten parameter tensors instead of a loop of small ops.
 
-    For a CUDA graph (`graph`), Adam must be capturable and read its learning rate from a tensor on the
-    GPU, which the schedule then updates in place; the arithmetic is the same.
+    For a CUDA graph (`graph`), Adam must be capturable; steps.GraphedStep then moves its learning rate
+    into a tensor on the GPU, which the schedule updates in place. The arithmetic is the same.
     """
-    if graph:
-        lr = torch.tensor(config.lr, device=next(model.parameters()).device)
-        return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, fused=True, capturable=True)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, fused=True, capturable=graph)
 
 
 def build_scheduler(
@@ -135,8 +132,8 @@ def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path,
 
 def _loader_options(config: TrainConfig, device: torch.device) -> dict:
     pin_memory = config.pin_memory
-    if pin_memory is None:
-        pin_memory = device.type == "cuda" and config.data_pipeline == "torchvision"
+    if pin_memory is None:  # make_loader never pins the in-memory data set, already on the device
+        pin_memory = device.type == "cuda"
     return {"workers": config.resolved_workers(), "pin_memory": pin_memory, "persistent": config.persistent_workers}
 
 

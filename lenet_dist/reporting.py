@@ -73,11 +73,15 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def wide_console(width_when_piped: int) -> Console:
+    """rich's console: as wide as the terminal, or in a log or a pipe wide enough never to cut a column."""
+    terminal = Console(file=sys.stdout)
+    return terminal if terminal.is_terminal else Console(file=sys.stdout, width=width_when_piped)
+
+
 def print_summary(metrics: dict[str, Any]) -> None:
     """The epochs' table (when an epoch finished) and, for a run with a target, when it was reached."""
-    console = Console(file=sys.stdout)
-    if not console.is_terminal:
-        console = Console(file=sys.stdout, width=120)
+    console = wide_console(120)
     if metrics["epochs"]:
         console.print(summary_table(metrics))
     reached = metrics["reached_target"]

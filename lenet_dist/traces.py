@@ -9,7 +9,6 @@ with kernels also gets a GPU section (gpu_trace.py). `inspect A B` sets two runs
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import statistics
@@ -17,21 +16,19 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from lenet_dist.config import InspectConfig
 from lenet_dist.errors import UserError
-from lenet_dist.files import write_json
-from lenet_dist.gpu_trace import GPU_WORK, LAUNCHES, STEP_MARKER, analyse_gpu, print_gpu_report
-
-if TYPE_CHECKING:  # rich loads only when a table is printed
-    from rich.console import Console
+from lenet_dist.files import read_maybe_gzipped, write_json
+from lenet_dist.gpu_trace import GPU_WORK, LAUNCHES, STEP_MARKER, analyse_gpu, in_windows, print_gpu_report
 
 TRACE_NAME = re.compile(r"^(?P<worker>.+?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")
 RANK_NAME = re.compile(r"^rank(\d+)$")
 CONV_FORWARD = {"aten::conv2d", "aten::convolution"}
 CONV_BACKWARD = {"aten::convolution_backward"}
 HOST = ("cpu_op", "user_annotation")
+CATEGORIES = frozenset((*HOST, *GPU_WORK, *LAUNCHES))  # the events analysed; the rest are skipped on load
 STEP_WINDOWS = "ProfilerStep markers"
 WHOLE = "whole trace"
 WHOLE_TRACE = f"{WHOLE} (no ProfilerStep markers)"
@@ -85,15 +82,14 @@ def _rank_order(worker: str) -> tuple[int, str]:
 
 def load_events(path: Path) -> list[Event]:
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        trace = json.loads(raw)
+        trace = json.loads(read_maybe_gzipped(path))
         events = trace["traceEvents"]
     except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a readable Chrome trace (truncated or corrupt); re-record it") from None
     return [
         Event(e["name"], e["cat"], float(e["ts"]), float(e["dur"]), (e.get("pid"), e.get("tid")), e.get("args") or {})
         for e in events
-        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in (*HOST, *GPU_WORK, *LAUNCHES)
+        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in CATEGORIES
         and "ts" in e and "dur" in e
     ]
 
@@ -152,7 +148,7 @@ def analyse_worker(paths: list[Path]) -> dict[str, Any]:
     # Steps are ranges on the training thread; on a GPU, autograd runs the backward pass on a
     # thread of its own, so ops are matched to steps by time, not by nesting.
     def in_a_step(event: Event) -> bool:
-        return any(window.start <= event.start < window.end for window in windows)
+        return in_windows(event.start, windows)
 
     self_us: dict[str, float] = defaultdict(float)
     conv_us: dict[str, float] = defaultdict(float)
@@ -201,18 +197,13 @@ def inspect_run(run_dir: Path) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "workers": {w: analyse_worker(p) for w, p in trace_files(run_dir).items()}}
 
 
-def _console(columns: int) -> Console:
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=100 + 14 * columns)
-
-
 def print_report(report: dict[str, Any], top: int) -> None:
     from rich.table import Table
 
+    from lenet_dist.reporting import wide_console
+
     workers = report["workers"]
-    console = _console(len(workers))
+    console = wide_console(100 + 14 * len(workers))
     ranking: dict[str, float] = defaultdict(float)
     for result in workers.values():
         for name, ms in result["self_ms_per_step"].items():
@@ -281,7 +272,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def print_comparison(comparison: dict[str, Any], top: int) -> None:
     from rich.table import Table
 
-    console = _console(4)
+    from lenet_dist.reporting import wide_console
+
+    console = wide_console(100 + 14 * 4)
     (a, b), (a_ranks, b_ranks) = comparison["run_dirs"], comparison["ranks"]
     console.print(f"A: [bold]{a}[/bold] ({a_ranks} rank(s))\nB: [bold]{b}[/bold] ({b_ranks} rank(s))")
 

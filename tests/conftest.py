@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from lenet_dist.bench.compare import label
 from lenet_dist.bench.machine import describe_machine
+from lenet_dist.bench.runs import free_port
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import SPLIT_FILES
 from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
@@ -111,12 +111,6 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None)
 
 def checkpoint_exists(output_dir: Path, step: int):
     return lambda: (output_dir / "checkpoints" / f"step-{step:08d}" / "progress.json").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_ddp(*flags: str, processes: int = 2, extra: tuple[str, ...] = ()) -> list[str]:

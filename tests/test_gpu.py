@@ -22,7 +22,7 @@ def test_the_captured_graph_trains_exactly_as_the_eager_step():
     eager = EagerStep(Accelerator(), eager_model.to(CUDA), eager_optimizer, eager_scheduler)
     torch.manual_seed(0)
     graph_model = build_model(TrainConfig(), num_classes=10).to(CUDA)
-    graph_optimizer = build_optimizer(TrainConfig(), graph_model, graph=True)  # its lr a tensor on the GPU
+    graph_optimizer = build_optimizer(TrainConfig(), graph_model, graph=True)  # GraphedStep puts its lr on the GPU
     graph_scheduler = build_scheduler(TrainConfig(), graph_optimizer, steps_per_epoch=20)
     graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, CUDA)
     assert graphed.graph is not None

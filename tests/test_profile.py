@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -76,12 +75,8 @@ def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
     assert "rank0" in table.stdout and "rank1" in table.stdout
 
 
-def _one_line_failure(result, culprit: Path) -> None:
-    one_line_error(result, 1, str(culprit))
-
-
 def test_inspect_empty_folder_fails_in_one_line(tmp_path):
-    _one_line_failure(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), tmp_path)
+    one_line_error(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(tmp_path))
 
 
 def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_path):
@@ -89,4 +84,4 @@ def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_p
     (trace,) = trace_dir.glob("rank0.*.pt.trace.json")
     broken = tmp_path / trace.name
     broken.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
-    _one_line_failure(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), broken)
+    one_line_error(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(broken))

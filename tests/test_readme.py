@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import BIN, ROOT, copy_checkout, run
 
 # `make test` is this very suite (running it from inside itself would recurse); `make train` is the
 # default run that `python -m lenet_dist.train --output-dir runs/first` below makes too, in the venv
 # this suite already runs in.
 NOT_RUN_HERE = {"make test", "make train"}
-# What a checkout holds beyond its tracked files; the README's commands write runs/ and profiles/ anew.
-NOT_COPIED = (".git", ".venv", "runs", "profiles", "data", "*.egg-info", "__pycache__", ".pytest_cache")
 
 
 def readme_commands() -> list[str]:
@@ -38,11 +33,10 @@ def test_every_readme_command_runs(data_dir, tmp_path):
     # In a copy of the checkout: a user's own runs/first (from following the README) must neither make
     # the commands fail nor be touched. The copy shares the installed .venv; copying keeps file times,
     # so `make` sees the install as current and does not re-point it at the copy.
-    checkout = tmp_path / "checkout"
-    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    checkout = copy_checkout(tmp_path / "checkout")
     if (ROOT / ".venv").is_dir():
         (checkout / ".venv").symlink_to(ROOT / ".venv")
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(data_dir)}
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(data_dir)}
     for command in commands:  # in order: later commands use what earlier ones wrote
         result = run(["bash", "-c", command], env=env, timeout=600, cwd=checkout)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"

@@ -79,7 +79,7 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
 
 
 @pytest.fixture(scope="module")
-def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess, int]:
+def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
     """A 1-process run with no periodic checkpoints, sent SIGTERM in the middle of its second epoch."""
     output = tmp_path_factory.mktemp("sigtermed")
     process = start([*TRAIN, *RECIPE, "--output-dir", str(output)])
@@ -89,11 +89,11 @@ def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedPro
     signalled = time.monotonic()
     stdout, stderr = process.communicate(timeout=60)
     assert time.monotonic() - signalled < 30
-    return output, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), EPOCH_END
+    return output, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed, uninterrupted, tmp_path):
-    output, stopped, _ = sigtermed
+    output, stopped = sigtermed
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     (line,) = stopped.stderr.strip().splitlines()
     step = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved: ", line)[1])
@@ -113,7 +113,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
 
 @pytest.mark.ddp
 def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path):
-    output, _, _ = sigtermed
+    output, _ = sigtermed
     shutil.copytree(output, tmp_path / "run")
     resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -69,12 +69,11 @@ def run(config: CompareConfig) -> dict[str, Any]:
 
 
 def show(comparison: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=200)
+    from lenet_dist.reporting import wide_console
+
+    out = wide_console(200)
     for index, (path, machine) in enumerate(zip(comparison["files"], comparison["machines"], strict=True)):
         out.print(f"[{index + 1}] {path}: {machine}")
     table = Table(title="training images/s; × = ratio to [1]")

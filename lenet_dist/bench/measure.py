@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lenet_dist.config import TrainConfig
-from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, make_loader, torchvision_dataset
+from lenet_dist.data import InMemoryDataset, Split, make_loader, torchvision_dataset
 from lenet_dist.model import LeNet5
-from lenet_dist.recipe import AUTOCAST_DTYPES, autocast, build_model, build_optimizer
+from lenet_dist.recipe import AUTOCAST_DTYPES, autocast, build_model, build_optimizer, build_training_batches
 
 # The original script's loader: batch 64, no worker processes, the model and Adam as PyTorch makes them.
 ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 0
@@ -69,9 +69,9 @@ def matmul_flops_per_second(device: torch.device, precision: str) -> float:
     return max(rates)
 
 
-def flops_per_image(batch_size: int = 64) -> tuple[float, float]:
+def flops_per_image() -> tuple[float, float]:
     """Training (forward + backward) and inference FLOPs of one image, by torch's own flop counter."""
-    model = LeNet5()
+    model, batch_size = LeNet5(), 64
     images, labels = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(images), labels).backward()
@@ -90,8 +90,9 @@ def endless(batches: Callable[[int], Iterator]) -> Iterator:
 
 def training_batches(cell: Cell, train: Split, data_dir: Path) -> Iterator:
     device = torch.device(cell.device)
-    if cell.pipeline == "tuned":
-        shuffled = ShuffledBatches(InMemoryDataset(train, device), cell.batch_size, seed=0, rank=0, world_size=1)
+    if cell.pipeline == "tuned":  # what `lenet-dist train --batch-size N` trains on
+        shuffled = build_training_batches(replace(TrainConfig(), batch_size=cell.batch_size), train, data_dir, device,
+                                          rank=0, world_size=1)
         return endless(shuffled.epoch)
     loader = make_loader(torchvision_dataset(data_dir, train.info.name, train=True), cell.batch_size, shuffle=True,
                          workers=ORIGINAL_WORKERS, pin_memory=device.type == "cuda", drop_last=True)

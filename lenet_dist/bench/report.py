@@ -15,17 +15,13 @@ def row_line(cell: Cell, measured: Throughput) -> str:
             f"infer {measured.inference_images_per_second:>12,.0f}/s")
 
 
-def console():
-    from rich.console import Console
-
-    terminal = Console()
-    return terminal if terminal.is_terminal else Console(width=160)  # logs: never cut a column to fit 80
-
 
 def show(result: dict[str, Any]) -> None:
     from rich.table import Table
 
-    out = console()
+    from lenet_dist.reporting import wide_console
+
+    out = wide_console(160)
     table = Table(title=f"lenet-dist bench: {label(result['machine'])}")
     for column in ("device", "pipeline", "precision", "compile", "batch", "train img/s", "infer img/s", "roofline %",
                    "× original"):

@@ -47,19 +47,24 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def train_run(flags: list[str], env: dict[str, str], processes: int = 1) -> tuple[float, dict[str, Any]]:
+def train_run(device: str, flags: list[str], env: dict[str, str], processes: int = 1) -> tuple[float, dict[str, Any]]:
     """Wall seconds and metrics of a real training command: `python -m lenet_dist.train`, or for several
-    processes `accelerate launch` with the packaged config (cpu-ddp on CPU, multi-gpu on CUDA)."""
-    if processes == 1:
-        launcher = TRAIN
-    else:
-        device = "cpu" if env.get("CUDA_VISIBLE_DEVICES") == "" else "cuda"
-        launcher = [*LAUNCH, "--config_file", str(config_path("cpu-ddp" if device == "cpu" else "multi-gpu")),
-                    "--num_processes", str(processes), "--main_process_port", str(_free_port()),
-                    "-m", "lenet_dist.train", "--no-progress"]
+    processes `accelerate launch`."""
+    return metrics_of([*(TRAIN if processes == 1 else accelerate_launch(device, processes)), *flags], env)
+
+
+def metrics_of(command: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    """Wall seconds and metrics.json of a training command, run into a temporary --output-dir."""
     with tempfile.TemporaryDirectory() as output_dir:
-        wall = timed([*launcher, *flags, "--output-dir", output_dir], env)
+        wall = timed([*command, "--output-dir", output_dir], env)
         return wall, json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+def accelerate_launch(device: str, processes: int) -> list[str]:
+    """The training module under `accelerate launch` with the packaged config (cpu-ddp on CPU, multi-gpu on CUDA)."""
+    return [*LAUNCH, "--config_file", str(config_path("cpu-ddp" if device == "cpu" else "multi-gpu")),
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "lenet_dist.train",
+            "--no-progress"]
 
 
 def original_run(data_dir: Path, seed: int, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
@@ -91,13 +96,14 @@ def recipe_runs(data_dir: Path, device: str, processes: list[int], seeds: int, r
                                                 "final_test_accuracy": summary["epochs"][-1]["test_accuracy"]})
         for count in processes if seed < seeds else []:
             env = device_env(device, processes=count)
-            wall, metrics = train_run(["--seed", str(seed), "--data-dir", str(data_dir)], env, count)
+            wall, metrics = train_run(device, ["--seed", str(seed), "--data-dir", str(data_dir)], env, count)
             results[f"{count}_process"]["default"]["runs"].append({
                 "seed": seed, "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
                 "eval_seconds": metrics["eval_seconds"],
                 "overhead_seconds": wall - metrics["train_seconds"] - metrics["eval_seconds"],
                 "final_test_accuracy": metrics["final_test_accuracy"]})
-            _, metrics = train_run([*FAST_TO_98, "--seed", str(seed), "--data-dir", str(data_dir)], env, count)
+            _, metrics = train_run(device, [*FAST_TO_98, "--seed", str(seed), "--data-dir", str(data_dir)], env,
+                                   count)
             target = metrics["reached_target"]
             results[f"{count}_process"]["fast_to_98"]["runs"].append({
                 "seed": seed, "time_to_98": target and target["elapsed_seconds"], "images": target and target["images"],
@@ -117,7 +123,7 @@ def compile_seconds(data_dir: Path, device: str) -> dict[str, Any]:
         flags = ["--epochs", "1", "--data-dir", str(data_dir)]
         runs = {}
         for name, extra in (("eager", []), ("cold", ["--compile"]), ("warm", ["--compile"])):
-            wall, metrics = train_run([*flags, *extra], env)
+            wall, metrics = train_run(device, [*flags, *extra], env)
             runs[name] = {"wall_seconds": wall, "compile_seconds": metrics["compile_seconds"],
                           "train_images_per_second": metrics["epochs"][0]["train_images_per_second"]}
     return {"cold_seconds": runs["cold"]["compile_seconds"], "warm_seconds": runs["warm"]["compile_seconds"],
@@ -132,18 +138,14 @@ def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None)
     having the same resources (`threads` cores on CPU, one GPU on CUDA) and the same eager step (no CUDA
     graph for the single GPU either, which several processes cannot have).
     """
-    launch_config = config_path("cpu-ddp" if device == "cpu" else "multi-gpu")
     rows = []
     for mode, batch_of in (("strong", lambda n: 128), ("weak", lambda n: 64 * n)):
         for count in counts:
-            command = [*LAUNCH, "--config_file", str(launch_config), "--num_processes", str(count),
-                       "--main_process_port", str(_free_port()), "-m", "lenet_dist.train", "--no-progress",
-                       "--no-cuda-graph", "--epochs", "1", "--batch-size", str(batch_of(count)),
-                       "--data-dir", str(data_dir)]
+            flags = ["--no-cuda-graph", "--epochs", "1", "--batch-size", str(batch_of(count)), "--data-dir",
+                     str(data_dir)]
             env = device_env(device, threads if device == "cpu" else None, count)
-            with tempfile.TemporaryDirectory() as output_dir:
-                timed([*command, "--output-dir", output_dir], env)
-                metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+            # through accelerate for one process too: every count starts the same way
+            _, metrics = metrics_of([*accelerate_launch(device, count), *flags], env)
             rate = metrics["epochs"][0]["train_images_per_second"]
             rows.append({"mode": mode, "processes": count, "global_batch": batch_of(count),
                          "train_images_per_second": rate, "step_ms": 1000 * batch_of(count) / rate})
@@ -164,7 +166,7 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return medians
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
