@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import pytest
 
@@ -60,10 +61,19 @@ def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
-    result = run(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(tmp_path / "profiles"),
-                            "--output-dir", str(tmp_path / "run")))
+    def profile_run(attempt: str):
+        folder = tmp_path / attempt
+        return run(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(folder / "profiles"),
+                              "--output-dir", str(folder / "run")))
+
+    result, attempt = profile_run("first"), "first"
+    # torch 2.14.1's profiler (kineto) on CPU once aborted a rank in C++ right after profiler_stop, in 1 of
+    # about 25 such runs here; that crash, and only that one, gets a second try: anything else fails at once
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        warnings.warn(f"a rank aborted inside torch's profiler; retried:\n{result.stderr[-1500:]}", stacklevel=1)
+        result, attempt = profile_run("second"), "second"
     assert result.returncode == 0, result.stderr
-    trace_dir = tmp_path / "profiles" / "run"
+    trace_dir = tmp_path / attempt / "profiles" / "run"
     assert sorted(p.name.split(".")[0] for p in trace_dir.iterdir()) == ["rank0", "rank1"]
     assert result.stdout.count("profiler traces") == 1
     shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
