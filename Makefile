@@ -6,11 +6,11 @@ export LENET_DATA_DIR ?= data
 # Where the tests look for Fashion-MNIST; make data puts it there.
 export LENET_FASHION_DIR ?= $(LENET_DATA_DIR)
 
-.PHONY: train test check lint data install bench gpu-check clean
+.PHONY: train test check lint data install bench gpu-check gpu-data clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,9 +35,17 @@ check: install lint
 lint: install
 	$(VENV)/bin/ruff check lenet_dist tests
 
-# On a CUDA machine, with its own Python and no venv: see scripts/gpu-check.
+# On a CUDA machine, with its own Python and no venv: the staged verdict of scripts/gpu_check.py.
 gpu-check:
 	scripts/gpu-check
+
+# MNIST as gzipped IDX files (~11 MB) in gpu-data/, small enough to travel with a checkout to a GPU machine
+# that has no network: there, `scripts/gpu-check --data-dir gpu-data`.
+gpu-data:
+	mkdir -p gpu-data/MNIST/raw
+	for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+		if [ -f "$(LENET_DATA_DIR)/MNIST/raw/$$name.gz" ]; then cp "$(LENET_DATA_DIR)/MNIST/raw/$$name.gz" gpu-data/MNIST/raw/; \
+		else gzip -c "$(LENET_DATA_DIR)/MNIST/raw/$$name" > gpu-data/MNIST/raw/$$name.gz; fi; done
 
 bench: install
 	$(VENV)/bin/lenet-dist bench

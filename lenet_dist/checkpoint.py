@@ -1,40 +1,58 @@
-"""Checkpoints (atomic, resumable, portable across process counts) and the exported weights.
+"""Checkpoints (atomic, durable, resumable on any process count, node or device) and the exported weights.
 
-Exported weights are safetensors only, so loading a model never unpickles anything; accelerate's
-load_state reads optimizer and scheduler states with torch.load(weights_only=True).
+A checkpoint is a folder `checkpoints/step-<N>/` that rank 0 alone writes:
 
-A checkpoint saved by N processes resumes on M: the global batch and each epoch's order depend on
-neither (see data.ShuffledBatches), the model and optimizer states are the same on every rank, and
-no random numbers are drawn after start-up.
+    model.safetensors    the plain LeNet-5, as exported (predict reads it too)
+    training_state.pt    the optimizer's and the schedule's states (and fp16's gradient scaler), CPU tensors only
+    progress.json        where training stands (RunState); written last, it marks the folder complete
+
+On resume, the checkpoint is chosen once for the whole job, and the rank that holds it reads it and
+sends it to every other rank. So the other nodes need no copy (node-local disks work as a shared disk
+does), a run saved on a GPU resumes on a CPU, and N processes resume on M: the global batch and each
+epoch's data order depend on neither, the model and optimizer are the same on every rank, and no
+random numbers are drawn after start-up, so there are no per-rank random states to keep.
+
+Loading never unpickles arbitrary objects: safetensors for the weights, torch.load(weights_only=True)
+for the rest.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 import shutil
+import socket
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from lenet_dist.config import option
 from lenet_dist.errors import UsageError, UserError
-from lenet_dist.files import is_write_failure, write_atomically, write_failure, write_json
+from lenet_dist.files import fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.model import LeNet5
 from lenet_dist.processes import agree_on_any
 
 WEIGHTS_FILE = "model.safetensors"
-CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
+CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE)
+CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "seed", "dataset", "data_pipeline")
+# Optimizer settings that say how this run steps, not where the trajectory stands: a checkpoint
+# saved with another setting (an eager run's capturable=False, say) must not replace this run's.
+STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
 
 
 @dataclass
@@ -59,54 +77,95 @@ class RunState:
         return self.train_seconds + self.eval_seconds
 
 
+class Trained(Protocol):
+    """What a checkpoint holds the state of (recipe.Trainer)."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
 def trajectory_of(config: Any) -> dict[str, Any]:
     return {name: getattr(config, name) for name in TRAJECTORY_FIELDS}
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: RunState, keep: int) -> Path:
-    """accelerate's save_state into a hidden folder, renamed into place only once complete.
+def save_checkpoint(trained: Trained, run_dir: Path, state: RunState, keep: int) -> Path:
+    """Rank 0 writes the checkpoint into a hidden folder, syncs it to disk and renames it into place.
 
-    A SIGKILL at any instant leaves either the previous checkpoints alone or the new one complete:
-    rename is atomic, and progress.json, written last, marks a folder as complete. A write that fails
-    (a full disk, a file-size limit) on any rank is one error on every rank, and the partial folder goes.
+    A SIGKILL or a lost host at any instant leaves either the previous checkpoints alone or the new one
+    complete: the files and the folder are fsynced before the rename, rename is atomic, and
+    progress.json, written last, marks a folder as complete. A write that fails (a full disk, a
+    file-size limit) is one error on every rank, and the partial folder goes.
     """
+    accelerator = trained.accelerator
     folder = run_dir / CHECKPOINTS_DIR
     final = folder / f"step-{state.global_step:08d}"
-    partial = folder / f".{final.name}.partial"
     problem = None
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        state.processes = accelerator.num_processes
         try:
-            partial.mkdir(parents=True)
-        except OSError as error:
-            problem = UserError(write_failure(partial, error))
+            _write_checkpoint(trained, folder, final, state, keep)
+        except UserError as error:
+            problem = error
     agree_on_any(problem)
-    try:
-        accelerator.save_state(str(partial))  # every rank: rank 0 the weights, each rank its RNG state
-        if accelerator.is_main_process:
-            state.processes = accelerator.num_processes
-            write_json(partial / PROGRESS_FILE, asdict(state))
-    except UserError as error:
-        problem = error
-    except Exception as error:
-        if not is_write_failure(error):
-            raise
-        problem = UserError(write_failure(final, error))
-    try:
-        agree_on_any(problem)
-    except UserError:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # a step checkpoint and an epoch-end one can coincide
-        partial.rename(final)
-        for stale in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale)
-        for leftover in folder.glob(".step-*.partial"):  # from a run killed while saving
-            shutil.rmtree(leftover, ignore_errors=True)
-    accelerator.wait_for_everyone()
     return final
+
+
+def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: RunState, keep: int) -> None:
+    partial = folder / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
+        save_file(_cpu_tensors(model.state_dict()), str(partial / WEIGHTS_FILE), metadata=_weights_metadata(model))
+        torch.save(_training_state(trained), partial / STATE_FILE)
+        (partial / PROGRESS_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        fsync_folder(partial)
+    except Exception as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if is_write_failure(error):
+            raise UserError(write_failure(final, error)) from None
+        raise
+    shutil.rmtree(final, ignore_errors=True)  # a step checkpoint and an epoch-end one can coincide
+    partial.rename(final)
+    fsync_folder(folder, files=False)  # the rename itself, durable
+    for stale in complete_checkpoints(final.parent.parent)[:-keep]:
+        shutil.rmtree(stale)
+    for leftover in folder.glob(".step-*.partial"):  # from a run killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _training_state(trained: Trained) -> dict[str, Any]:
+    """The optimizer's and the schedule's states with every tensor on the CPU, and the learning rates as
+    numbers: a CUDA graph keeps them as GPU tensors, which a machine without that GPU could not load."""
+    optimizer = trained.optimizer.state_dict()
+    optimizer["param_groups"] = [_plain_numbers(group) for group in optimizer["param_groups"]]
+    # on the CPU with their strides kept: fused Adam pairs each moment with its parameter element by element
+    # in memory order, so a channels-last weight's moments must stay channels-last
+    optimizer["state"] = {key: {name: tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
+                                for name, tensor in value.items()} for key, value in optimizer["state"].items()}
+    training_state = {"optimizer": optimizer, "scheduler": _plain_numbers(trained.scheduler.state_dict())}
+    scaler = trained.accelerator.scaler
+    if scaler is not None:
+        training_state["scaler"] = _plain_numbers(scaler.state_dict())
+    return training_state
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as safetensors stores it: CPU tensors in the standard (contiguous) layout."""
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+
+
+def _plain_numbers(value: Any) -> Any:
+    """One-element tensors as Python numbers, recursively (the rest of a schedule's state is numbers already)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_numbers(item) for item in value)
+    return value
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -117,52 +176,121 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint --resume names: a folder, the newest in the run ("latest"), or the newest if any ("auto")."""
+@dataclass(frozen=True)
+class Choice:
+    """The checkpoint the whole job resumes from, and the rank whose disk holds it."""
+
+    path: Path
+    holder: int
+
+
+def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
+    """The checkpoint --resume names, decided once and the same on every rank: a folder, the newest in the
+    run ("latest"), or the newest if any ("auto"). Every rank looks on its own disk; the newest that
+    any rank has wins, read by the lowest such rank, so a node whose disk lacks it still resumes."""
     if resume is None:
         return None
-    if resume not in ("latest", "auto"):
-        return Path(resume)
-    found = complete_checkpoints(run_dir)
-    if found:
-        return found[-1]
+    if resume in ("latest", "auto"):
+        newest = complete_checkpoints(run_dir)[-1:]
+        mine = str(newest[0]) if newest else None
+    else:
+        mine = resume if (Path(resume) / PROGRESS_FILE).is_file() else None
+    seen = gather_object([(mine, socket.gethostname())])
+    held = [(int(_STEP_DIR.match(Path(path).name).group(1)) if _STEP_DIR.match(Path(path).name) else 0, -rank, path)
+            for rank, (path, _) in enumerate(seen) if path is not None]
+    if held:
+        _, negative_rank, path = max(held)
+        return Choice(Path(path), -negative_rank)
     if resume == "auto":
         return None
-    raise UsageError(
-        f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; pass --resume PATH, --resume auto, or drop --resume"
-    )
+    if resume == "latest":
+        raise UsageError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} (looked on "
+                         f"{_hosts(seen)}); pass --resume PATH, --resume auto, or drop --resume")
+    if not Path(resume).exists() or len(seen) > 1:
+        raise UsageError(f"--resume {resume}: no checkpoint there on {_hosts(seen)}; pass a checkpoint folder "
+                         f"(…/{CHECKPOINTS_DIR}/step-N) that one of them holds")
+    raise UsageError(f"--resume {resume}: not a checkpoint folder (no {PROGRESS_FILE})")
 
 
-def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, config: Any) -> RunState:
-    """Load model, optimizer, scheduler and RNG states; refuse a checkpoint of a different run."""
-    try:
-        state = RunState(**json.loads((checkpoint / PROGRESS_FILE).read_text()))
-    except FileNotFoundError:
-        raise UsageError(f"--resume {checkpoint}: not a checkpoint folder (no {PROGRESS_FILE})") from None
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(
-            f"--resume {checkpoint}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint"
-        ) from None
+def _hosts(seen: list[tuple[str | None, str]]) -> str:
+    hosts = sorted({host for _, host in seen})
+    return f"node {hosts[0]}" if len(hosts) == 1 else "any node (" + ", ".join(hosts) + ")"
+
+
+def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunState:
+    """Load model, optimizer, schedule (and scaler) states on every rank from the holder's files; refuse a
+    checkpoint of a different run."""
+    accelerator = trained.accelerator
+    files = [_read_checkpoint(choice.path) if accelerator.process_index == choice.holder else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(files, from_process=choice.holder)
+    (payload,) = files
+    if isinstance(payload, UserError):
+        raise payload
+    state = _parse_progress(choice.path, payload[PROGRESS_FILE])
     differing = [
         f"{option(name)} {value} (this run: {getattr(config, name)})"
         for name, value in state.trajectory.items() if getattr(config, name) != value
     ]
     if differing:
-        raise UsageError(f"--resume {checkpoint} comes from a different config: {', '.join(differing)}")
-    problem = None
+        raise UsageError(f"--resume {choice.path} comes from a different config: {', '.join(differing)}")
     try:
-        accelerator.load_state(str(checkpoint))
-    except Exception as error:  # any unreadable piece means the same thing to the user
-        problem = UserError(
-            f"--resume {checkpoint}: checkpoint is corrupt ({type(error).__name__}); use an older checkpoint"
-        )
-    agree_on_any(problem)  # one rank's unreadable file stops every rank, not just that one
+        weights = load(payload[WEIGHTS_FILE])
+        training_state = torch.load(io.BytesIO(payload[STATE_FILE]), map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
+        raise UserError(f"--resume {choice.path}: checkpoint is corrupt ({type(error).__name__}); use an older "
+                        "checkpoint") from None
+    try:
+        accelerator.unwrap_model(trained.model, keep_torch_compile=False).load_state_dict(weights)
+        load_optimizer_state(trained.optimizer, training_state["optimizer"])
+        trained.scheduler.load_state_dict(training_state["scheduler"])
+        if accelerator.scaler is not None and "scaler" in training_state:
+            accelerator.scaler.load_state_dict(training_state["scaler"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise UserError(f"--resume {choice.path}: the checkpoint does not fit this run's model or optimizer "
+                        f"({str(error).splitlines()[0]})") from None
     return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Optimizer.load_state_dict, keeping how this optimizer steps (STEPPING_SETTINGS): load_state_dict
+    takes the saved param groups whole, so an eager run's checkpoint would turn off the capturable Adam
+    a CUDA graph needs."""
+    settings = [{key: group[key] for key in STEPPING_SETTINGS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):
+        group.update(kept)
+        if group.get("capturable") or group.get("fused"):  # their step counts live beside the parameters
+            for parameter in group["params"]:
+                step = optimizer.state.get(parameter, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device != parameter.device:
+                    optimizer.state[parameter]["step"] = step.to(parameter.device, torch.float32)
+
+
+def _read_checkpoint(path: Path) -> dict[str, bytes] | UserError:
+    """The checkpoint's files as bytes (a problem is returned, to reach every rank, not raised)."""
+    if not (path / PROGRESS_FILE).is_file():
+        return UsageError(f"--resume {path}: not a checkpoint folder (no {PROGRESS_FILE})")
+    try:
+        return {name: (path / name).read_bytes() for name in CHECKPOINT_FILES}
+    except OSError as error:
+        return UserError(f"--resume {path}: cannot read {error.filename} ({error.strerror}); use an older checkpoint")
+
+
+def _parse_progress(path: Path, text: bytes) -> RunState:
+    try:
+        return RunState(**json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise UserError(f"--resume {path}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint") from None
+
+
+def _weights_metadata(model: torch.nn.Module) -> dict[str, str]:
+    return {"num_classes": json.dumps(model.num_classes)}
 
 
 def export_weights(model: torch.nn.Module, run_dir: Path, metadata: dict[str, Any]) -> Path:
     """Write the plain LeNet-5 state dict (no DDP `module.` or compile `_orig_mod.` prefixes) atomically."""
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    tensors = _cpu_tensors(model.state_dict())
     text = {key: json.dumps(value) for key, value in metadata.items()}
     return write_atomically(run_dir / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata=text))
 

@@ -42,6 +42,10 @@ COMMANDS = {
 }
 
 
+LAUNCH_HELP = ("accelerate launch's flags and launcher, with one line and exit 128+N when the ranks stopped on "
+               "signal N after saving (see `lenet-dist launch --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="lenet-dist", description="LeNet-5 on MNIST through accelerate.")
     parser.add_argument("--version", action="version", version=version_text())
@@ -58,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parsers[name] = commands.add_parser(name, help=summary, description=summary)
             add_config_arguments(parsers[name], config_class)
+        if name == "train":
+            commands.add_parser("launch", help=LAUNCH_HELP, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # accelerate's own flags, parsed by accelerate's own parser
+        from lenet_dist.launching import main as launch
+
+        sys.exit(launch(argv[1:]))
     args = build_parser().parse_args(argv)
     name = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
     _, config_class, target = COMMANDS[name]

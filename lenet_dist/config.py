@@ -118,7 +118,7 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model through accelerate's dynamo plugin (inductor)")
     cuda_graph: bool | None = flag(
         None, "capture the training step as one CUDA graph (default: on with one CUDA GPU and the tensor pipeline; "
-        "not with several processes, fp16 or --compile)"
+        "not under DDP, with fp16 or compiled)"
     )
     channels_last: bool = flag(
         True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)"
@@ -129,6 +129,10 @@ class TrainConfig:
     eval_every: int | None = flag(
         None, "evaluate on the whole test set every N steps (default: at each epoch's end; with --target-accuracy "
         "also in between, more often as the accuracy nears the target)"
+    )
+    collective_timeout: float = flag(
+        120, "seconds a rank waits for the others in any collective before the job stops and names the rank it "
+        "lost (a dead node or link); raise it where a first download or a cold --compile takes longer"
     )
     checkpoint_every: int = flag(0, "also checkpoint every N training steps (0: only at each epoch end)")
     keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/")
@@ -161,6 +165,8 @@ class TrainConfig:
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if not 0 < self.warmup < 1:
             raise UsageError(f"--warmup is a fraction of the run in (0, 1), got {self.warmup}")
+        if not (math.isfinite(self.collective_timeout) and self.collective_timeout > 0):
+            raise UsageError(f"--collective-timeout is a number of seconds above 0, got {self.collective_timeout}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:

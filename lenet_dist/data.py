@@ -151,17 +151,30 @@ class InMemoryDataset(Dataset):
         return normalize(self.images[index : index + 1], self.info)[0], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = indices[0], indices[0] + len(indices)
+        if indices == list(range(start, stop)):  # an in-order loader's batch is a slice: no index list to copy over
+            return normalize(self.images[start:stop], self.info), self.labels[start:stop]
         return self.batch(torch.as_tensor(indices, device=self.labels.device))
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return normalize(self.images[index], self.info), self.labels[index]
 
 
-class ShuffledBatches:
-    """An in-memory training set's batches: the epoch's shuffle drawn on the data's device, whole batches only.
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch `epoch`'s (0-based) shuffle of `size` images: drawn on the CPU from (seed, epoch) alone.
 
-    The order of epoch e is a permutation drawn from (seed, e) alone, so it is the same for any number
-    of processes and after a resume; each rank takes its slice of every global batch (as accelerate's
+    Always on the CPU: CUDA's randperm gives another order for the same seed, so drawing it on the
+    data's device would make a run's data order, and what its seed was tuned on, depend on the device.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator)
+
+
+class ShuffledBatches:
+    """An in-memory training set's batches, whole batches only, gathered on the data's device.
+
+    The order of epoch e is `epoch_order(seed, e)`, the same for any number of processes, on any
+    device and after a resume; each rank takes its slice of every global batch (as accelerate's
     split_batches does). Dropping the last partial batch gives every step the same shape, which
     compiled kernels and CUDA graphs need; a new shuffle each epoch still shows every image.
     """
@@ -176,9 +189,7 @@ class ShuffledBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start` + 1, … of `epoch` (0-based), for this rank."""
-        device = self.dataset.labels.device
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator, device=device)
+        order = epoch_order(len(self.dataset), self.seed, epoch).to(self.dataset.labels.device)
         batches = order[: len(self) * self.global_batch].view(len(self), self.global_batch)[:, self.rank_slice]
         for index in batches[start:]:
             yield self.dataset.batch(index)

@@ -30,6 +30,12 @@ class UsageError(UserError):
     exit_status = 2
 
 
+class NothingToDo(UserError):
+    """Nothing is wrong and nothing is left to do (`--resume auto` on a finished run): said in one line, exit 0."""
+
+    exit_status = 0
+
+
 def launched_as_rank_zero() -> bool:
     """Rank 0 by the launcher's environment (a single process too): who prints when there is no process group."""
     return os.environ.get("RANK", "0") == "0"
@@ -41,6 +47,9 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        if error.every_rank or launched_as_rank_zero():
+        if isinstance(error, NothingToDo):
+            if launched_as_rank_zero():
+                print(error, flush=True)
+        elif error.every_rank or launched_as_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None

@@ -61,6 +61,19 @@ def _likely_cause(path: Path) -> str | None:
     return None
 
 
+def fsync_folder(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (unless `files` is False) and then the folder's own entries to the disk, so that
+    what was written and renamed there survives a lost host, not only a killed process."""
+    for path in sorted(folder.iterdir()) if files else []:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def read_maybe_gzipped(path: Path) -> bytes:
     """The bytes of `path`, decompressed when its name ends in .gz."""
     return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()

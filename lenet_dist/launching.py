@@ -1,17 +1,40 @@
-"""The accelerate launch configs shipped inside the package, so an installed lenet-dist can name them.
+"""Launching: the accelerate configs shipped in the package, and `lenet-dist launch`, accelerate's launcher
+with an exit status a requeue script can trust.
 
     accelerate launch --config_file "$(lenet-dist launch-config cpu-ddp)" -m lenet_dist.train
+    lenet-dist launch --config_file "$(lenet-dist launch-config cpu-ddp)" -m lenet_dist.train
+
+`accelerate launch` (and torchrun under it) answers a SIGTERM by forwarding it to the ranks, which stop
+and save; but then it ends with a 30-line traceback and exit status 1, as for a crash. `lenet-dist
+launch` takes accelerate's own flags and runs accelerate's own launcher in this process; it also
+forwards SIGUSR1 (SLURM's time-limit warning), which torchrun does not by default, and ends in one
+line: exit 128 + N when every rank on this node stopped on signal N after saving, 1 when the job
+failed, 0 when it finished. The ranks say how they ended in a folder named by LAUNCH_RECORDS_ENV.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 from lenet_dist.config import LaunchConfigConfig
-from lenet_dist.errors import UsageError
+from lenet_dist.errors import UsageError, UserError
 
 CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node")
+LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
+FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as torchrun's own shutdown waits
 
 
 def config_path(name: str) -> Path:
@@ -23,3 +46,141 @@ def config_path(name: str) -> Path:
 
 def print_config_path(config: LaunchConfigConfig) -> None:
     print(config_path(config.name))
+
+
+# ------------------------------------------------------------------ in each rank
+
+
+@contextmanager
+def launch_record() -> Iterator[None]:
+    """Under `lenet-dist launch`, keep this rank's record: running; "explained" when it ends with its own
+    one-line error (the launcher then adds nothing); `record_stop` says it stopped after saving. A rank that
+    finishes, crashes or is killed leaves "running": the launcher's own outcome tells those apart."""
+    folder = os.environ.get(LAUNCH_RECORDS_ENV)
+    if folder:
+        _write_record(Path(folder), {"pid": os.getpid(), "outcome": "running"})
+    try:
+        yield
+    except UserError as error:
+        if folder:
+            _write_record(Path(folder), {"pid": os.getpid(), "outcome": "explained", "status": error.exit_status})
+        raise
+
+
+def record_stop(signal_number: int, step: int, checkpoint: Path) -> None:
+    folder = os.environ.get(LAUNCH_RECORDS_ENV)
+    if folder:
+        _write_record(Path(folder), {"pid": os.getpid(), "outcome": "stopped", "signal": signal_number, "step": step,
+                                     "checkpoint": str(checkpoint)})
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    path = folder / f"rank{os.environ.get('RANK', '0')}.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+# ------------------------------------------------------------------ the launcher
+
+
+def main(argv: list[str]) -> int:
+    """`lenet-dist launch [accelerate launch's flags] -m lenet_dist.train [train's flags]`."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", FORWARDED)  # torchrun's own setting, read from PET_*
+    quiet_torchrun_logs()
+    records = Path(tempfile.mkdtemp(prefix="lenet-dist-launch-"))
+    os.environ[LAUNCH_RECORDS_ENV] = str(records)
+    try:
+        with forwarding_for_one_process():
+            launch_command(args)
+        return 0
+    except SignalException as error:  # the agent got a signal, passed it on and waited; the ranks' records say how
+        return _verdict(records, int(error.sigval))
+    except ChildFailedError as error:  # ranks ended non-zero without the launcher being signalled
+        codes = sorted({failure.exitcode for failure in error.failures.values()})
+        return _verdict(records, None, f"rank(s) {', '.join(map(str, sorted(error.failures)))} exited {codes}")
+    except subprocess.CalledProcessError as error:  # the one-process launcher
+        return _verdict(records, None, f"the training process exited {error.returncode}")
+    except KeyboardInterrupt:  # Ctrl-C before the ranks started: nothing to save
+        print("lenet-dist launch: interrupted before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        for record in records.iterdir():
+            record.unlink()
+        records.rmdir()
+
+
+def quiet_torchrun_logs() -> None:
+    """torchrun's agent logs each rank's end and its own shutdown, every module on a logger of its own level:
+    the ranks say what went wrong, and this launcher how the job ended, in one line."""
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def forwarding_for_one_process() -> Iterator[None]:
+    """accelerate starts a single process with Popen and wait, passing no signal on: do it for it.
+
+    Only there, and only just before the process starts: a Python handler installed earlier would wait
+    for the multi-process rendezvous (blocking in C++) to end before it ran, and leave the launcher deaf.
+    """
+    import accelerate.commands.launch as accelerate_launch
+
+    original = accelerate_launch.simple_launcher
+
+    def forward(number: int, _frame) -> None:
+        import psutil
+
+        for child in psutil.Process().children():
+            child.send_signal(number)
+
+    def simple_launcher(args) -> None:
+        for number in STOP_SIGNALS:
+            signal.signal(number, forward)
+        original(args)
+
+    accelerate_launch.simple_launcher = simple_launcher
+    try:
+        yield
+    finally:
+        accelerate_launch.simple_launcher = original
+
+
+def _verdict(records: Path, launcher_signal: int | None, failure: str = "") -> int:
+    """128 + N when every rank of this node recorded a stop on signal N, else 1; one line either way."""
+    for number in STOP_SIGNALS:  # repeated Ctrl-C while the ranks save changes nothing now
+        signal.signal(number, signal.SIG_IGN)
+    ranks = _wait_for_ranks(records)
+    stops = {record.get("signal") for record in ranks.values()}
+    if ranks and all(record["outcome"] == "stopped" for record in ranks.values()) and len(stops) == 1:
+        (number,) = stops
+        newest = max(ranks.values(), key=lambda record: record["step"])
+        print(f"lenet-dist launch: {signal.Signals(number).name}: every rank on this node ({len(ranks)}) stopped "
+              f"after saving {newest['checkpoint']}; exit {128 + number}", file=sys.stderr, flush=True)
+        return 128 + number
+    if ranks and all(record["outcome"] == "explained" for record in ranks.values()):
+        return 1  # each rank already said why, in its one line
+    running = sorted(name for name, record in ranks.items() if record["outcome"] != "stopped")
+    reason = failure or (f"{signal.Signals(launcher_signal).name}, but {', '.join(running) or 'no rank'} did not "
+                         "stop cleanly" if launcher_signal else "the job failed")
+    print(f"lenet-dist launch: {reason}; exit 1", file=sys.stderr, flush=True)
+    return 1
+
+
+def _wait_for_ranks(records: Path) -> dict[str, dict]:
+    """Each rank's record, once no rank of this node runs any more (the ranks are this process's children:
+    those still saving get GRACE_SECONDS, as torchrun gives them, then are killed)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=GRACE_SECONDS)
+    for process in alive:
+        process.kill()
+    return {path.stem: json.loads(path.read_text()) for path in sorted(records.glob("rank*.json"))}

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 import lenet_dist
 from lenet_dist.checkpoint import CHECKPOINTS_DIR, complete_checkpoints, export_weights
 from lenet_dist.config import TrainConfig, default_run_dir
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.errors import NothingToDo, UsageError, UserError
 from lenet_dist.files import write_json
 from lenet_dist.processes import agree_on_any
 
@@ -40,6 +40,8 @@ def claim_output_dir(state: PartialState, config: TrainConfig) -> Path:
 
 def _check_output_dir(output_dir: Path, config: TrainConfig) -> UserError | None:
     if (output_dir / METRICS_FILE).exists() and not config.overwrite:
+        if config.resume == "auto":  # a requeued job that already finished: success, nothing to redo
+            return NothingToDo(f"{output_dir} holds a finished run: nothing to resume (--resume auto)")
         return UsageError(
             f"--output-dir {output_dir} already holds a finished run; pass --overwrite or another --output-dir"
         )

@@ -35,7 +35,10 @@ class StopRequest:
             return self.signal
         flag = torch.tensor([self.signal or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+        agreed = int(flag.item()) or None
+        if self.signal is None:  # stopping for another rank's signal: keep noting, not obeying, the launcher's
+            self.signal = agreed
+        return agreed
 
 
 @contextmanager
@@ -57,6 +60,7 @@ class Stopped(Exception):
     """Training stopped on a signal after saving `checkpoint`."""
 
     def __init__(self, number: int, step: int, checkpoint: Path) -> None:
+        self.signal, self.step, self.checkpoint = number, step, checkpoint
         self.exit_status = 128 + number
         super().__init__(
             f"stopped by {signal.Signals(number).name} after step {step}; checkpoint saved: {checkpoint}; "

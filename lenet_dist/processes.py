@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_object
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, TorchDynamoPlugin, gather_object
 
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError, UserError
 
 
-def start_processes() -> PartialState:
-    """Join the run's processes (one, or the ones torchrun / accelerate launch started)."""
+def start_processes(collective_timeout: float) -> PartialState:
+    """Join the run's processes (one, or the ones torchrun / accelerate launch started).
+
+    Every collective waits at most `collective_timeout` seconds for the other ranks, so a lost node or
+    link ends the job in bounded time (torch's default is 10 to 30 minutes). The timeout goes to
+    PartialState, the first to form the process group: the Accelerator made later shares that group.
+    """
+    timeout = timedelta(seconds=collective_timeout)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _join_as_restarted(restarts)
-    return PartialState(cpu=_cpu_processes())
+        _join_as_restarted(restarts, timeout)
+    return PartialState(cpu=_cpu_processes(), timeout=timeout)
 
 
-def _join_as_restarted(restarts: int) -> None:
+def end_processes() -> None:
+    """Leave the process group, on every way out (NCCL otherwise adds its own warning to the last line)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _join_as_restarted(restarts: int, timeout: timedelta) -> None:
     """Form the process group under a prefix of this attempt's own.
 
     torchrun's static rendezvous (accelerate launch's default) hands restarted workers the first
@@ -39,7 +53,7 @@ def _join_as_restarted(restarts: int) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, store=dist.PrefixStore(f"lenet-dist-attempt-{restarts}", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def _cpu_processes() -> bool:
@@ -60,6 +74,10 @@ def make_accelerator(config: TrainConfig, output_dir: Path, logging_dir: Path) -
     try:
         return Accelerator(
             cpu=_cpu_processes(),
+            # autocast's cache of low-precision weight copies must be off for CUDA-graph capture (PyTorch's
+            # CUDA-graph notes: the cache is cleared when the autocast region ends, inside the graph); LeNet
+            # uses each weight once per pass, so the cache saved nothing anyway
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
             # split_batches: --batch-size is the global batch, so the recipe does not change with the
             # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
             dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
@@ -102,31 +120,67 @@ def agree_on_any(problem: UserError | None) -> None:
 class Ranks:
     """Who the other processes are, so that a lost one can be named rather than left to torchrun's log."""
 
+    PROBE_SECONDS = 10  # how long survivors wait for each other to answer through the rendezvous store
+
     def __init__(self, state: PartialState) -> None:
         self.rank = state.process_index
         self.members: list[tuple[int, str, int]] = gather_object([(state.process_index, socket.gethostname(),
                                                                     os.getpid())])
 
-    def lost(self, error: RuntimeError) -> UserError | None:
+    def host(self, rank: int) -> str:
+        return f"node {self.members[rank][1]}"
+
+    def lost(self, error: RuntimeError, checkpoints: str) -> UserError | None:
         """The one-line error for a collective that failed because another rank is gone; None when `error`
         is something else (out of memory, a bug), which must keep its traceback."""
-        host = socket.gethostname()
-        dead = [(rank, pid) for rank, member_host, pid in self.members if member_host == host and not _alive(pid)]
+        here = socket.gethostname()
+        dead = [(rank, pid) for rank, host, pid in self.members if host == here and not _alive(pid)]
         if dead:
             names = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in dead)
-            lost = UserError(
-                f"{names} died (killed or crashed); rank {self.rank} stops too. Relaunch with --resume auto to "
-                "continue from the last checkpoint (torchrun/accelerate launch --max_restarts does it for you)"
-            )
+            what = f"{names} died (killed or crashed)"
         elif isinstance(error, torch.distributed.DistError) or any(
-            word in str(error) for word in ("gloo", "NCCL", "Connection", "connection")
+            word in str(error) for word in ("gloo", "NCCL", "onnection", "Timed out", "timed out")
         ):
-            summary = str(error).strip().splitlines()[0]
-            lost = UserError(f"rank {self.rank} lost contact with another rank ({summary}); the job stops")
+            missing = self._unanswered()
+            names = ", ".join(f"rank {rank} ({self.host(rank)})" for rank in missing) or "another rank"
+            what = f"lost contact with {names} ({_first_sentence(error)})"
         else:
             return None
+        lost = UserError(f"{what}; rank {self.rank} stops too; {checkpoints}. Relaunch with --resume auto to "
+                         "continue (torchrun/accelerate launch --max_restarts does it for you)")
         lost.every_rank = True  # each surviving rank says what it saw
         return lost
+
+    def _unanswered(self) -> list[int]:
+        """The ranks that do not check in through the rendezvous store within PROBE_SECONDS: each survivor
+        writes its own key and looks for the others'. Unreachable, the store (on rank 0's node) is lost."""
+        address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not address or not port:
+            return []
+        others = [rank for rank, _, _ in self.members if rank != self.rank]
+        prefix = f"lenet-dist/alive/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
+                 f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        try:
+            # a plain connection first: torch's store client logs every failed attempt, stack traces included
+            socket.create_connection((address, int(port)), timeout=self.PROBE_SECONDS).close()
+            store = torch.distributed.TCPStore(address, int(port), is_master=False,
+                                               timeout=timedelta(seconds=self.PROBE_SECONDS))
+            store.set(prefix + str(self.rank), "1")
+            deadline = time.monotonic() + self.PROBE_SECONDS
+            while True:
+                missing = [rank for rank in others if not store.check([prefix + str(rank)])]
+                if not missing or time.monotonic() > deadline:
+                    return missing
+                time.sleep(0.2)
+        except (OSError, RuntimeError, ValueError):  # no connection, or the store's own errors
+            return [0] if self.rank else others
+
+
+def _first_sentence(error: Exception) -> str:
+    """`[…/pair.cc:561] Connection closed by peer [10.0.0.2]:42931. This is typically…` → `Connection closed by
+    peer [10.0.0.2]:42931`."""
+    line = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])
+    return line.split(". ")[0][:120]
 
 
 def _alive(pid: int) -> bool:

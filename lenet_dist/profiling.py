@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function, schedule
+import torch.distributed as dist
+from torch.profiler import ProfilerAction, ProfilerActivity, profile, record_function, schedule
 
 from lenet_dist.files import write_atomically
 
@@ -34,7 +35,7 @@ def trace_writer(folder: Path, worker: str):
 @contextlib.contextmanager
 def step_profiler(
     folder: Path, worker: str, *, wait: int, warmup: int, active: int, repeat: int, with_flops: bool
-) -> Iterator[profile]:
+) -> Iterator[SettledProfiler]:
     """A started profiler; call `.step()` after every training step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(
@@ -45,7 +46,33 @@ def step_profiler(
         profile_memory=True,
         with_flops=with_flops,
     ) as profiler:
-        yield profiler
+        settled = SettledProfiler(profiler)
+        yield settled
+        if profiler.current_action != ProfilerAction.NONE:  # leaving the block stops a recording in progress
+            settled.settle()
+
+
+class SettledProfiler:
+    """The profiler, stopped only once every rank's collectives are finished with.
+
+    Gloo's threads run the profiler's bookkeeping of an all-reduce (the end of its `gloo:all_reduce`
+    range) after DDP already has the result: a rank that stopped recording meanwhile tore the trace down
+    under that thread, and aborted now and then (`terminate called without an active exception`). A
+    barrier first waits for every collective in flight, bookkeeping included.
+    """
+
+    def __init__(self, profiler: profile) -> None:
+        self.profiler = profiler
+
+    def step(self) -> None:
+        if self.profiler.current_action == ProfilerAction.RECORD_AND_SAVE:  # this step stops the recording
+            self.settle()
+        self.profiler.step()
+
+    @staticmethod
+    def settle() -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
 
 
 class NoProfiler:

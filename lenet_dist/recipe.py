@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, DynamoBackend
 from torch.utils.data import DataLoader
 
 from lenet_dist.checkpoint import RunState
@@ -142,14 +143,21 @@ def wants_cuda_graph(config: TrainConfig, accelerator: Accelerator) -> bool:
     pipeline, where it applies; asked for elsewhere, refused in one line."""
     reasons = [reason for reason, applies in (
         ("it needs a CUDA device", accelerator.device.type != "cuda"),
-        ("it captures one process's step (several run DDP)", accelerator.num_processes > 1),
+        ("it captures a single process's step, not DDP's (see launch/README.md)",
+         accelerator.distributed_type != DistributedType.NO),
         ("it needs the tensor pipeline's whole, same-shaped batches", config.data_pipeline != "tensor"),
         ("fp16 needs a gradient scaler outside the graph", accelerator.mixed_precision == "fp16"),
-        ("--compile makes its own graphs", config.compile),
+        ("--compile (or accelerate's --dynamo_backend) makes its own graphs", compiles(accelerator)),
     ) if applies]
     if config.cuda_graph and reasons:
         raise UsageError(f"--cuda-graph: {reasons[0]}; drop --cuda-graph")
     return config.cuda_graph is not False and not reasons
+
+
+def compiles(accelerator: Accelerator) -> bool:
+    """Whether accelerate compiles the model in `prepare`: --compile, or accelerate's own dynamo setting
+    (`accelerate launch --dynamo_backend inductor`, a launch config's dynamo_config)."""
+    return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
 
 
 class EvaluationCadence:
@@ -195,6 +203,16 @@ class EvaluationCadence:
         left = (self.target - last["test_accuracy"]) / climb
         # never sooner than half an evaluation's cost: near the target the climb is mostly noise
         return round(min(first_wait, max(self.cost / 2, 1, min(left, math.sqrt(2 * left * self.cost)))))
+
+
+def precision_label(accelerator: Accelerator) -> str:
+    """accelerate's mixed precision, and on CUDA what its fp32 is: PyTorch computes fp32 convolutions in TF32
+    there unless told otherwise (torch.backends.cudnn.conv.fp32_precision), matrix products in IEEE fp32."""
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision != "no":
+        return accelerator.mixed_precision
+    tf32 = [name for name, setting in (("convolutions", torch.backends.cudnn.conv.fp32_precision),
+                                       ("matmuls", torch.backends.cuda.matmul.fp32_precision)) if setting == "tf32"]
+    return f"no (TF32 {' and '.join(tf32)})" if tf32 else "no"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -61,7 +61,7 @@ class EpochReporter:
 def summary_table(metrics: dict[str, Any]) -> Table:
     table = Table(
         title=f"LeNet-5: {metrics['world_size']} process(es) on {metrics['device']}, "
-        f"precision {metrics['mixed_precision']}, global batch {metrics['config']['batch_size']}"
+        f"precision {metrics['precision']}, global batch {metrics['config']['batch_size']}"
     )
     for column in ("epoch", "train loss", "test accuracy", "train seconds", "train images/s"):
         table.add_column(column, justify="right")

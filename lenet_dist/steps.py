@@ -17,14 +17,15 @@ from torch.profiler import record_function
 
 from lenet_dist.checkpoint import RunState
 from lenet_dist.processes import announce
-from lenet_dist.recipe import Trainer, wants_cuda_graph
+from lenet_dist.recipe import Trainer, compiles, wants_cuda_graph
 
 
 def make_step(trainer: Trainer, run: RunState) -> EagerStep | GraphedStep:
-    """The training step, compiled first (--compile), captured as a CUDA graph where that applies."""
+    """The training step, compiled first (--compile or accelerate's dynamo setting), captured as a CUDA
+    graph where that applies."""
     config, accelerator = trainer.config, trainer.accelerator
     local_batch = config.batch_size // accelerator.num_processes
-    if config.compile:
+    if compiles(accelerator):
         run.compile_seconds = compile_graphs(accelerator, trainer.model, local_batch,
                                              trainer.test_loader.total_batch_size // accelerator.num_processes)
         announce(accelerator.state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
@@ -98,10 +99,11 @@ class GraphedStep:
         self.images = torch.zeros(batch, 1, 28, 28, device=device)
         self.labels = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss = self._warm_up(device if capture else None)
+        stream = torch.cuda.Stream(device) if capture else None
+        self.loss = self._warm_up(stream)
         if capture:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.loss = self._step()
 
     def _step(self) -> torch.Tensor:
@@ -111,10 +113,10 @@ class GraphedStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _warm_up(self, device: torch.device | None) -> torch.Tensor:
-        """Run a few steps on zeros (on a side stream, as capture requires), then restore every tensor."""
+    def _warm_up(self, stream: torch.cuda.Stream | None) -> torch.Tensor:
+        """Run a few steps on zeros (on the side stream that captures next, as make_graphed_callables does),
+        then restore every tensor."""
         saved = [tensor.clone() for tensor in self._state()]
-        stream = torch.cuda.Stream() if device is not None else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

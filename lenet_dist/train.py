@@ -21,33 +21,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
-from lenet_dist.checkpoint import RunState, checkpoint_to_resume, restore_checkpoint, save_checkpoint, trajectory_of
+from lenet_dist.checkpoint import (
+    RunState,
+    checkpoint_to_resume,
+    complete_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+    trajectory_of,
+)
 from lenet_dist.config import TrainConfig, parse_train_config
 from lenet_dist.data import ShuffledBatches, ensure_dataset
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error, launched_as_rank_zero
 from lenet_dist.files import write_json
+from lenet_dist.launching import launch_record, record_stop
 from lenet_dist.outputs import claim_output_dir, versions, write_run_outputs
 from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
-from lenet_dist.processes import Ranks, announce, make_accelerator, pin_cores, start_processes
+from lenet_dist.processes import (
+    Ranks,
+    agree_on_any,
+    announce,
+    end_processes,
+    make_accelerator,
+    pin_cores,
+    start_processes,
+)
 from lenet_dist.profiling import labelled, profiler_for
-from lenet_dist.recipe import EvaluationCadence, Trainer, build_trainer
+from lenet_dist.recipe import EvaluationCadence, Trainer, build_trainer, precision_label
 from lenet_dist.reporting import EpochReporter, print_summary
 from lenet_dist.steps import GraphedStep, make_step
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    state = start_processes()
+    state = start_processes(config.collective_timeout)
     check_run(config, state.num_processes)
     set_seed(config.seed, deterministic=config.deterministic)
     if config.pin_cores:
         pin_cores(state)
     data_dir = config.resolved_data_dir()
-    with state.main_process_first():  # one download, not one per rank
-        ensure_dataset(data_dir, config.dataset)
+    ensure_dataset_everywhere(state, data_dir, config.dataset)
     output_dir = claim_output_dir(state, config)
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
@@ -57,15 +72,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run = RunState(trajectory=trajectory_of(config))
     checkpoint = checkpoint_to_resume(config.resume, output_dir)
     if checkpoint is not None:
-        run = restore_checkpoint(accelerator, checkpoint, config)
-        announce(state, f"resumed from {checkpoint}: epoch {run.epoch}, step {run.global_step}"
+        run = restore_checkpoint(trainer, checkpoint, config)
+        announce(state, f"resumed from {checkpoint.path}: epoch {run.epoch}, step {run.global_step}"
                         + (f" (saved by {run.processes} processes)" if run.processes != state.num_processes else ""))
     if accelerator.is_main_process:  # only now: a refused --resume leaves the run's config.json as it was
         write_json(output_dir / "config.json", asdict(config))
     start_trackers(accelerator, config, output_dir)
     announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
-                    f"{config.batch_size}, precision {accelerator.mixed_precision}")
+                    f"{config.batch_size}, precision {precision_label(accelerator)}")
     trainer.step = make_step(trainer, run)
 
     profile_dir = Path(config.profile_dir) / output_dir.name
@@ -73,7 +88,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
             predictions = fit(trainer, run, stop, profiler)
     except RuntimeError as error:  # a collective that failed because a rank is gone: name it
-        lost = ranks.lost(error) if state.num_processes > 1 else None
+        lost = ranks.lost(error, newest_checkpoint(output_dir, ranks)) if state.num_processes > 1 else None
         if lost is None:
             raise
         raise lost from None
@@ -95,6 +110,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
+    """Rank 0 first (one download per shared disk), then the others, each on its own node's disk; a rank that
+    cannot have the data stops every rank, with its one line."""
+    for turn in (state.is_main_process, not state.is_main_process):
+        problem = None
+        if turn:
+            try:
+                ensure_dataset(data_dir, dataset)
+            except UserError as error:
+                problem = error
+        agree_on_any(problem)
+
+
+def newest_checkpoint(output_dir: Path, ranks: Ranks) -> str:
+    """Where the job can resume from, as this rank can tell (rank 0 alone writes checkpoints, on its disk)."""
+    found = complete_checkpoints(output_dir)
+    if found:
+        return f"the newest checkpoint is {found[-1]}"
+    if ranks.rank:
+        return f"checkpoints are on {ranks.host(0)}, rank 0's node"
+    return "no checkpoint was saved yet"
+
+
 def check_run(config: TrainConfig, processes: int) -> None:
     """What can be refused before any work: flags that cannot work together or with this launch."""
     require_installed(config.trackers())
@@ -110,6 +148,7 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> di
     """Train until the last epoch ends or the target accuracy is reached; the last evaluation's predictions."""
     config, accelerator = trainer.config, trainer.accelerator
     cadence = EvaluationCadence(config, len(trainer.batches), test_images=len(trainer.test.labels))
+    warm_up_evaluation(trainer)
     predictions = None
     while run.epoch <= config.epochs and not reached_target(config, run):
         until = cadence.next_evaluation(run)
@@ -118,7 +157,7 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> di
         stop_signal = stop.agreed(accelerator.device)
         # a stop that lands on an evaluation's step evaluates first: a resumed run never looks back
         if stop_signal and not (epoch_ended or run.global_step == until):
-            raise Stopped(stop_signal, run.global_step, save_checkpoint(accelerator, trainer.output_dir, run,
+            raise Stopped(stop_signal, run.global_step, save_checkpoint(trainer, trainer.output_dir, run,
                                                                         config.keep_checkpoints))
         started = time.perf_counter()
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
@@ -128,12 +167,21 @@ def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> di
             run.epoch, run.batches_done, run.loss_sum, run.epoch_train_seconds = run.epoch + 1, 0, 0.0, 0.0
         # saved after the evaluation, so that the checkpoint holds it
         if epoch_ended or reached_target(config, run) or checkpoint_due(config, run.global_step) or stop_signal:
-            checkpoint = save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
+            checkpoint = save_checkpoint(trainer, trainer.output_dir, run, config.keep_checkpoints)
             if stop_signal:
                 raise Stopped(stop_signal, run.global_step, checkpoint)
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
         predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
+
+
+def warm_up_evaluation(trainer: Trainer) -> None:
+    """One evaluation batch through the model before the clock starts: the first evaluation would otherwise
+    pay, inside the time to the target, for loading its kernels (on CUDA also cuDNN's choice of algorithms)."""
+    batch = trainer.test_loader.total_batch_size // trainer.accelerator.num_processes
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(torch.zeros(batch, 1, 28, 28, device=trainer.accelerator.device))
 
 
 def reached_target(config: TrainConfig, run: RunState) -> bool:
@@ -199,7 +247,7 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
         if due_checkpoint:  # not when pausing to evaluate: fit saves after the evaluation
             run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
             account()
-            save_checkpoint(accelerator, trainer.output_dir, run, config.keep_checkpoints)
+            save_checkpoint(trainer, trainer.output_dir, run, config.keep_checkpoints)
             clock[0] = time.perf_counter()  # saving is not training
         elif accelerator.num_processes == 1 and stop.signal:  # one process: stop at this very step
             break
@@ -232,10 +280,12 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: Iterable)
         probabilities = model(images).float().softmax(dim=1)
         top, classes = probabilities.max(dim=1)
         classes, top, labels = accelerator.gather_for_metrics((classes, top, labels))
-        predicted.append(classes.cpu())
-        confidence.append(top.cpu())
-        truth.append(labels.cpu())
-    return {"predicted": torch.cat(predicted), "confidence": torch.cat(confidence), "truth": torch.cat(truth)}
+        predicted.append(classes)
+        confidence.append(top)
+        truth.append(labels)
+    # one copy to the host at the end, not one per batch: each would wait for the GPU
+    return {name: torch.cat(parts).cpu() for name, parts in
+            (("predicted", predicted), ("confidence", confidence), ("truth", truth))}
 
 
 def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunState,
@@ -277,8 +327,10 @@ def run_metrics(trainer: Trainer, run: RunState) -> dict[str, Any]:
     return {
         "config": asdict(config),
         "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
+        "precision": precision_label(accelerator),
         "cuda_graph": isinstance(trainer.step, GraphedStep),
         "versions": versions(),
         "steps_per_epoch": len(trainer.batches),
@@ -297,10 +349,12 @@ def run(config: TrainConfig) -> int:
     try:
         train(config)
     except Stopped as stopped:
+        record_stop(stopped.signal, stopped.step, stopped.checkpoint)
         if launched_as_rank_zero():
             print(stopped, file=sys.stderr, flush=True)
         return stopped.exit_status
     finally:
+        end_processes()
         # Tearing the interpreter down otherwise spends ~0.7 s garbage-collecting the object graphs of
         # torch and dynamo (imported by every optimizer); frozen, they are simply freed.
         gc.freeze()
@@ -308,7 +362,7 @@ def run(config: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(), launch_record():
         status = run(parse_train_config(argv))
     sys.exit(status)
 

@@ -74,6 +74,22 @@ def fashion_dir() -> Path:
     return require_dataset(FASHION_DIR, "FashionMNIST", "Fashion-MNIST")
 
 
+SLICE_TRAIN_IMAGES, SLICE_TEST_IMAGES = 16_384, 2_000
+
+
+@pytest.fixture(scope="session")
+def mnist_slice(tmp_path_factory, data_dir) -> Path:
+    """The first 16,384 training and 2,000 test images of MNIST as a flat folder of gzipped IDX files: for tests
+    of how runs start, stop and end, where a whole epoch would only cost time."""
+    from lenet_dist.data import load_split
+
+    folder = tmp_path_factory.mktemp("mnist-slice")
+    for split, count in (("train", SLICE_TRAIN_IMAGES), ("test", SLICE_TEST_IMAGES)):
+        data = load_split(data_dir, split, "mnist")
+        write_split(folder, split, data.images[:count], data.labels[:count], compress=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def single_process_profile(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
     """A short real run with --profile (the default recipe): its trace folder and the run's output."""
@@ -113,9 +129,10 @@ def checkpoint_exists(output_dir: Path, step: int):
     return lambda: (output_dir / "checkpoints" / f"step-{step:08d}" / "progress.json").exists()
 
 
-def launch_ddp(*flags: str, processes: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
-    """`accelerate launch` with the packaged 2-process CPU config (gloo), on a port of its own."""
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
+def launch_ddp(*flags: str, processes: int = 2, extra: tuple[str, ...] = (), launcher: str = "accelerate") -> list[str]:
+    """`accelerate launch` (or `lenet-dist launch`) with the packaged 2-process CPU config (gloo), on a port of
+    its own."""
+    return [str(BIN / launcher), "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
             "--num_processes", str(processes), "--main_process_port", str(free_port()), *extra,
             "-m", "lenet_dist.train", *flags]
 

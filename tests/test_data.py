@@ -7,6 +7,7 @@ from lenet_dist.data import (
     InMemoryDataset,
     ShuffledBatches,
     Split,
+    epoch_order,
     load_split,
     normalize,
     read_idx,
@@ -92,6 +93,27 @@ def test_shuffled_batches_are_one_order_for_any_number_of_processes_and_after_a_
     assert all(torch.equal(a, b) for a, b in zip(resumed, whole[5:], strict=True))
     other_epoch = [labels for _, labels in shuffled(1, 0).epoch(4)]
     assert not torch.equal(torch.cat(other_epoch), torch.cat(whole))
+
+
+def test_the_order_is_drawn_on_the_cpu_whatever_the_data_device(monkeypatch):
+    """CUDA's randperm differs from the CPU's for one seed: a device-drawn order would change a resumed run's
+    remaining batches, and what each seed was tuned on, with the device."""
+    generators = []
+    real = torch.randperm
+
+    def recording(*args, generator=None, **kwargs):
+        generators.append((generator.device, kwargs.get("device")))
+        return real(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", recording)
+    data = shuffled(1, 0, images=100, batch=8, seed=5)
+    data.dataset.labels = data.dataset.labels.to("meta")  # a device that is not the CPU; nothing is read from it
+    data.dataset.images = data.dataset.images.to("meta")
+    next(data.epoch(2))
+    assert generators == [(torch.device("cpu"), None)]
+    expected = epoch_order(100, 5, 2)[:96].view(12, 8)
+    labels = [labels for _, labels in shuffled(1, 0, seed=5).epoch(2)]
+    assert torch.equal(torch.stack(labels), expected)
 
 
 def test_normalize_shape_and_scale():

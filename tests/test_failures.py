@@ -62,8 +62,8 @@ def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path):
 def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path):
     checkpoint = tmp_path / "step-00000100"
     shutil.copytree(short_run / "checkpoints" / "step-00000100", checkpoint)
-    optimizer = checkpoint / "optimizer.bin"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    state = checkpoint / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
     result = run([*TRAIN, "--epochs", "1", "--batch-size", "512", "--resume", str(checkpoint), "--output-dir",
                   str(tmp_path / "out")], timeout=120)
     one_line_error(result, 1, str(checkpoint), "corrupt")
@@ -161,3 +161,21 @@ def test_two_nodes_on_loopback_match_one_process(short_run, tmp_path, data_dir):
     assert abs(metrics["final_test_accuracy"] - read_metrics(short_run)["final_test_accuracy"]) <= 0.002
     assert "epoch 1/1  train loss" in outputs[0][0] and "train loss" not in outputs[1][0]  # machine 1 stays quiet
 
+
+
+def test_a_run_that_fails_leaves_the_process_group(tmp_path):
+    """The error path destroys the process group too (NCCL otherwise prints a warning after our one line)."""
+    script = (
+        "import sys, torch.distributed as dist\n"
+        "from lenet_dist import train\n"
+        "from lenet_dist.config import TrainConfig\n"
+        "from lenet_dist.errors import UsageError\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+        f"try:\n    train.run(TrainConfig(resume='latest', output_dir='{tmp_path}/run'))\n"
+        "except UsageError as error:\n    print('refused:', error)\n"
+        "print('still in a process group:', dist.is_initialized())\n"
+    )
+    result = run([sys.executable, "-c", script], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: --resume: no checkpoint" in result.stdout
+    assert "still in a process group: False" in result.stdout

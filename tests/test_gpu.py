@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from conftest import BATCH, TRAIN, batches, pieces, read_metrics, run
 from lenet_dist.config import TrainConfig
+from lenet_dist.data import DATASETS, InMemoryDataset, ShuffledBatches, Split
 from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
 from lenet_dist.steps import EagerStep, GraphedStep
 
@@ -56,3 +59,24 @@ def test_training_on_one_gpu_captures_the_step(tmp_path, data_dir):
     metrics = read_metrics(tmp_path)
     assert metrics["device"].startswith("cuda") and metrics["cuda_graph"] is True
     assert metrics["reached_target"]["test_accuracy"] >= 0.97
+
+
+def test_capturing_the_step_warns_about_nothing():
+    """No 'capturable=True can impair performance' or other warning from the warm-up and the capture."""
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(), num_classes=10).to(CUDA)
+    optimizer = build_optimizer(TrainConfig(), model, graph=True)
+    scheduler = build_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed = GraphedStep(model, optimizer, scheduler, BATCH, CUDA)
+        (images, labels), *_ = batches(1)
+        graphed(images.to(CUDA), labels.to(CUDA))
+
+
+def test_the_data_order_is_the_same_on_the_gpu_as_on_the_cpu():
+    """A run resumed on another device continues with the batches the first device would have trained."""
+    split = Split(torch.zeros(1000, 28, 28, dtype=torch.uint8), torch.arange(1000), DATASETS["mnist"])
+    orders = [[labels.cpu() for _, labels in ShuffledBatches(InMemoryDataset(split, device), 64, 3, 0, 1).epoch(2)]
+              for device in (torch.device("cpu"), CUDA)]
+    assert all(torch.equal(a, b) for a, b in zip(*orders, strict=True))

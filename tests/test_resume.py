@@ -128,7 +128,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrup
 @pytest.mark.ddp
 def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(uninterrupted, tmp_path, data_dir):
     marker = f"sigterm-{os.getpid()}"
-    launcher = start(launch_ddp(*RECIPE, "--output-dir", str(tmp_path)), env={"LENET_TEST_LAUNCH": marker})
+    launcher = start(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), launcher="lenet-dist"),
+                     env={"LENET_TEST_LAUNCH": marker})
     try:
         wait_for(checkpoint_exists(tmp_path, EPOCH_END), 180, launcher)
         wait_for(lambda: len(rank_pids(marker)) == 2, 30, launcher)
@@ -140,8 +141,11 @@ def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(u
         _, stderr = launcher.communicate()
     finally:
         kill_all(launcher, marker)
+    assert launcher.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM after step")]
     assert len(stopped) == 1, stderr[-3000:]  # rank 0 alone reports
+    assert stderr.strip().splitlines()[-1].startswith("lenet-dist launch: SIGTERM: every rank on this node (2) "
+                                                      "stopped after saving")
     step = int(re.search(r"after step (\d+)", stopped[0])[1])
     assert EPOCH_END < step < 2 * EPOCH_END
     checkpoint = tmp_path / "checkpoints" / f"step-{step:08d}"

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, TorchDynamoPlugin
 
 from conftest import BATCH, batches, pieces
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import wants_cuda_graph
+from lenet_dist.recipe import compiles, wants_cuda_graph
 from lenet_dist.steps import EagerStep, GraphedStep
 
 
@@ -35,20 +36,36 @@ def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before):
     assert graph_optimizer.state[next(graph_model.parameters())]["step"].item() == 12  # warm-up steps undone
 
 
+def launched(device: str = "cuda", distributed: DistributedType = DistributedType.NO, precision: str = "no",
+             dynamo: str | None = None):
+    """What wants_cuda_graph reads of an accelerator; `dynamo` as accelerate's launcher sets it in the environment."""
+    with pytest.MonkeyPatch.context() as environment:
+        if dynamo:
+            environment.setenv("ACCELERATE_DYNAMO_BACKEND", dynamo)
+        plugin = TorchDynamoPlugin()  # reads ACCELERATE_DYNAMO_BACKEND, as Accelerator() does
+    return SimpleNamespace(device=SimpleNamespace(type=device), mixed_precision=precision,
+                           distributed_type=distributed, state=SimpleNamespace(dynamo_plugin=plugin))
+
+
 def test_a_graph_is_captured_only_where_it_applies():
-    cpu, cuda = SimpleNamespace(type="cpu"), SimpleNamespace(type="cuda")
-    one_gpu = SimpleNamespace(device=cuda, num_processes=1, mixed_precision="no")
-    assert wants_cuda_graph(TrainConfig(), one_gpu)
-    assert not wants_cuda_graph(TrainConfig(cuda_graph=False), one_gpu)
-    assert not wants_cuda_graph(TrainConfig(), SimpleNamespace(device=cpu, num_processes=1, mixed_precision="no"))
-    assert not wants_cuda_graph(TrainConfig(data_pipeline="torchvision"), one_gpu)
-    assert not wants_cuda_graph(TrainConfig(), SimpleNamespace(device=cuda, num_processes=2, mixed_precision="no"))
+    assert wants_cuda_graph(TrainConfig(), launched())
+    assert not wants_cuda_graph(TrainConfig(cuda_graph=False), launched())
+    assert not wants_cuda_graph(TrainConfig(), launched("cpu"))
+    assert not wants_cuda_graph(TrainConfig(data_pipeline="torchvision"), launched())
+    assert not wants_cuda_graph(TrainConfig(), launched(distributed=DistributedType.MULTI_GPU))  # DDP, even of one
     with pytest.raises(UsageError, match="--cuda-graph: it needs a CUDA device"):
-        wants_cuda_graph(TrainConfig(cuda_graph=True), SimpleNamespace(device=cpu, num_processes=1,
-                                                                       mixed_precision="no"))
+        wants_cuda_graph(TrainConfig(cuda_graph=True), launched("cpu"))
     with pytest.raises(UsageError, match="fp16"):
-        wants_cuda_graph(TrainConfig(cuda_graph=True), SimpleNamespace(device=cuda, num_processes=1,
-                                                                       mixed_precision="fp16"))
+        wants_cuda_graph(TrainConfig(cuda_graph=True), launched(precision="fp16"))
+
+
+def test_accelerates_own_dynamo_setting_counts_as_compiling():
+    """`accelerate launch --dynamo_backend inductor` compiles the model in prepare: no graph may capture it, and
+    the compile warm-up must run (its seconds counted apart), as with --compile."""
+    assert not compiles(launched()) and compiles(launched(dynamo="inductor"))
+    assert not wants_cuda_graph(TrainConfig(), launched(dynamo="inductor"))
+    with pytest.raises(UsageError, match="dynamo_backend"):
+        wants_cuda_graph(TrainConfig(cuda_graph=True), launched(dynamo="inductor"))
 
 
 def test_a_resumed_learning_rate_becomes_the_tensor_the_graph_reads():

@@ -41,7 +41,8 @@ def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
 )
 def test_entry_points_train(launcher, tmp_path, data_dir):
     # HF_HOME points at an empty folder so no `accelerate config` file from the developer's machine is used.
-    # --resume auto with nothing to resume starts afresh; the same command on the finished run is refused.
+    # --resume auto with nothing to resume starts afresh; the same command on the finished run (a requeue
+    # after the last stop) succeeds with nothing to do.
     command = [*launcher, *SHORT, "--resume", "auto", "--output-dir", str(tmp_path / "run")]
     result = run(command, env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
@@ -49,10 +50,17 @@ def test_entry_points_train(launcher, tmp_path, data_dir):
     metrics = read_metrics(tmp_path / "run")
     assert metrics["reached_target"]["test_accuracy"] >= 0.95
     assert_png(tmp_path / "run" / "predictions.png")
+    finished = (tmp_path / "run" / "metrics.json").read_bytes()
     again = run(command, env={"HF_HOME": str(tmp_path / "hf")}, timeout=120)
-    assert "already holds a finished run" in again.stderr
-    # accelerate's launcher reports any failure of its child as 1; started directly, a refusal is 2
-    assert again.returncode == (1 if "accelerate" in launcher[0] else 2)
+    assert again.returncode == 0 and "error" not in again.stderr, again.stderr
+    assert f"{tmp_path / 'run'} holds a finished run: nothing to resume (--resume auto)" in again.stdout
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == finished
+    # without --resume auto the same output dir is refused: exit 2, or 1 through accelerate's launcher, which
+    # reports any failure of its child as 1
+    refused = run([arg for arg in command if arg not in ("--resume", "auto")], env={"HF_HOME": str(tmp_path / "hf")},
+                  timeout=120)
+    assert "already holds a finished run" in refused.stderr
+    assert refused.returncode == (1 if "accelerate" in launcher[0] else 2)
 
 
 def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir):

@@ -1,0 +1,48 @@
+"""`make gpu-check` rehearsed on the CPU: every stage's CPU analogue passes, and the verdict machinery holds
+(a stage that fails or hangs is one failed stage, the others still run, the JSON verdict is written)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+
+GPU_CHECK = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--rehearse"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_every_stage_passes_its_cpu_rehearsal(tmp_path, data_dir):
+    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path)], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["passed"] and verdict["rehearsal"]
+    assert [stage["status"] for stage in verdict["stages"]] == ["passed"] * 10
+    assert "verdict: PASSED" in (tmp_path / "verdict.txt").read_text()
+    assert not (tmp_path / "work").exists()  # only the verdict, the log (and traces on a GPU) come back
+
+
+def test_a_failing_and_a_hanging_stage_fail_alone(tmp_path, data_dir):
+    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
+                  "environment,recipe,graph_equals_eager,environment", "--inject", "recipe=fail",
+                  "--inject", "graph_equals_eager=hang", "--stage-limit", "20"], timeout=300)
+    assert result.returncode == 1, result.stdout[-3000:]
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    statuses = [(stage["stage"], stage["status"]) for stage in verdict["stages"]]
+    assert statuses == [("environment", "passed"), ("recipe", "failed"), ("graph_equals_eager", "timeout"),
+                        ("environment", "passed")]  # the stage after a failure and a hang still ran
+    assert "injected failure" in verdict["stages"][1]["error"]
+    assert 20 <= verdict["stages"][2]["seconds"] < 30  # killed at its limit, not left to hang the call
+    assert not verdict["passed"] and "verdict: FAILED" in result.stdout
+
+
+def test_the_whole_check_keeps_to_its_budget(tmp_path, data_dir):
+    """Stages that find the budget spent are reported as not run (a failure), and the check ends in time."""
+    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
+                  "environment,recipe,environment", "--inject", "recipe=hang", "--budget", "15"], timeout=120)
+    assert result.returncode == 1
+    statuses = [stage["status"] for stage in json.loads((tmp_path / "verdict.json").read_text())["stages"]]
+    assert statuses[0] == "passed" and statuses[1] == "timeout" and statuses[2] == "not run"
