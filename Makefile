@@ -1,10 +1,8 @@
 # Two commands set up everything on a fresh machine: `make train` and `make test`.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-# The data folder (torchvision's layout: data/MNIST/raw/...), as train and the tests read it.
-export LENET_DATA_DIR ?= data
-# Where the tests look for Fashion-MNIST; make data puts it there.
-export LENET_FASHION_DIR ?= $(LENET_DATA_DIR)
+# The data: ./data (torchvision's layout: data/MNIST/raw/...) unless $LENET_DATA_DIR says otherwise, for
+# training and tests alike; Fashion-MNIST for the tests in $LENET_FASHION_DIR, by default the same folder.
 
 .PHONY: train test check lint data install bench gpu-check gpu-data clean
 
@@ -43,9 +41,10 @@ gpu-check:
 # that has no network: there, `scripts/gpu-check --data-dir gpu-data`.
 gpu-data:
 	mkdir -p gpu-data/MNIST/raw
+	raw="$${LENET_DATA_DIR:-data}/MNIST/raw"; \
 	for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
-		if [ -f "$(LENET_DATA_DIR)/MNIST/raw/$$name.gz" ]; then cp "$(LENET_DATA_DIR)/MNIST/raw/$$name.gz" gpu-data/MNIST/raw/; \
-		else gzip -c "$(LENET_DATA_DIR)/MNIST/raw/$$name" > gpu-data/MNIST/raw/$$name.gz; fi; done
+		if [ -f "$$raw/$$name.gz" ]; then cp "$$raw/$$name.gz" gpu-data/MNIST/raw/; \
+		else gzip -c "$$raw/$$name" > gpu-data/MNIST/raw/$$name.gz; fi; done
 
 bench: install
 	$(VENV)/bin/lenet-dist bench

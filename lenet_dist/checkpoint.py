@@ -49,7 +49,8 @@ CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
-TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "seed", "dataset", "data_pipeline")
+TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "seed", "dataset", "data_pipeline",
+                     "init_from")
 # Optimizer settings that say how this run steps, not where the trajectory stands: a checkpoint
 # saved with another setting (an eager run's capturable=False, say) must not replace this run's.
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
@@ -69,6 +70,7 @@ class RunState:
     compile_seconds: float = 0.0  # --compile: compiling the graphs before the first step
     epochs: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' records
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # every test-set evaluation
+    train_log: list[dict[str, Any]] = field(default_factory=list)  # the loss and lr at every logged step
     trajectory: dict[str, Any] = field(default_factory=dict)
     processes: int = 1  # how many processes saved it (for the resume message only)
 
@@ -233,7 +235,8 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunStat
         for name, value in state.trajectory.items() if getattr(config, name) != value
     ]
     if differing:
-        raise UsageError(f"--resume {choice.path} comes from a different config: {', '.join(differing)}")
+        raise UsageError(f"--resume {choice.path} comes from a different config: {', '.join(differing)}; to train "
+                         f"on from its weights with a new recipe, start a new run with --init-from {choice.path}")
     try:
         weights = load(payload[WEIGHTS_FILE])
         training_state = torch.load(io.BytesIO(payload[STATE_FILE]), map_location="cpu", weights_only=True)
@@ -250,6 +253,17 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunStat
         raise UserError(f"--resume {choice.path}: the checkpoint does not fit this run's model or optimizer "
                         f"({str(error).splitlines()[0]})") from None
     return state
+
+
+def initialize_from(trained: Trained, source: Path) -> None:
+    """--init-from: another run's weights (its output dir or a checkpoint folder) into this run's model, on every
+    rank from its own disk; the optimizer and the schedule start afresh."""
+    model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
+    weights, metadata = load_model(source)
+    if int(metadata.get("num_classes", 10)) != model.num_classes:
+        raise UsageError(f"--init-from {source}: its model has {metadata.get('num_classes')} classes, this run's "
+                         f"data set {model.num_classes}")
+    model.load_state_dict(weights.state_dict())
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from lenet_dist.config import (
     config_from_args,
     version_text,
 )
-from lenet_dist.errors import exit_on_user_error
+from lenet_dist.errors import exit_on_user_error, exit_quickly
 
 # name: (help, config class, "module:function" that runs it and returns an exit status or None)
 COMMANDS = {
@@ -57,13 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         if subcommand:  # e.g. `bench compare`: a subcommand of `bench`, which also runs on its own
             if command not in subcommands:
                 subcommands[command] = parsers[command].add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-            add_config_arguments(subcommands[command].add_parser(subcommand, help=summary, description=summary),
-                                 config_class)
+            parsers[name] = subcommands[command].add_parser(subcommand, help=summary, description=summary)
+            add_config_arguments(parsers[name], config_class)
         else:
             parsers[name] = commands.add_parser(name, help=summary, description=summary)
             add_config_arguments(parsers[name], config_class)
         if name == "train":
             commands.add_parser("launch", help=LAUNCH_HELP, add_help=False)
+    parser.commands = parsers  # for errors in a subcommand's own words
     return parser
 
 
@@ -73,14 +74,17 @@ def main(argv: list[str] | None = None) -> None:
         from lenet_dist.launching import main as launch
 
         sys.exit(launch(argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     name = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
+    if extra:  # said by the subcommand's parser: its help lists the flags that exist
+        parser.commands[name].error(f"unrecognized arguments: {' '.join(extra)}")
     _, config_class, target = COMMANDS[name]
     module_name, function_name = target.split(":")
     with exit_on_user_error():
         config = config_from_args(config_class, args)  # a bad value fails before the heavy imports
         status = getattr(importlib.import_module(module_name), function_name)(config)
-    sys.exit(status if isinstance(status, int) else 0)
+    exit_quickly(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +143,10 @@ class TrainConfig:
         bare="latest",
     )
     overwrite: bool = flag(False, "train into an --output-dir that already holds a finished run, replacing it")
+    init_from: str | None = flag(
+        None, "start from the weights of another run (its output dir, or one of its checkpoint folders), with a "
+        "fresh optimizer and schedule: to train further, or to fine-tune, e.g. MNIST → Fashion-MNIST"
+    )
     progress: bool = flag(True, "a rich progress bar on a terminal (plain log lines otherwise or with --no-progress)")
     log_every: int = flag(10, "log the mean training loss every N steps (progress line, trackers)")
     log_with: str | None = flag(
@@ -263,8 +269,9 @@ class CompareConfig:
 @dataclass
 class InspectConfig:
     run_dirs: list[str] = flag(
-        [], "a profiles/<run> folder holding rank<N>.*.pt.trace.json[.gz] files; a second one is compared with it "
-        "(B against A)", metavar="RUN",
+        [], "a run's output folder (its metrics.json records where its traces went), a folder of "
+        "rank<N>.*.pt.trace.json[.gz] files, or one such file; a second one is compared with it (B against A)",
+        metavar="RUN",
     )
     top: int = flag(12, "how many operators to list")
     json: str | None = flag(None, "also write the report as JSON here ('-' for stdout only, no table)")
@@ -272,20 +279,26 @@ class InspectConfig:
     def __post_init__(self) -> None:
         require_at_least(self, {"top": 1})
         if not 1 <= len(self.run_dirs) <= 2:
-            raise UsageError(f"pass one profile folder, or two to compare (A B), got {len(self.run_dirs)}: "
-                             "lenet-dist inspect profiles/<run> [profiles/<other-run>]")
+            raise UsageError(f"pass one run, trace folder or trace file, or two to compare (A B), got "
+                             f"{len(self.run_dirs)}: lenet-dist inspect RUN [OTHER-RUN]")
 
 
 @dataclass
 class PredictConfig:
-    model: str = flag("", "a training run's output dir (holding model.safetensors)")
+    # "no default" in its help keeps add_config_arguments from adding "(default: )": it cannot mark a flag required
+    model: str = flag(
+        "", "required, no default: a training run's output dir, or one of its checkpoints (RUN_DIR/checkpoints/step-N)"
+    )
     images: list[str] = flag([], "image files (PNG, JPEG, …; up to 40 megapixels), RGB or grayscale", metavar="IMAGE")
     top: int = flag(3, "how many classes to list per image")
-    json: bool = flag(False, "print one JSON object per image instead of text")
+    json: bool = flag(False, "print one JSON object per image instead of text (a file that fails: its error)")
+    save_inputs: str | None = flag(
+        None, "also write the 28×28 image the model saw for each file into this folder, as <file name>.28x28.png"
+    )
 
     def __post_init__(self) -> None:  # before predict imports torch
         if not self.model:
-            raise UsageError("pass --model RUN_DIR, the output dir of a training run")
+            raise UsageError("pass --model RUN_DIR, the output dir of a training run (or one of its checkpoints)")
         if not self.images:
             raise UsageError("pass at least one image file to classify")
         require_at_least(self, {"top": 1})
@@ -306,10 +319,22 @@ class LaunchConfigConfig:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), exit status 2."""
+    """argparse that reports a bad flag in one line (no usage block), exit status 2, with the flag it was
+    probably meant to be; prefixes of flags are not taken for the flags (`--epoch 1` is an error, not
+    `--epochs 1`), so that a flag added later cannot change what an old command line means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
+
+    def suggestion(self, message: str) -> str:
+        """`; did you mean --epochs?` for an unrecognized `--epoch`."""
+        unknown = re.findall(r"(--?[\w-]+)", message.partition("unrecognized arguments:")[2])
+        known = [name for action in self._actions for name in action.option_strings]
+        close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6) if unknown else []
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 def version_text() -> str:
@@ -339,11 +364,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             parser.add_argument(config_field.name, nargs="*", metavar=metavar, help=meta["help"])
             continue
         kind = _scalar_type(hints[config_field.name])
+        # the default in the help, once: a help text that already says what the default is keeps its words
+        shown = "" if "default" in meta["help"] else f" (default: {_shown_default(config_field.default, kind)})"
         if meta["positional"]:
             parser.add_argument(config_field.name, type=kind, metavar=metavar, help=meta["help"])
         elif kind is bool:
             parser.add_argument(
-                *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"]
+                *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"] + shown
             )
         else:
             optional_value = {"nargs": "?", "const": meta["bare"]} if meta["bare"] is not None else {}
@@ -352,9 +379,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 type=kind,
                 default=config_field.default,
                 choices=meta["choices"],
-                help=meta["help"] + " (default: %(default)s)",
+                help=meta["help"] + shown.replace("%", "%%"),
                 **optional_value,
             )
+
+
+def _shown_default(default: Any, kind: type) -> str:
+    if kind is bool:
+        return "on" if default else "off"
+    return "none" if default is None else str(default)
 
 
 def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
@@ -369,4 +402,5 @@ def parse_config(config_class: type, argv: list[str] | None, prog: str | None, d
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
-    return parse_config(TrainConfig, argv, prog=None, description="Train LeNet-5 on MNIST through accelerate.")
+    return parse_config(TrainConfig, argv, prog="python -m lenet_dist.train",
+                        description="Train LeNet-5 on MNIST through accelerate.")

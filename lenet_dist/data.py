@@ -75,8 +75,10 @@ def read_idx(path: Path) -> torch.Tensor:
 
 
 def _find_file(folder: Path, name: str, dataset: str) -> Path | None:
-    """torchvision's layout (<folder>/MNIST/raw/) first, then a flat folder of IDX files, gzipped or not."""
-    for candidate in (folder / DATASETS[dataset].torchvision_class / "raw" / name, folder / name):
+    """torchvision's layout (<folder>/MNIST/raw/), or the data set's own folder (<folder>/raw/: --data-dir
+    data/MNIST), then a flat folder of IDX files, gzipped or not."""
+    own = DATASETS[dataset].torchvision_class
+    for candidate in (folder / own / "raw" / name, folder / "raw" / name, folder / name):
         for path in (candidate, candidate.with_name(candidate.name + ".gz")):
             if path.is_file():
                 return path
@@ -96,18 +98,27 @@ def ensure_dataset(data_dir: Path, dataset: str) -> None:
     folder = DATASETS[dataset].torchvision_class
     # what a failed download would leave behind: folders that did not exist before it
     leftover = next((path for path in (data_dir, data_dir / folder) if not path.exists()), None)
+    narration = io.StringIO()
     try:
-        with redirect_stdout(io.StringIO()):  # torchvision narrates every mirror it tries
+        with redirect_stdout(narration):  # torchvision narrates every mirror it tries
             for train in (True, False):
                 getattr(torchvision.datasets, folder)(root=str(data_dir), train=train, download=True)
     except Exception as error:  # any download failure means the same fix for the user
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)
         raise UserError(
-            f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte and flat IDX files) and "
-            f"the download failed ({type(error).__name__}); put the IDX files there or pass --data-dir / set "
-            "LENET_DATA_DIR"
+            f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte, raw/*-ubyte and IDX "
+            f"files, gzipped or not), and downloading it failed ({_download_failure(error, narration.getvalue())}); "
+            "put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
         ) from None
+
+
+def _download_failure(error: Exception, narration: str) -> str:
+    """The cause, not torchvision's summary: the last mirror's reason (`<urlopen error [Errno -2] Name or service
+    not known>`), from its error or what it printed, else the error's first line."""
+    lines = [line.strip() for line in f"{error}\n{narration}".splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("<")]
+    return reasons[-1] if reasons else f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def download(config: DownloadConfig) -> None:
@@ -122,12 +133,20 @@ def load_split(data_dir: Path, split: str, dataset: str) -> Split:
     if image_path is None or label_path is None:
         raise UserError(f"{dataset} {split} files missing in {data_dir}; pass --data-dir or set LENET_DATA_DIR")
     images, labels = read_idx(image_path), read_idx(label_path)
-    if images.ndim != 3 or labels.ndim != 1:
-        raise UserError(f"{image_path} must hold N×H×W images and {label_path} N labels; re-download them")
+    if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
+        raise UserError(f"{image_path} holds images of shape {tuple(images.shape[1:])}, not 28×28; re-download it")
+    if labels.ndim != 1:
+        raise UserError(f"{label_path} must hold one label per image; re-download it")
     if len(images) != len(labels):
         raise UserError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; re-download them"
         )
+    classes = len(DATASETS[dataset].classes)
+    outside = torch.nonzero(labels >= classes)
+    if len(outside):
+        first = int(outside[0])
+        raise UserError(f"{label_path}: label {int(labels[first])} at index {first} is not one of {dataset}'s "
+                        f"{classes} classes; re-download it")
     return Split(images=images, labels=labels.long(), info=DATASETS[dataset])
 
 

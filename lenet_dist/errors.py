@@ -53,3 +53,14 @@ def exit_on_user_error() -> Iterator[None]:
         elif error.every_rank or launched_as_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None
+
+
+def exit_quickly(status: int) -> None:
+    """End the process with `status`. Tearing the interpreter down otherwise spends ~0.7 s garbage-collecting
+    the object graphs of torch and dynamo (imported by every optimizer); frozen, they are simply freed. Only
+    here, at the end of a process: frozen objects are never collected, which a program that calls train.run
+    again and again (a sweep, a notebook) must not pay for."""
+    import gc
+
+    gc.freeze()
+    sys.exit(status)

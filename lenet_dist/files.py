@@ -39,9 +39,17 @@ def write_json(path: Path, payload: Any) -> Path:
     return write_atomically(path, lambda partial: partial.write_text(json.dumps(payload, indent=2) + "\n"))
 
 
+# How the libraries that write files report a failed write: torch.save's zip writer raises RuntimeError
+# ("PytorchStreamWriter failed writing file …", "[enforce fail at inline_container.cc] … unexpected pos"),
+# safetensors its SafetensorError (an I/O error inside).
+WRITE_FAILURE_WORDS = ("PytorchStreamWriter", "inline_container", "unexpected pos", "failed writing", "Errno")
+
+
 def is_write_failure(error: Exception) -> bool:
-    """OSError, or a library's wrapper of one: torch.save raises RuntimeError, safetensors its SafetensorError."""
-    return isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    """OSError, or a library's wrapper of one; any other RuntimeError (out of memory, a bug) is not."""
+    if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error) for word in WRITE_FAILURE_WORDS)
 
 
 def write_failure(path: Path, error: Exception) -> str:

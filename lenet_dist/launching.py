@@ -39,9 +39,10 @@ GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as tor
 
 def config_path(name: str) -> Path:
     """The installed file of a packaged launch config: `cpu-ddp` → …/lenet_dist/launch_configs/cpu_ddp.yaml."""
-    if name not in CONFIG_NAMES:
+    spelled = name.removesuffix(".yaml").replace("_", "-")  # the file's own name (cpu_ddp.yaml) works too
+    if spelled not in CONFIG_NAMES:
         raise UsageError(f"no launch config named {name!r}; choose from {', '.join(CONFIG_NAMES)}")
-    return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{name.replace('-', '_')}.yaml"))
+    return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{spelled.replace('-', '_')}.yaml"))
 
 
 def print_config_path(config: LaunchConfigConfig) -> None:

@@ -1,17 +1,25 @@
-"""What a run writes into its output directory, by rank 0 and atomically (in checkpoints/, every rank
-also saves its own random-number state, see checkpoint.py).
+"""What a run writes into its output directory, by rank 0 alone and atomically.
 
+    .lenet-dist.lock       held while the run runs: one run per output dir
     config.json            the resolved flags, written once the run has started (or resumed)
     checkpoints/           see checkpoint.py
+    trackers/              TensorBoard, wandb, … (see trackers.py)
     model.safetensors      the trained LeNet-5, plain names, config in its metadata
     predictions.png, training_curves.png, confusion_matrix.png, confident_mistakes.png
     metrics.json           written last: its presence marks the run finished
+
+Profiler traces go to a folder of the run's own under --profile-dir (profiling.run_trace_dir), named
+in metrics.json.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import platform
 import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +28,89 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 import lenet_dist
-from lenet_dist.checkpoint import CHECKPOINTS_DIR, complete_checkpoints, export_weights
+from lenet_dist.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, complete_checkpoints, export_weights
 from lenet_dist.config import TrainConfig, default_run_dir
 from lenet_dist.errors import NothingToDo, UsageError, UserError
 from lenet_dist.files import write_json
-from lenet_dist.processes import agree_on_any
+from lenet_dist.profiling import run_trace_dir
+from lenet_dist.trackers import TRACKERS_DIR
 
 METRICS_FILE = "metrics.json"
 
 
-def claim_output_dir(state: PartialState, config: TrainConfig) -> Path:
-    """Rank 0 picks the directory (a timestamp would differ across ranks), checks it, and tells the others."""
+# Everything a run writes into its output dir: --overwrite removes these and nothing else of the folder.
+RUN_OUTPUTS = ("config.json", METRICS_FILE, WEIGHTS_FILE, CHECKPOINTS_DIR, TRACKERS_DIR, "predictions.png",
+               "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
+LOCK_FILE = ".lenet-dist.lock"
+_held: list = []  # the open lock files: closing one (or the process ending, however) releases the run's claim
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    path: Path
+    created: bool  # by this run: a run refused before it started removes it again
+
+
+def claim_output_dir(state: PartialState, config: TrainConfig) -> OutputDir:
+    """Rank 0 picks the directory (a timestamp would differ across ranks), checks it, and claims it with an
+    exclusive lock held until the process ends, so that of two runs started into one folder at the same
+    moment exactly one runs; then it tells the others."""
     chosen = [str(config.output_dir or default_run_dir())]
     broadcast_object_list(chosen, from_process=0)
-    output_dir = Path(chosen[0])
-    agree_on_any(_check_output_dir(output_dir, config) if state.is_main_process else None)
-    return output_dir
+    path = Path(chosen[0])
+    outcome: list = [None]
+    if state.is_main_process:
+        try:
+            outcome = [_claim(path, config)]
+        except UserError as error:
+            outcome = [error]
+    broadcast_object_list(outcome, from_process=0)
+    if isinstance(outcome[0], UserError):
+        raise outcome[0]
+    return outcome[0]
 
 
-def _check_output_dir(output_dir: Path, config: TrainConfig) -> UserError | None:
-    if (output_dir / METRICS_FILE).exists() and not config.overwrite:
+def _claim(path: Path, config: TrainConfig) -> OutputDir:
+    if (path / METRICS_FILE).exists() and not config.overwrite:
         if config.resume == "auto":  # a requeued job that already finished: success, nothing to redo
-            return NothingToDo(f"{output_dir} holds a finished run: nothing to resume (--resume auto)")
-        return UsageError(
-            f"--output-dir {output_dir} already holds a finished run; pass --overwrite or another --output-dir"
-        )
-    if complete_checkpoints(output_dir) and not config.resume and not config.overwrite:
-        return UsageError(
-            f"--output-dir {output_dir} holds the checkpoints of an unfinished run; continue it with --resume "
-            "(or --resume auto), or pass --overwrite to start again"
-        )
+            raise NothingToDo(f"{path} holds a finished run: nothing to resume (--resume auto)")
+        raise UsageError(f"--output-dir {path} already holds a finished run; pass --overwrite or another --output-dir "
+                         f"(to train on from its weights: --init-from {path} --output-dir NEW)")
+    if complete_checkpoints(path) and not config.resume and not config.overwrite:
+        raise UsageError(f"--output-dir {path} holds the checkpoints of an unfinished run; continue it with --resume "
+                         "(or --resume auto), or pass --overwrite to start again")
     try:
-        if config.overwrite and not config.resume:
-            shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
-            (output_dir / METRICS_FILE).unlink(missing_ok=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / LOCK_FILE, "a+")  # held open for the process's lifetime
     except OSError as error:
-        return UserError(f"--output-dir {output_dir} is not writable ({error.strerror}); choose another --output-dir")
-    return None
+        raise UserError(f"--output-dir {path} is not writable ({error.strerror}); choose another "
+                        "--output-dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(f"--output-dir {path} is in use by another run ({owner}); wait for it or choose another "
+                         "--output-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    _held.append(lock)
+    if config.overwrite and not config.resume:  # nothing of the old run may mix with the new one
+        for name in RUN_OUTPUTS:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        shutil.rmtree(run_trace_dir(config.profile_dir, path), ignore_errors=True)
+    return OutputDir(path, created)
+
+
+def abandon_output_dir(state: PartialState, output: OutputDir) -> None:
+    """A run refused before training: remove the output dir again if this run made it (it holds nothing)."""
+    if state.is_main_process and output.created:
+        shutil.rmtree(output.path, ignore_errors=True)
 
 
 def versions() -> dict[str, str]:

@@ -8,6 +8,8 @@ handler names files by host and pid, which says nothing about which rank wrote t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +23,13 @@ from lenet_dist.files import write_atomically
 
 TRACE_SUFFIX = ".pt.trace.json"
 Item = TypeVar("Item")
+
+
+def run_trace_dir(profile_dir: str, output_dir: Path) -> Path:
+    """This run's own folder of traces: `<profile_dir>/<output dir's name>-<8 hex digits of its absolute path>`,
+    so that two runs called `run` in different places never pool their traces in one folder."""
+    digest = hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]
+    return Path(profile_dir) / f"{output_dir.name}-{digest}"
 
 
 def trace_writer(folder: Path, worker: str):
@@ -38,6 +47,10 @@ def step_profiler(
 ) -> Iterator[SettledProfiler]:
     """A started profiler; call `.step()` after every training step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    if ProfilerActivity.CUDA not in activities:
+        # Kineto, the profiler's engine, prints its start and stop and "gpuGetDeviceCount failed" even when no GPU
+        # is traced; it reads this when it starts, so it still applies here (a user's own setting wins)
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(
         activities=activities,
         schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),

@@ -29,10 +29,11 @@ class EpochReporter:
         if enabled and fancy:
             self.bar = Progress(
                 TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>8,.0f} img/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}  {task.fields[loss]}"), TimeRemainingColumn(),
                 console=Console(file=sys.stdout), transient=True,
             )
-            self.task = self.bar.add_task("train", total=steps, completed=done, rate=0.0, loss=float("nan"))
+            # blank until measured: a bar that starts (or restarts after an evaluation) has no rate or loss yet
+            self.task = self.bar.add_task("train", total=steps, completed=done, rate="", loss="")
             self.bar.start()
 
     def images_per_second(self, done: int) -> float:
@@ -43,7 +44,8 @@ class EpochReporter:
         if not self.enabled:
             return
         if self.bar is not None:
-            fields = {"rate": self.images_per_second(done)} | ({"loss": loss} if loss is not None else {})
+            fields = {"rate": f"{self.images_per_second(done):>8,.0f} img/s"} if done > self.done_at_start else {}
+            fields |= {"loss": f"loss {loss:.4f}"} if loss is not None else {}
             self.bar.update(self.task, completed=done, **fields)
         elif loss is not None and done - self.printed_at >= self.steps / self.PLAIN_LINES_PER_EPOCH:
             self.printed_at = done
@@ -89,3 +91,7 @@ def print_summary(metrics: dict[str, Any]) -> None:
         console.print(f"reached {reached['test_accuracy']:.2%} at step {reached['step']:,} (epoch {reached['epoch']}, "
                       f"{reached['images']:,} images) after {reached['elapsed_seconds']:.1f} s of training and "
                       "evaluation", highlight=False)
+    elif reached is False:
+        best, target = metrics["best_evaluation"], metrics["config"]["target_accuracy"]
+        console.print(f"target {target:.2%} not reached; best {best['test_accuracy']:.2%} at step {best['step']:,} "
+                      f"(epoch {best['epoch']})", highlight=False)

@@ -7,9 +7,13 @@ wandb in trackers/wandb/ with WANDB_MODE=offline, Aim, DVCLive); the ones that t
 
 from __future__ import annotations
 
+import configparser
+import netrc
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from accelerate import Accelerator
 
@@ -22,13 +26,33 @@ PIP_PACKAGES = {"comet_ml": "comet-ml"}  # the rest install under their tracker'
 
 
 def require_installed(trackers: list[str]) -> None:
-    """One line naming the pip package of the first requested tracker that is not installed."""
+    """One line naming the pip package of the first requested tracker that is not installed, or what a tracker
+    needs before it can log (wandb: a login, or offline mode) — before the run starts, not in a traceback."""
     from accelerate.utils import imports
 
     for name in trackers:
         if name != "all" and not getattr(imports, f"is_{name}_available")():
             package = PIP_PACKAGES.get(name, name)
             raise UserError(f"--log-with {name}: the tracker is not installed; pip install {package}")
+    if ("wandb" in trackers or ("all" in trackers and imports.is_wandb_available())) and not _wandb_can_log():
+        raise UserError("--log-with wandb: not logged in to wandb; run `wandb login` (or set WANDB_API_KEY), or log "
+                        "offline with WANDB_MODE=offline")
+
+
+def _wandb_can_log() -> bool:
+    """Offline or disabled (WANDB_MODE, or `wandb offline`'s settings file), or credentials where wandb looks for
+    them (WANDB_API_KEY, an identity token, a netrc entry for its host); no network is asked."""
+    settings = configparser.ConfigParser()
+    settings.read(Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings")
+    mode = os.environ.get("WANDB_MODE") or settings.get("default", "mode", fallback="")
+    if mode.lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY") or \
+            os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def logging_dir(output_dir: Path) -> Path:

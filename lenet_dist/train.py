@@ -11,7 +11,6 @@ Only the main process (rank 0) prints and writes into the output directory. `tra
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import time
@@ -28,16 +27,17 @@ from lenet_dist.checkpoint import (
     RunState,
     checkpoint_to_resume,
     complete_checkpoints,
+    initialize_from,
     restore_checkpoint,
     save_checkpoint,
     trajectory_of,
 )
 from lenet_dist.config import TrainConfig, parse_train_config
 from lenet_dist.data import ShuffledBatches, ensure_dataset
-from lenet_dist.errors import UsageError, UserError, exit_on_user_error, launched_as_rank_zero
+from lenet_dist.errors import UsageError, UserError, exit_on_user_error, exit_quickly, launched_as_rank_zero
 from lenet_dist.files import write_json
 from lenet_dist.launching import launch_record, record_stop
-from lenet_dist.outputs import claim_output_dir, versions, write_run_outputs
+from lenet_dist.outputs import abandon_output_dir, claim_output_dir, versions, write_run_outputs
 from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
 from lenet_dist.processes import (
     Ranks,
@@ -48,7 +48,7 @@ from lenet_dist.processes import (
     pin_cores,
     start_processes,
 )
-from lenet_dist.profiling import labelled, profiler_for
+from lenet_dist.profiling import labelled, profiler_for, run_trace_dir
 from lenet_dist.recipe import EvaluationCadence, Trainer, build_trainer, precision_label
 from lenet_dist.reporting import EpochReporter, print_summary
 from lenet_dist.steps import GraphedStep, make_step
@@ -63,27 +63,38 @@ def train(config: TrainConfig) -> dict[str, Any]:
         pin_cores(state)
     data_dir = config.resolved_data_dir()
     ensure_dataset_everywhere(state, data_dir, config.dataset)
-    output_dir = claim_output_dir(state, config)
+    claimed = claim_output_dir(state, config)
+    output_dir = claimed.path
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
     ranks = Ranks(state)
     trainer = build_trainer(config, accelerator, data_dir, output_dir)
 
     run = RunState(trajectory=trajectory_of(config))
-    checkpoint = checkpoint_to_resume(config.resume, output_dir)
+    try:
+        checkpoint = checkpoint_to_resume(config.resume, output_dir)
+        if checkpoint is not None:
+            run = restore_checkpoint(trainer, checkpoint, config)
+        elif config.init_from:
+            initialize_from(trainer, Path(config.init_from))
+        start_trackers(accelerator, config, output_dir)
+    except UserError:
+        abandon_output_dir(state, claimed)  # a refused run leaves nothing behind
+        raise
     if checkpoint is not None:
-        run = restore_checkpoint(trainer, checkpoint, config)
         announce(state, f"resumed from {checkpoint.path}: epoch {run.epoch}, step {run.global_step}"
                         + (f" (saved by {run.processes} processes)" if run.processes != state.num_processes else ""))
-    if accelerator.is_main_process:  # only now: a refused --resume leaves the run's config.json as it was
+    if accelerator.is_main_process:  # only now: a refused run leaves the folder's config.json as it was
         write_json(output_dir / "config.json", asdict(config))
-    start_trackers(accelerator, config, output_dir)
     announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
     trainer.step = make_step(trainer, run)
 
-    profile_dir = Path(config.profile_dir) / output_dir.name
+    profile_dir = run_trace_dir(config.profile_dir, output_dir)
+    if config.profile and checkpoint is None:  # a run started afresh: no traces of an earlier one mixed in
+        for stale in profile_dir.glob(f"rank{state.process_index}.*"):
+            stale.unlink()
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
             predictions = fit(trainer, run, stop, profiler)
@@ -95,7 +106,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.profile:
         announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {profile_dir}")
 
-    metrics = run_metrics(trainer, run)
+    metrics = run_metrics(trainer, run) | {"profile_dir": str(profile_dir.resolve()) if config.profile else None}
     if accelerator.is_main_process:
         network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,
@@ -105,7 +116,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if config.show:
             from lenet_dist.figures import show_png
 
-            show_png(output_dir / "predictions.png")
+            show_png(output_dir / "predictions.png")  # or one line saying why it cannot
     accelerator.end_training()
     return metrics
 
@@ -227,7 +238,8 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
 
         due_checkpoint = checkpoint_due(config, run.global_step)
         pausing = run.batches_done == steps or run.global_step == until_step
-        if run.global_step % config.log_every == 0 or due_checkpoint or pausing:
+        stopping_alone = accelerator.num_processes == 1 and stop.signal is not None  # at this very step
+        if run.global_step % config.log_every == 0 or due_checkpoint or pausing or stopping_alone:
             mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
             if not math.isfinite(mean_loss):
                 bar.close()
@@ -235,12 +247,11 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
                     f"training loss became {mean_loss} by step {run.global_step} (epoch {run.epoch}); "
                     f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr"
                 )
-            accelerator.log({"train/loss": mean_loss, "train/lr": float(trainer.scheduler.get_last_lr()[0])},
-                            step=run.global_step)
+            log_training(trainer, run, mean_loss)
             bar.update(run.batches_done, mean_loss)
             window_loss.zero_()
             window_steps = 0
-            if pausing or stop.agreed(accelerator.device):
+            if pausing or stopping_alone or stop.agreed(accelerator.device):
                 break
         else:
             bar.update(run.batches_done)
@@ -249,11 +260,18 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
             account()
             save_checkpoint(trainer, trainer.output_dir, run, config.keep_checkpoints)
             clock[0] = time.perf_counter()  # saving is not training
-        elif accelerator.num_processes == 1 and stop.signal:  # one process: stop at this very step
-            break
     bar.close()
     account()
     run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
+
+
+def log_training(trainer: Trainer, run: RunState, mean_loss: float) -> None:
+    """The training loss since the last log point (the mean over every process) and the schedule's learning
+    rate after this step: into the run's series (metrics.json, checkpoints) and the trackers."""
+    lr = float(trainer.scheduler.get_last_lr()[0])
+    run.train_log.append({"step": run.global_step, "epoch": run.epoch,
+                          "images": run.global_step * trainer.config.batch_size, "loss": mean_loss, "lr": lr})
+    trainer.accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=run.global_step)
 
 
 def epoch_batches(trainer: Trainer, run: RunState) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -302,7 +320,7 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
     if not epoch_ended:
         announce(accelerator.state, f"epoch {run.epoch}/{config.epochs}  step {run.global_step}  test accuracy "
                                     f"{accuracy:.2%} ({evaluation['eval_samples']:,} images)  "
-                                    f"{run.elapsed_seconds:.1f} s")
+                                    f"elapsed {run.elapsed_seconds:.1f} s")
         return
     record = {
         "epoch": run.epoch,
@@ -317,7 +335,7 @@ def record_evaluation(accelerator: Accelerator, config: TrainConfig, run: RunSta
     accelerator.log({"train/images_per_second": record["train_images_per_second"]}, step=run.global_step)
     announce(accelerator.state,
              f"epoch {run.epoch}/{config.epochs}  train loss {record['train_loss']:.4f}  test accuracy {accuracy:.2%} "
-             f"({record['eval_samples']:,} images)  {record['train_seconds']:.1f} s  "
+             f"({record['eval_samples']:,} images)  {record['train_seconds']:.1f} s training  "
              f"{record['train_images_per_second']:,.0f} images/s")
 
 
@@ -335,9 +353,12 @@ def run_metrics(trainer: Trainer, run: RunState) -> dict[str, Any]:
         "versions": versions(),
         "steps_per_epoch": len(trainer.batches),
         "epochs": run.epochs,
+        "train_log": run.train_log,
         "evaluations": run.evaluations,
         "final_test_accuracy": run.evaluations[-1]["test_accuracy"],
-        "reached_target": reached[0] if reached else None,
+        # the first evaluation at ≥ the target; False for a target that was missed, None without one
+        "reached_target": reached[0] if reached else (False if config.target_accuracy is not None else None),
+        "best_evaluation": max(run.evaluations, key=lambda e: e["test_accuracy"]),
         "train_seconds": run.train_seconds,
         "eval_seconds": run.eval_seconds,
         "compile_seconds": run.compile_seconds,
@@ -355,16 +376,13 @@ def run(config: TrainConfig) -> int:
         return stopped.exit_status
     finally:
         end_processes()
-        # Tearing the interpreter down otherwise spends ~0.7 s garbage-collecting the object graphs of
-        # torch and dynamo (imported by every optimizer); frozen, they are simply freed.
-        gc.freeze()
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error(), launch_record():
         status = run(parse_train_config(argv))
-    sys.exit(status)
+    exit_quickly(status)
 
 
 if __name__ == "__main__":

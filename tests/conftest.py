@@ -25,16 +25,18 @@ from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.runs import free_port
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import SPLIT_FILES
+from lenet_dist.profiling import run_trace_dir
 from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TRAIN = [sys.executable, "-m", "lenet_dist.train"]
-# The folders `make data` fills; subprocesses read LENET_DATA_DIR the way a user's runs do.
-os.environ.setdefault("LENET_DATA_DIR", str(ROOT / "data"))
-FASHION_DIR = Path(os.environ.get("LENET_FASHION_DIR") or os.environ["LENET_DATA_DIR"])
+# The folders `make data` fills (./data unless the variables say otherwise), made absolute: the tests start
+# processes from other folders too, which read LENET_DATA_DIR the way a user's runs do.
+os.environ["LENET_DATA_DIR"] = str((ROOT / os.environ.get("LENET_DATA_DIR", "data")).resolve())
+FASHION_DIR = (ROOT / (os.environ.get("LENET_FASHION_DIR") or os.environ["LENET_DATA_DIR"])).resolve()
 FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
-RUN_FILES = ("checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+RUN_FILES = (".lenet-dist.lock", "checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -97,7 +99,7 @@ def single_process_profile(tmp_path_factory, data_dir) -> tuple[Path, subprocess
     result = run([*TRAIN, "--target-accuracy", "0.95", "--profile", "--profile-dir", str(root / "profiles"),
                   "--output-dir", str(root / "run")])
     assert result.returncode == 0, result.stderr
-    return root / "profiles" / "run", result
+    return run_trace_dir(str(root / "profiles"), root / "run"), result
 
 
 def run(

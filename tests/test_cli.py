@@ -137,3 +137,31 @@ def test_flags_are_generated_from_a_dataclass():
         name="x", files=["f1", "f2"], count=5, ratio=0.5, mode="b", resume="latest", fast=False)
     assert parse("x", "--resume", "dir").resume == "dir"
     assert "(default: 3)" in parser.format_help() and "FILE" in parser.format_help()
+
+
+@pytest.mark.parametrize(("flags", "meant"), [(["--epoch", "1"], "--epochs"),
+                                              (["--target-acc", "0.9"], "--target-accuracy")])
+def test_a_prefix_of_a_flag_is_an_error_that_names_the_flag(flags, meant, capsys, tmp_path):
+    """A flag added later must not change what an old command line means: prefixes are not flags."""
+    status, out, err = exit_of(["train", *flags, "--output-dir", str(tmp_path / "out")], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"did you mean {meant}?" in err and "(see lenet-dist train --help)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_each_default_once_and_the_default_of_on_off_flags(capsys):
+    _, out, _ = exit_of(["train", "--help"], capsys)
+    text = " ".join(out.split())
+    assert "(default: None)" not in text  # --data-dir says its default in words, once
+    assert "$LENET_DATA_DIR, else ./data" in text
+    assert "channels-last (oneDNN's fast layout on CPU) (default: on)" in text
+    assert "--compile" in text and "(inductor) (default: off)" in text
+
+
+def test_a_launch_config_is_found_by_its_file_name_too():
+    from lenet_dist.launching import config_path
+
+    assert config_path("cpu_ddp") == config_path("cpu-ddp") == config_path("cpu_ddp.yaml")
+    assert config_path("cpu-ddp").name == "cpu_ddp.yaml"
+    with pytest.raises(UsageError, match="choose from cpu-ddp"):
+        config_path("cpu")

@@ -31,6 +31,13 @@ def test_reads_torchvision_raw_layout(tmp_path, tiny):
     assert split.labels.dtype == torch.int64
 
 
+def test_reads_the_data_sets_own_folder_the_one_holding_raw(tmp_path, tiny):
+    """--data-dir data/MNIST (the folder torchvision made) as well as --data-dir data."""
+    images, labels = tiny
+    write_split(tmp_path / "MNIST" / "raw", "test", images, labels)
+    assert torch.equal(load_split(tmp_path / "MNIST", "test", "mnist").images, images.to(torch.uint8))
+
+
 def test_reads_flat_gzipped_folder(tmp_path, tiny):
     images, labels = tiny
     write_split(tmp_path, "train", images, labels, compress=True)
@@ -56,6 +63,21 @@ def test_image_and_label_counts_must_agree(tmp_path, tiny):
     images, labels = tiny
     write_split(tmp_path, "test", images, labels[:4])
     with pytest.raises(UserError, match="5 images but .* 4 labels"):
+        load_split(tmp_path, "test", "mnist")
+
+
+def test_a_label_outside_the_classes_names_the_file_and_the_first_bad_index(tmp_path, tiny):
+    images, labels = tiny
+    labels = labels.clone()
+    labels[2], labels[4] = 200, 10
+    write_split(tmp_path, "test", images, labels)
+    with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte: label 200 at index 2 is not one of mnist's 10 "):
+        load_split(tmp_path, "test", "mnist")
+
+
+def test_images_that_are_not_28_by_28_name_the_file(tmp_path):
+    write_split(tmp_path, "test", torch.zeros(3, 32, 32, dtype=torch.uint8), torch.tensor([1, 2, 3]))
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte holds images of shape \(32, 32\), not 28×28"):
         load_split(tmp_path, "test", "mnist")
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path):
     checkpoint = short_run / "checkpoints" / "step-00000100"
     result = run([*TRAIN, "--epochs", "1", "--batch-size", "512", "--lr", "0.01", "--resume", str(checkpoint),
                   "--output-dir", str(tmp_path)], timeout=120)
-    one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)")
+    one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)", f"--init-from {checkpoint}")
 
 
 def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path):
@@ -179,3 +180,77 @@ def test_a_run_that_fails_leaves_the_process_group(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "refused: --resume: no checkpoint" in result.stdout
     assert "still in a process group: False" in result.stdout
+
+
+def test_only_failures_to_write_count_as_write_failures():
+    """A full disk gets "free space" advice; an error that is not about writing (out of memory, a bug) must not."""
+    from lenet_dist.files import is_write_failure
+
+    assert is_write_failure(OSError(28, "No space left on device"))
+    assert is_write_failure(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598"))
+    assert is_write_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert not is_write_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x400 and 256x120)"))
+
+
+def test_two_runs_started_together_into_one_output_dir_run_once(tmp_path, mnist_slice):
+    """The output dir is claimed atomically (an exclusive lock): one run trains, the other refuses in one line."""
+    command = [*TRAIN, "--epochs", "1", "--batch-size", "256", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    env = {"LENET_DATA_DIR": str(mnist_slice)}
+    both = [start(command, env=env), start(command, env=env)]
+    results = [(process.returncode, *outputs) for process, outputs in
+               ((process, process.communicate(timeout=300)) for process in both)]
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [0, 2], [(status, err[-1500:]) for status, _, err in results]
+    (_, _, refusal), = [result for result in results if result[0] == 2]
+    (line,) = refusal.strip().splitlines()
+    assert line.startswith(f"error: --output-dir {tmp_path / 'run'} ") and (
+        "is in use by another run (pid " in line or "already holds a finished run" in line), line
+    assert read_metrics(tmp_path / "run")["epochs"][0]["epoch"] == 1
+
+
+def test_train_run_leaves_the_garbage_collector_as_it_found_it(tmp_path, mnist_slice):
+    """train.run is callable again and again in one process (a sweep, a notebook): freezing the collector, the
+    start-up's saving at exit, is the command line's business, not run()'s."""
+    script = (
+        "import gc, sys\nfrom lenet_dist import train\nfrom lenet_dist.config import TrainConfig\n"
+        f"status = train.run(TrainConfig(epochs=1, batch_size=512, target_accuracy=0.5, progress=False, "
+        f"data_dir='{mnist_slice}', output_dir='{tmp_path / 'run'}'))\n"
+        "print('status', status, 'frozen', gc.get_freeze_count())\n"
+    )
+    result = run([sys.executable, "-c", script], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "status 0 frozen 0" in result.stdout
+
+
+def test_a_refused_run_creates_nothing(tmp_path):
+    output = tmp_path / "new"
+    result = run([*TRAIN, "--resume", "--output-dir", str(output)], timeout=120)
+    one_line_error(result, 2, "--resume: no checkpoint in")
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_overwrite_leaves_no_trace_of_the_old_run(tmp_path, mnist_slice):
+    """Neither its TensorBoard events (TensorBoard would mix the two runs) nor its profiler traces."""
+    output, profiles = tmp_path / "run", tmp_path / "profiles"
+    short = [*TRAIN, "--epochs", "1", "--batch-size", "512", "--no-progress", "--output-dir", str(output),
+             "--profile-dir", str(profiles)]
+    env = {"LENET_DATA_DIR": str(mnist_slice)}
+    first = run([*short, "--log-with", "tensorboard", "--profile", "--profile-wait", "1"], env=env)
+    assert first.returncode == 0, first.stderr
+    old_traces = Path(read_metrics(output)["profile_dir"])
+    assert (output / "trackers").is_dir() and list(old_traces.glob("rank0.*.pt.trace.json"))
+    second = run([*short, "--overwrite", "--seed", "1"], env=env)
+    assert second.returncode == 0, second.stderr
+    assert not (output / "trackers").exists() and not old_traces.exists()
+    assert read_metrics(output)["config"]["seed"] == 1 and read_metrics(output)["profile_dir"] is None
+
+
+def test_wandb_without_a_login_is_refused_before_the_run_starts(tmp_path):
+    """Not a 30-line traceback and a half-written config.json: one line naming the way out, and nothing made."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "NETRC"))}
+    result = subprocess.run([*TRAIN, "--log-with", "wandb", "--output-dir", str(tmp_path / "run")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env={**env, "HOME": str(tmp_path)})
+    one_line_error(result, 1, "--log-with wandb: not logged in", "wandb login", "WANDB_MODE=offline")
+    assert not (tmp_path / "run").exists()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 
 import pytest
 
 from conftest import BIN, launch_ddp, one_line_error, run
+from lenet_dist.profiling import run_trace_dir
 
 # torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
 TB_PLUGIN_LOAD = """
@@ -61,22 +61,15 @@ def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
-    def profile_run(attempt: str):
-        folder = tmp_path / attempt
-        return run(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(folder / "profiles"),
-                              "--output-dir", str(folder / "run")))
-
-    result, attempt = profile_run("first"), "first"
-    # torch 2.14.1's profiler (kineto) on CPU once aborted a rank in C++ right after profiler_stop, in 1 of
-    # about 25 such runs here; that crash, and only that one, gets a second try: anything else fails at once
-    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
-        warnings.warn(f"a rank aborted inside torch's profiler; retried:\n{result.stderr[-1500:]}", stacklevel=1)
-        result, attempt = profile_run("second"), "second"
+    result = run(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(tmp_path / "profiles"),
+                            "--output-dir", str(tmp_path / "run")))
     assert result.returncode == 0, result.stderr
-    trace_dir = tmp_path / attempt / "profiles" / "run"
+    trace_dir = run_trace_dir(str(tmp_path / "profiles"), tmp_path / "run")
     assert sorted(p.name.split(".")[0] for p in trace_dir.iterdir()) == ["rank0", "rank1"]
     assert result.stdout.count("profiler traces") == 1
-    shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
+    # on a machine without a GPU the profiler's engine says nothing (no start/stop lines, no GPU count errors)
+    assert "USDT" not in result.stderr and "gpuGetDeviceCount" not in result.stderr, result.stderr[-2000:]
+    shown = run([str(BIN / "lenet-dist"), "inspect", str(tmp_path / "run"), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     workers = json.loads(shown.stdout)["workers"]
     assert list(workers) == ["rank0", "rank1"]

@@ -60,6 +60,7 @@ def test_rich_progress_bar_on_a_terminal(tmp_path, data_dir):
     shown = b"".join(chunks).decode(errors="replace")
     assert process.returncode == 0
     assert "img/s" in shown and "━" in shown and "\x1b[" in shown  # a live rich bar
+    assert " 0 img/s" not in shown and "nan" not in shown  # blank until measured, at the start and after evaluations
     assert not re.search(r"epoch 1/2  step \d+/468", shown)  # not the plain log lines
 
 
