@@ -15,55 +15,26 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # traces.py imports this module; the types are only needed for annotations
+from lenet_dist.trace_events import (
+    GPU_WORK,
+    LAUNCHES,
+    STEP_MARKER,
+    Event,
+    Interval,
+    Window,
+    in_windows,
+    intersect,
+    length,
+    merge,
+)
+
+if TYPE_CHECKING:  # rich is imported only when a report is printed
     from rich.console import Console
 
-    from lenet_dist.traces import Event, Window
-
-GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
-LAUNCHES = ("cuda_runtime", "cuda_driver")
-STEP_MARKER = "ProfilerStep#"
 # The innermost op around an NCCL launch is record_param_comms, which does not say which collective it was.
 COLLECTIVES = ("c10d::", "nccl:")
 UNATTRIBUTED = "<unattributed>"
 IDLE_GAPS = 3
-
-Interval = tuple[float, float]
-
-
-def merge(intervals: Iterable[Interval]) -> list[Interval]:
-    """The union of [start, end) intervals, as sorted disjoint intervals."""
-    merged: list[Interval] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def intersect(a: list[Interval], b: list[Interval]) -> list[Interval]:
-    """The intersection of two unions (each sorted and disjoint, as merge returns them)."""
-    common: list[Interval] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if start < end:
-            common.append((start, end))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return common
-
-
-def length(intervals: list[Interval]) -> float:
-    return sum(end - start for start, end in intervals)
-
-
-def in_windows(start: float, windows: list[Window]) -> bool:
-    """Whether an event that starts at `start` belongs to one of the analysed steps."""
-    return any(window.start <= start < window.end for window in windows)
 
 
 def is_nccl(kernel_name: str) -> bool:

@@ -1,6 +1,7 @@
-"""`lenet-dist inspect profiles/<run>`: where a training step's time goes, per rank, without TensorBoard.
+"""`lenet-dist inspect RUN`: where a training step's time goes, per rank, without TensorBoard.
 
-Reads the Chrome-trace JSON files the profiler wrote (rank<N>.<ms>.pt.trace.json[.gz]) and reports
+Reads the Chrome-trace JSON files the profiler wrote (rank<N>.<ms>.pt.trace.json[.gz]): those of a run's
+output folder (its metrics.json names their folder), of a folder of them, or one such file. It reports
 the operators with the most self time, the share of step time spent in convolutions (forward and
 backward, per layer), and step-time statistics, one column per rank so a straggler stands out.
 Operator times are host-side (CPU) times; on a GPU they measure launch and synchronisation, so a trace
@@ -12,66 +13,85 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from lenet_dist.config import InspectConfig
 from lenet_dist.errors import UserError
 from lenet_dist.files import read_maybe_gzipped, write_json
-from lenet_dist.gpu_trace import GPU_WORK, LAUNCHES, STEP_MARKER, analyse_gpu, in_windows, print_gpu_report
+from lenet_dist.gpu_trace import analyse_gpu, print_gpu_report
+from lenet_dist.trace_events import CATEGORIES, HOST, STEP_MARKER, Event, Window, in_windows
 
 TRACE_NAME = re.compile(r"^(?P<worker>.+?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")
 RANK_NAME = re.compile(r"^rank(\d+)$")
+# outputs.METRICS_FILE, spelled here: outputs imports torch, which inspect never loads
+RUN_METRICS = "metrics.json"
 CONV_FORWARD = {"aten::conv2d", "aten::convolution"}
 CONV_BACKWARD = {"aten::convolution_backward"}
-HOST = ("cpu_op", "user_annotation")
-CATEGORIES = frozenset((*HOST, *GPU_WORK, *LAUNCHES))  # the events analysed; the rest are skipped on load
 STEP_WINDOWS = "ProfilerStep markers"
 WHOLE = "whole trace"
 WHOLE_TRACE = f"{WHOLE} (no ProfilerStep markers)"
 
 
-@dataclass
-class Event:
-    name: str
-    category: str
-    start: float  # µs
-    duration: float
-    thread: tuple[Any, Any]
-    args: dict[str, Any]
-    children: list[Event] = field(default_factory=list)
+class Recording(NamedTuple):
+    """One trace file's events, and the process that recorded them (`pid 812 on node3`)."""
 
-    @property
-    def end(self) -> float:
-        return self.start + self.duration
-
-    @property
-    def self_time(self) -> float:
-        return self.duration - sum(child.duration for child in self.children)
+    events: list[Event]
+    process: str
 
 
-class Window(NamedTuple):
-    """A stretch of a trace that the figures cover: one profiled step, or the whole trace."""
+def find_traces(given: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """The trace files to read for what the user named, and the file or folder they are in: a run's output
+    folder (the folder its metrics.json records as profile_dir), a folder of trace files, or one trace file."""
+    if given.is_file():
+        match = TRACE_NAME.match(given.name)
+        if not match:
+            raise UserError(f"{given} is not a *.pt.trace.json[.gz] file; pass a run's output folder, a trace "
+                            "folder or one trace file")
+        return given, {match["worker"]: [given]}
+    if not given.is_dir():
+        raise UserError(f"{given} does not exist; pass a run's output folder, a trace folder or one trace file")
+    folder = recorded_profile_dir(given) or given
+    return folder, trace_files(folder)
 
-    name: str
-    start: float  # µs
-    end: float
+
+def recorded_profile_dir(run_dir: Path) -> Path | None:
+    """The trace folder a finished run's metrics.json records, if the folder holds one that records it."""
+    metrics_path = run_dir / RUN_METRICS
+    if not metrics_path.is_file():
+        return None
+    try:
+        recorded = json.loads(metrics_path.read_text()).get("profile_dir")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise UserError(f"{metrics_path} is not readable JSON (truncated or corrupt); pass the run's trace "
+                        "folder instead") from None
+    if not recorded:  # a run trained without --profile, or before runs recorded where their traces went
+        return None
+    recorded_dir = Path(recorded)  # train records it as an absolute path
+    if recorded_dir.is_dir() and traces_by_worker(recorded_dir):
+        return recorded_dir
+    raise UserError(f"{metrics_path} records profile_dir {recorded}, which holds no trace files (moved or "
+                    "deleted?); pass the folder the traces are in now")
 
 
-def trace_files(run_dir: Path) -> dict[str, list[Path]]:
-    """Trace files grouped by worker (rank0, rank1, …; several files when the schedule repeats)."""
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a folder; pass profiles/<run> as written by train --profile")
+def trace_files(folder: Path) -> dict[str, list[Path]]:
+    """A folder's trace files grouped by worker (rank0, rank1, …; several files when the schedule repeats)."""
+    workers = traces_by_worker(folder)
+    if not workers:
+        raise UserError(f"no *.pt.trace.json[.gz] files in {folder}; pass a run's output folder, a trace folder or "
+                        "one trace file, recorded with `lenet-dist train --profile`")
+    return workers
+
+
+def traces_by_worker(folder: Path) -> dict[str, list[Path]]:
     workers: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(run_dir.iterdir()):
+    for path in sorted(folder.iterdir()):
         match = TRACE_NAME.match(path.name)
         if match and path.is_file():
             workers[match["worker"]].append(path)
-    if not workers:
-        raise UserError(f"no *.pt.trace.json files in {run_dir}; record some with `lenet-dist train --profile`")
     return dict(sorted(workers.items(), key=lambda item: _rank_order(item[0])))
 
 
@@ -80,18 +100,46 @@ def _rank_order(worker: str) -> tuple[int, str]:
     return (int(match[1]) if match else 1 << 30, worker)
 
 
-def load_events(path: Path) -> list[Event]:
+def load_trace(path: Path) -> Recording:
     try:
         trace = json.loads(read_maybe_gzipped(path))
-        events = trace["traceEvents"]
-    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raw = trace["traceEvents"]
+        host_name = trace.get("host_name")
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path} is not a readable Chrome trace (truncated or corrupt); re-record it") from None
-    return [
+    events = [
         Event(e["name"], e["cat"], float(e["ts"]), float(e["dur"]), (e.get("pid"), e.get("tid")), e.get("args") or {})
-        for e in events
+        for e in raw
         if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in CATEGORIES
         and "ts" in e and "dur" in e
     ]
+    # host ranges carry the recording process's pid (GPU work carries the device's)
+    pids = sorted({str(event.thread[0]) for event in events if event.category in HOST})
+    process = f"pid {'/'.join(pids) or '?'}" + (f" on {host_name}" if host_name else "")
+    return Recording(events, process)
+
+
+def count_recordings(processes: list[str], windows: list[Window]) -> tuple[int, str]:
+    """How many runs' processes one worker's trace files come from (at least), and what says so ("" for one).
+
+    Two signals, because neither holds alone: each run is a process of its own, so two pids mean two runs,
+    but a container can give every run the same pid; and a run's one profiler numbers its steps
+    ProfilerStep#0, #1, … on through all its recording cycles, so a step number recorded twice means two
+    runs, but runs with different schedules record different steps. The file names' unix-ms stamps and
+    the trace's clock (baseTimeNanoseconds) cannot tell a repeated cycle from a re-run, and the number of
+    files says nothing without the schedule's --profile-repeat, which the traces do not record. A run
+    interrupted and resumed counts as two: a new process, whose profiler starts again at step 0.
+    """
+    steps = Counter(int(window.name.removeprefix(STEP_MARKER)) for window in windows
+                    if window.name.startswith(STEP_MARKER))
+    distinct = list(dict.fromkeys(processes))
+    step, times = steps.most_common(1)[0] if steps else (None, 1)
+    found = []
+    if len(distinct) > 1:
+        found.append(f"{len(distinct)} processes: {', '.join(distinct)}")
+    if times > 1:
+        found.append(f"{STEP_MARKER}{step} recorded {times} times")
+    return max(len(distinct), times), "; ".join(found)
 
 
 def step_windows(events: list[Event], path: Path) -> list[Window]:
@@ -135,10 +183,13 @@ def _layer(event: Event, weight_argument: int) -> str:
 def analyse_worker(paths: list[Path]) -> dict[str, Any]:
     events: list[Event] = []
     windows: list[Window] = []
+    processes: list[str] = []
     for path in paths:  # one file per recording cycle; cycles do not overlap in time, so their events pool
-        loaded = load_events(path)
-        events += loaded
-        windows += step_windows(loaded, path)
+        recording = load_trace(path)
+        events += recording.events
+        windows += step_windows(recording.events, path)
+        processes.append(recording.process)
+    recordings, recordings_found = count_recordings(processes, windows)
     by_thread: dict[tuple, list[Event]] = defaultdict(list)
     for event in events:
         if event.category in HOST:
@@ -162,6 +213,8 @@ def analyse_worker(paths: list[Path]) -> dict[str, Any]:
     steps_seen = len(step_ms)
     report = {
         "files": [str(p) for p in paths],
+        "recordings": recordings,
+        "recordings_found": recordings_found,
         "window": WHOLE_TRACE if any(window.name == WHOLE for window in windows) else STEP_WINDOWS,
         "steps": steps_seen,
         "step_ms": {
@@ -193,8 +246,33 @@ def _collect_conv(event: Event, conv_us: dict[str, float], inside_conv: bool, co
         _collect_conv(child, conv_us, inside_conv, counts)
 
 
-def inspect_run(run_dir: Path) -> dict[str, Any]:
-    return {"run_dir": str(run_dir), "workers": {w: analyse_worker(p) for w, p in trace_files(run_dir).items()}}
+def inspect_run(given: Path) -> dict[str, Any]:
+    """The report on a run's output folder, a trace folder or one trace file (see find_traces)."""
+    traces, files = find_traces(given)
+    workers = {worker: analyse_worker(paths) for worker, paths in files.items()}
+    return {
+        "run_dir": str(given),
+        "traces": str(traces),
+        "workers": workers,
+        # a worker whose files come from several runs (or a run and its resumption): its figures pool their steps
+        "mixed_runs": {worker: {"recordings": result["recordings"], "found": result["recordings_found"]}
+                       for worker, result in workers.items() if result["recordings"] > 1},
+    }
+
+
+def mixed_runs_warning(report: dict[str, Any]) -> str | None:
+    """One line saying which workers' traces in the report's folder come from several runs, or None."""
+    if not report["mixed_runs"]:
+        return None
+    found = "; ".join(f"{worker}: {mixed['recordings']} recordings ({mixed['found']})"
+                      for worker, mixed in report["mixed_runs"].items())
+    return (f"warning: {report['traces']} mixes runs (or a run and its resumption), whose steps are pooled here: "
+            f"{found}; to read one run, move the other's rank<N>.<ms> files away")
+
+
+def _title(report: dict[str, Any]) -> str:
+    named, traces = report["run_dir"], report["traces"]
+    return f"[bold]{named}[/bold]" + (f" (traces: {traces})" if traces != named else "")
 
 
 def print_report(report: dict[str, Any], top: int) -> None:
@@ -208,7 +286,7 @@ def print_report(report: dict[str, Any], top: int) -> None:
     for result in workers.values():
         for name, ms in result["self_ms_per_step"].items():
             ranking[name] += ms
-    console.print(f"[bold]{report['run_dir']}[/bold]: {len(workers)} trace worker(s)")
+    console.print(f"{_title(report)}: {len(workers)} trace worker(s)")
     if any(r["window"] == WHOLE_TRACE for r in workers.values()):
         console.print(f"profiled window: {WHOLE_TRACE}")
     ops = Table(title=f"self time per step (ms), top {top}")
@@ -261,12 +339,35 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     if all("gpu" in worker for report in (a, b) for worker in report["workers"].values()):
         figures |= {"gpu_busy_share": lambda w: w["gpu"]["busy_share"],
                     "kernel_ms_per_step": lambda w: w["gpu"]["kernel_ms_per_step"]}
+    a_range, b_range = step_ms_range(a), step_ms_range(b)
     return {
         "run_dirs": [a["run_dir"], b["run_dir"]],
         "ranks": [len(a["workers"]), len(b["workers"])],
+        "mixed_runs": [a["mixed_runs"], b["mixed_runs"]],
         "self_ms_per_step": sorted(operators, key=lambda row: (-abs(row["change"]), row["name"])),
         "figures": {key: _change(mean(a, figure), mean(b, figure)) for key, figure in figures.items()},
+        "step_ms_range": {
+            "a": a_range, "b": b_range,
+            # a step-time median that moved less than the steps themselves vary is not a measured change
+            "within_noise": a_range["min"] <= b_range["max"] and b_range["min"] <= a_range["max"],
+        },
     }
+
+
+def step_ms_range(report: dict[str, Any]) -> dict[str, float]:
+    """The shortest and the longest step of any rank: the spread a change in the median is held against
+    (over all ranks, so that a straggler's slow steps count as the noise they are)."""
+    workers = report["workers"].values()
+    return {"min": min(w["step_ms"]["min"] for w in workers), "max": max(w["step_ms"]["max"] for w in workers)}
+
+
+def noise_verdict(comparison: dict[str, Any]) -> str:
+    """Whether B's step time differs from A's by more than their steps vary, in words."""
+    spread = comparison["step_ms_range"]
+    if spread["within_noise"]:
+        return "step time: within noise: the step-time ranges overlap"
+    change = comparison["figures"]["step_ms_median"]["change"]
+    return f"step time: B−A {change:+.2f} ms, beyond noise: the step-time ranges do not overlap"
 
 
 def print_comparison(comparison: dict[str, Any], top: int) -> None:
@@ -276,6 +377,7 @@ def print_comparison(comparison: dict[str, Any], top: int) -> None:
 
     console = wide_console(100 + 14 * 4)
     (a, b), (a_ranks, b_ranks) = comparison["run_dirs"], comparison["ranks"]
+    spread = comparison["step_ms_range"]
     console.print(f"A: [bold]{a}[/bold] ({a_ranks} rank(s))\nB: [bold]{b}[/bold] ({b_ranks} rank(s))")
 
     def ratio(row: dict[str, Any]) -> str:
@@ -299,11 +401,18 @@ def print_comparison(comparison: dict[str, Any], top: int) -> None:
         else:
             cells = (f"{row['a']:.2f}", f"{row['b']:.2f}", f"{row['change']:+.2f}")
         figures.add_row(labels[key], *cells, ratio(row))
+        if key == "step_ms_median":
+            ranges = (f"{spread[side]['min']:.2f} / {spread[side]['max']:.2f}" for side in ("a", "b"))
+            figures.add_row("step ms (min / max, all ranks)", *ranges, "overlap" if spread["within_noise"] else "apart",
+                            "")
     console.print(figures)
+    console.print(noise_verdict(comparison))
 
 
 def run(config: InspectConfig) -> dict[str, Any]:
     reports = [inspect_run(Path(run_dir)) for run_dir in config.run_dirs]
+    for warning in filter(None, map(mixed_runs_warning, reports)):
+        print(warning, file=sys.stderr, flush=True)  # on stderr, so that `--json -` stays JSON
     report, show = (compare_runs(*reports), print_comparison) if len(reports) == 2 else (reports[0], print_report)
     if config.json == "-":
         print(json.dumps(report, indent=2))

@@ -1,4 +1,6 @@
-"""`lenet-dist inspect` on GPU traces, traces without step markers, gzipped traces, and two runs side by side.
+"""`lenet-dist inspect` on GPU traces, traces without step markers, gzipped traces, and two runs side by side;
+what it accepts (a run's output folder, a trace folder, one trace file); folders that mix runs; and the trace
+modules' imports, which must not go round in a circle.
 
 The GPU figures are checked against a computation from the raw events written here on its own terms: a
 1-µs boolean timeline per kind of GPU work, and a brute-force search for the host ranges around each launch.
@@ -6,8 +8,11 @@ The GPU figures are checked against a computation from the raw events written he
 
 from __future__ import annotations
 
+import ast
 import gzip
+import importlib
 import json
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -15,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TRAIN, one_line_error, run
+from conftest import ROOT, TRAIN, one_line_error, run
 from lenet_dist import traces
 from lenet_dist.config import InspectConfig
+from lenet_dist.errors import UserError
 
 # Two real Kineto traces of a 128-rank NCCL job on A100s (see their README); gzipped, as torch writes them.
 GPU_TRACES = Path(__file__).parent / "data" / "gpu-traces"
@@ -124,10 +130,10 @@ def launch(ts: float, correlation: int, tid: int = 1) -> dict:
             "args": {"correlation": correlation}}
 
 
-def write_trace(folder: Path, events: list[dict], gz: bool = False) -> Path:
+def write_trace(folder: Path, events: list[dict], gz: bool = False, name: str = "rank0.1") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"traceEvents": [{"ph": "M", "name": "process_name", "pid": 7}, *events]})
-    path = folder / f"rank0.1.pt.trace.json{'.gz' if gz else ''}"
+    path = folder / f"{name}.pt.trace.json{'.gz' if gz else ''}"
     path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
     return path
 
@@ -176,12 +182,13 @@ def test_kernels_are_charged_to_the_operator_that_launched_them(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_profiles(tmp_path_factory, single_process_profile):
-    """The default recipe (A, the shared profile) and the same with --no-channels-last (B)."""
+    """The default recipe (A, the shared profile's trace folder) and the same with --no-channels-last (B, named by
+    its run's output folder, whose metrics.json records where its traces went)."""
     root = tmp_path_factory.mktemp("profiles")
     result = run([*TRAIN, "--target-accuracy", "0.95", "--no-channels-last", "--profile", "--profile-dir",
                   str(root), "--output-dir", str(root / "runs" / "b")])
     assert result.returncode == 0, result.stderr[-2000:]
-    return single_process_profile[0], root / "b"
+    return single_process_profile[0], root / "runs" / "b"
 
 
 @pytest.mark.slow
@@ -204,15 +211,20 @@ def test_inspect_compares_two_runs(two_profiles, capsys):
         pytest.approx(a["step_ms"]["median"]), pytest.approx(b["step_ms"]["median"]))
     assert (figures["conv_share"]["a"], figures["conv_share"]["b"]) == (
         pytest.approx(a["conv_share"]), pytest.approx(b["conv_share"]))
+    spread = comparison["step_ms_range"]
+    assert (spread["a"], spread["b"]) == ({"min": a["step_ms"]["min"], "max": a["step_ms"]["max"]},
+                                          {"min": b["step_ms"]["min"], "max": b["step_ms"]["max"]})
+    assert comparison["mixed_runs"] == [{}, {}]  # a real run's cycles are not taken for several runs
 
     traces.run(InspectConfig(run_dirs=[str(p) for p in two_profiles], top=8))
     table = capsys.readouterr().out
     assert "B−A" in table and rows[0]["name"] in table and "conv fwd+bwd share" in table
+    assert "step ms (min / max, all ranks)" in table and "step time: " in table
 
 
 @pytest.mark.parametrize("folders", [[], ["a", "b", "c"]])
 def test_inspect_takes_one_or_two_folders(folders):
-    one_line_error(run([*INSPECT, *folders], timeout=60), 2, "pass one profile folder, or two")
+    one_line_error(run([*INSPECT, *folders], timeout=60), 2, "pass one run, trace folder or trace file, or two")
 
 
 def test_inspect_prints_the_gpu_section_of_gzipped_traces(gpu_traces):
@@ -220,3 +232,227 @@ def test_inspect_prints_the_gpu_section_of_gzipped_traces(gpu_traces):
     assert shown.returncode == 0, shown.stderr
     for needle in ("GPU busy", "44.5%", "46.8%", "nccl:all_to_all", "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t"):
         assert needle in shown.stdout, needle
+
+
+def test_inspect_reads_a_run_folder_a_trace_folder_or_one_trace_file(tmp_path, gpu_traces):
+    elsewhere = tmp_path / "traces-of-a"
+    stepped_trace(elsewhere, [1, 2, 3])
+    run_a = tmp_path / "runs" / "a"
+    run_a.mkdir(parents=True)
+    (run_a / "metrics.json").write_text(json.dumps({"profile_dir": str(elsewhere)}))
+    report = traces.inspect_run(run_a)
+    assert (report["run_dir"], report["traces"]) == (str(run_a), str(elsewhere))
+    assert report["workers"]["rank0"]["steps"] == 3
+
+    # a run that records no profile_dir (trained without --profile, or before runs recorded it) but holds traces
+    run_c = tmp_path / "runs" / "c"
+    stepped_trace(run_c, [1])
+    (run_c / "metrics.json").write_text(json.dumps({"epochs": []}))
+    assert traces.inspect_run(run_c)["traces"] == str(run_c)
+
+    one_file = gpu_traces / "rank1.1.pt.trace.json.gz"  # its folder also holds rank0's, which are left out
+    shown = run([*INSPECT, str(one_file), "--json", "-"], timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["traces"] == str(one_file) and list(report["workers"]) == ["rank1"]
+    assert report["workers"]["rank1"]["gpu"]["busy_share"] == pytest.approx(PUBLISHED["rank1"][0], rel=1e-3)
+
+
+def test_inspect_says_in_one_line_what_it_cannot_read(tmp_path):
+    not_a_trace = tmp_path / "notes.txt"
+    not_a_trace.write_text("hello")
+    one_line_error(run([*INSPECT, str(not_a_trace)], timeout=60), 1, str(not_a_trace), "*.pt.trace.json")
+    with pytest.raises(UserError, match="does not exist"):
+        traces.inspect_run(tmp_path / "missing")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "metrics.json").write_text(json.dumps({"profile_dir": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match=f"{moved / 'metrics.json'} records profile_dir {tmp_path / 'gone'}"):
+        traces.inspect_run(moved)
+    unprofiled = tmp_path / "unprofiled"
+    unprofiled.mkdir()
+    (unprofiled / "metrics.json").write_text(json.dumps({"profile_dir": None}))
+    with pytest.raises(UserError, match=r"no \*\.pt\.trace\.json\[\.gz\] files in .*unprofiled"):
+        traces.inspect_run(unprofiled)
+    (unprofiled / "metrics.json").write_text('{"profile_dir": ')
+    with pytest.raises(UserError, match="metrics.json is not readable JSON"):
+        traces.inspect_run(unprofiled)
+
+
+def stepped_trace(folder: Path, step_ms: list[float], name: str = "rank0.1") -> Path:
+    """A trace of back-to-back ProfilerStep windows of the given lengths, one operator in each."""
+    events, start = [], 0.0
+    for number, ms in enumerate(step_ms):
+        events += [host(f"ProfilerStep#{number}", start, ms * 1000, cat="user_annotation"),
+                   host("aten::mm", start + 1, ms * 500)]
+        start += ms * 1000
+    return write_trace(folder, events, name=name)
+
+
+def test_inspect_a_b_says_whether_the_step_time_change_is_within_noise(tmp_path, capsys):
+    a, apart, overlapping = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    stepped_trace(a, [10, 11, 12])
+    stepped_trace(apart, [20, 21, 22])  # every step slower than every step of A
+    stepped_trace(overlapping, [20, 21, 22])
+    stepped_trace(overlapping, [11.5, 12, 13], name="rank1.1")  # one rank's steps overlap A's: the spread is all ranks'
+
+    comparison = traces.run(InspectConfig(run_dirs=[str(a), str(apart)], json="-"))
+    assert json.loads(capsys.readouterr().out) == comparison
+    assert comparison["step_ms_range"] == {
+        "a": {"min": pytest.approx(10), "max": pytest.approx(12)},
+        "b": {"min": pytest.approx(20), "max": pytest.approx(22)},
+        "within_noise": False,
+    }
+    traces.print_comparison(comparison, top=3)
+    table = capsys.readouterr().out
+    assert "step ms (min / max, all ranks)" in table and "10.00 / 12.00" in table and "20.00 / 22.00" in table
+    assert "apart" in table and "step time: B−A +10.00 ms, beyond noise: the step-time ranges do not overlap" in table
+
+    comparison = traces.compare_runs(traces.inspect_run(a), traces.inspect_run(overlapping))
+    assert comparison["step_ms_range"]["b"] == {"min": pytest.approx(11.5), "max": pytest.approx(22)}
+    assert comparison["step_ms_range"]["within_noise"] is True
+    traces.print_comparison(comparison, top=3)
+    table = capsys.readouterr().out
+    assert "overlap" in table and "step time: within noise: the step-time ranges overlap" in table
+
+
+# One run's traces as `train --profile --profile-repeat 2` writes them, through the same profiler: two
+# recording cycles of two steps, so two files of worker rank0.
+RECORD = """
+import sys
+from pathlib import Path
+
+import torch
+
+from lenet_dist.profiling import step_profiler
+
+with step_profiler(Path(sys.argv[1]), "rank0", wait=1, warmup=1, active=2, repeat=2, with_flops=False) as profiler:
+    for _ in range(8):
+        torch.randn(32, 32) @ torch.randn(32, 32)
+        profiler.step()
+"""
+
+
+@pytest.fixture(scope="module")
+def rerun_folder(tmp_path_factory) -> tuple[Path, Path]:
+    """Real traces of a run and of its re-run, recorded into one folder; and a copy of the folder as the first
+    run left it."""
+    root = tmp_path_factory.mktemp("reruns")
+    shared, first = root / "shared", root / "first-run"
+    for attempt in ("first", "rerun"):
+        recorded = run([sys.executable, "-c", RECORD, str(shared)], timeout=300)
+        assert recorded.returncode == 0, recorded.stderr[-2000:]
+        if attempt == "first":
+            shutil.copytree(shared, first)
+    return shared, first
+
+
+def test_one_run_with_two_recording_cycles_is_not_mixed(rerun_folder):
+    _, first = rerun_folder
+    report = traces.inspect_run(first)
+    assert len(report["workers"]["rank0"]["files"]) == 2 and report["workers"]["rank0"]["recordings"] == 1
+    assert report["mixed_runs"] == {} and traces.mixed_runs_warning(report) is None
+
+
+def test_inspect_warns_when_a_folder_mixes_runs(rerun_folder):
+    shared, _ = rerun_folder
+    shown = run([*INSPECT, str(shared), "--json", "-"], timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    (warning,) = shown.stderr.strip().splitlines()
+    assert warning.startswith(f"warning: {shared} mixes runs") and "rank0: 2 recordings (2 processes: pid " in warning
+    report = json.loads(shown.stdout)  # the warning leaves --json - as JSON
+    assert report["workers"]["rank0"]["steps"] == 8 and report["workers"]["rank0"]["recordings"] == 2
+    mixed = report["mixed_runs"]["rank0"]
+    assert mixed["recordings"] == 2 and "2 processes" in mixed["found"] and "recorded 2 times" in mixed["found"]
+
+
+def test_either_sign_alone_tells_two_runs_apart(rerun_folder, tmp_path):
+    """A re-run that got the first run's pid (a container's) shows by its repeated step numbers; a re-run with
+    another schedule (other steps) by its pid."""
+    shared, first = rerun_folder
+    rerun_files = sorted({path.name for path in shared.iterdir()} - {path.name for path in first.iterdir()})
+    first_pid = traces.load_trace(next(first.iterdir())).process
+    rerun_pid = traces.load_trace(shared / rerun_files[0]).process
+
+    def mixed_after(name: str, edit) -> dict:
+        folder = tmp_path / name
+        shutil.copytree(shared, folder)
+        for file in rerun_files:
+            trace = json.loads((folder / file).read_text())
+            trace["traceEvents"] = [edit(event) for event in trace["traceEvents"]]
+            (folder / file).write_text(json.dumps(trace))
+        return traces.inspect_run(folder)["mixed_runs"]["rank0"]
+
+    def pid(text: str) -> int:
+        return int(text.split()[1])
+
+    same_pid = mixed_after("same-pid", lambda e: {**e, "pid": pid(first_pid)} if e.get("pid") == pid(rerun_pid) else e)
+    assert same_pid["recordings"] == 2
+    assert "recorded 2 times" in same_pid["found"] and "processes" not in same_pid["found"]
+
+    def later_steps(event: dict) -> dict:
+        name = event.get("name", "")
+        if not name.startswith("ProfilerStep#"):
+            return event
+        return {**event, "name": f"ProfilerStep#{int(name.removeprefix('ProfilerStep#')) + 100}"}
+
+    other_steps = mixed_after("other-steps", later_steps)
+    assert other_steps["recordings"] == 2
+    assert "2 processes" in other_steps["found"] and "recorded" not in other_steps["found"]
+
+
+def lenet_dist_imports() -> dict[str, set[str]]:
+    """Each lenet_dist module → the lenet_dist modules its source imports: at the top, inside a function or for
+    type checking only, since each of them closes a circle at some point (when it runs, or for a type checker)."""
+    modules = {}
+    for path in (ROOT / "lenet_dist").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = ".".join(filter(None, (package, node.module))) if node.level else node.module
+                # `from lenet_dist import traces` imports a module; `from lenet_dist.traces import run` its module
+                imported |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                             for alias in node.names}
+        graph[name] = (imported & modules.keys()) - {name}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports (`a → b → a`), found depth first; None when there is none."""
+    path: list[str] = []
+    finished: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in finished:
+            return None
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if cycle := visit(imported):
+                return cycle
+        path.pop()
+        finished.add(module)
+        return None
+
+    return next(filter(None, map(visit, sorted(graph))), None)
+
+
+def test_lenet_dist_modules_import_without_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    graph = lenet_dist_imports()
+    assert {"lenet_dist.traces", "lenet_dist.gpu_trace", "lenet_dist.bench.suite"} <= graph.keys()
+    assert "lenet_dist.gpu_trace" in graph["lenet_dist.traces"]
+    cycle = import_cycle(graph)
+    assert cycle is None, " → ".join(cycle)
+    for module in sorted(set(graph) - {"lenet_dist.__main__"}):  # __main__ runs the command
+        importlib.import_module(module)
