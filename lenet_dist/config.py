@@ -33,15 +33,16 @@ TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tenso
 
 def flag(
     default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
-    bare: Any = None, positional: bool = False, metavar: str | None = None,
+    bare: Any = None, positional: bool = False, metavar: str | None = None, required: bool = False,
 ) -> Any:
     """A dataclass field that also carries what argparse needs to expose it.
 
     `bare` is the value the flag takes when given without an argument (`--resume` → "latest").
-    A list default makes a positional argument taking one or more values.
+    A list default makes a positional argument taking one or more values. A `required` flag has no
+    default on the command line (the field's default serves in-process use, where __post_init__ checks it).
     """
     metadata = {"help": doc, "short": short, "choices": choices, "bare": bare, "positional": positional,
-                "metavar": metavar}
+                "metavar": metavar, "required": required}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -285,15 +286,14 @@ class InspectConfig:
 
 @dataclass
 class PredictConfig:
-    # "no default" in its help keeps add_config_arguments from adding "(default: )": it cannot mark a flag required
-    model: str = flag(
-        "", "required, no default: a training run's output dir, or one of its checkpoints (RUN_DIR/checkpoints/step-N)"
-    )
+    model: str = flag("", "a training run's output dir, or one of its checkpoints (RUN_DIR/checkpoints/step-N)",
+                      required=True, metavar="RUN_DIR")
     images: list[str] = flag([], "image files (PNG, JPEG, …; up to 40 megapixels), RGB or grayscale", metavar="IMAGE")
     top: int = flag(3, "how many classes to list per image")
     json: bool = flag(False, "print one JSON object per image instead of text (a file that fails: its error)")
     save_inputs: str | None = flag(
-        None, "also write the 28×28 image the model saw for each file into this folder, as <file name>.28x28.png"
+        None, "also write the 28×28 image the model saw for each file into this folder, as <file name>.28x28.png",
+        metavar="DIR",
     )
 
     def __post_init__(self) -> None:  # before predict imports torch
@@ -365,7 +365,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             continue
         kind = _scalar_type(hints[config_field.name])
         # the default in the help, once: a help text that already says what the default is keeps its words
-        shown = "" if "default" in meta["help"] else f" (default: {_shown_default(config_field.default, kind)})"
+        shown = "" if "default" in meta["help"] or meta["required"] else \
+            f" (default: {_shown_default(config_field.default, kind)})"
         if meta["positional"]:
             parser.add_argument(config_field.name, type=kind, metavar=metavar, help=meta["help"])
         elif kind is bool:
@@ -380,6 +381,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 default=config_field.default,
                 choices=meta["choices"],
                 help=meta["help"] + shown.replace("%", "%%"),
+                required=meta["required"],
+                metavar=meta["metavar"],
                 **optional_value,
             )
 

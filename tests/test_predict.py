@@ -1,10 +1,14 @@
-"""`lenet-dist predict` on users' files, in-process and without training: a random LeNet-5 is enough to show
-that each hostile file is one line on stderr while the others are classified, and the frames are compared directly.
+"""`lenet-dist predict` on users' files, in-process: a random LeNet-5 is enough to show that each hostile file is
+one line on stderr while the others are classified, and the frames are compared directly. Whether a model reads
+photographed digits as it reads MNIST's own takes a trained one: a module fixture trains LeNet-5 for a few seconds.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import struct
+import subprocess
 import warnings
 import zlib
 from collections.abc import Callable
@@ -14,21 +18,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from safetensors.torch import save_file
 
-from lenet_dist.checkpoint import export_weights
-from lenet_dist.config import PredictConfig
+from conftest import BIN, ROOT
+from lenet_dist import cli
+from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, RunState, export_weights, trajectory_of
+from lenet_dist.config import PredictConfig, TrainConfig
+from lenet_dist.data import DATASETS, load_split, normalize
 from lenet_dist.model import LeNet5
-from lenet_dist.predict import FRAME, MAX_MEGAPIXELS, run, to_mnist_frame
+from lenet_dist.photos import FRAME, MAX_MEGAPIXELS, MNIST_CENTRE, to_frame
+from lenet_dist.predict import SIGPIPE_STATUS, run
 
-MIDDLE = FRAME / 2 - 0.5
+
+def export_run(folder: Path, dataset: str = "mnist", model: torch.nn.Module | None = None) -> Path:
+    """A finished run's output dir as `lenet-dist train` leaves it for predict: the weights, the config beside them."""
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    export_weights(model or LeNet5(), folder, {"config": {"dataset": dataset}, "num_classes": 10})
+    return folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("run")
-    export_weights(LeNet5(), folder, {"config": {"dataset": "mnist"}, "num_classes": 10})
-    return folder
+    return export_run(tmp_path_factory.mktemp("run"))
 
 
 def seven(size: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -41,7 +53,7 @@ def seven(size: tuple[int, int] = (48, 64)) -> np.ndarray:
 def reference_frame(tmp_path: Path) -> np.ndarray:
     path = tmp_path / "reference.png"
     Image.fromarray(seven()).save(path)
-    return to_mnist_frame(path).numpy().astype(np.float32)
+    return to_frame(path).numpy().astype(np.float32)
 
 
 def centre_of_mass(frame: np.ndarray) -> tuple[float, float]:
@@ -92,6 +104,21 @@ def folder(path: Path) -> Path:
     return path
 
 
+def blank_page(path: Path) -> Path:
+    """A photo of a page with nothing on it: grey paper, sensor noise, JPEG."""
+    noise = np.random.default_rng(0).normal(150, 3, (300, 400))
+    Image.fromarray(noise.clip(0, 255).astype(np.uint8)).save(path, quality=60)
+    return path
+
+
+def specks(path: Path) -> Path:
+    """Two specks far apart on a black page, no digit: scaled into 20×20 together, each fades to nothing."""
+    page = np.zeros((600, 900), np.uint8)
+    page[100:102, 100:102] = page[500:502, 800:802] = 255
+    Image.fromarray(page).save(path)
+    return path
+
+
 # kind: (how to make the file in tmp_path, the words its error line must hold)
 HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing": (lambda tmp: tmp / "gone.png", "no such file"),
@@ -108,6 +135,8 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "over-pil-warning": (lambda tmp: flat_png(tmp / "huge.png", 10000, 10000),
                          f"10000×10000 pixels, over the {MAX_MEGAPIXELS}-megapixel limit"),
     "decompression-bomb": (lambda tmp: flat_png(tmp / "bomb.png", 20000, 20000), "too large to decode safely"),
+    "blank-page": (lambda tmp: blank_page(tmp / "blank.jpg"), "the image is blank (only paper, no ink stands out)"),
+    "only-specks": (lambda tmp: specks(tmp / "specks.png"), "no digit stands out, only specks or noise"),
 }
 
 
@@ -165,7 +194,7 @@ def test_sixteen_bit_png_gives_the_8_bit_frame(levels, model_dir, tmp_path, caps
     sixteen_bit(digit, levels).save(sixteen)
     with Image.open(sixteen) as saved:
         assert saved.mode in ("I;16", "I")  # PIL reads it back as 16-bit, which convert("L") would clip to white
-    expected, got = to_mnist_frame(eight).int(), to_mnist_frame(sixteen).int()
+    expected, got = to_frame(eight).int(), to_frame(sixteen).int()
     assert (expected - got).abs().max() <= 2  # 12 bits quantise the soft edges a little
     status, out, _, _ = predict(model_dir, [eight, sixteen], capsys)
     assert status == 0 and out[0].split(":", 1)[1] == out[1].split(":", 1)[1]  # same class and probabilities
@@ -203,7 +232,7 @@ def test_other_modes_give_the_same_frame(mode, tmp_path):
     make, suffix = MODES[mode]
     path = tmp_path / f"digit.{suffix}"
     make(seven()).save(path)
-    frame = to_mnist_frame(path).numpy().astype(np.float32)
+    frame = to_frame(path).numpy().astype(np.float32)
     assert np.abs(frame - reference_frame(tmp_path)).mean() < 8, mode  # 1-bit and a palette threshold the soft edges
 
 
@@ -212,15 +241,15 @@ def assert_mnist_like(frame: np.ndarray, reference: np.ndarray) -> None:
     assert frame.shape == (FRAME, FRAME)
     assert frame.max() >= 250 and np.median(frame) <= 5  # white ink on a black background
     assert (frame > 127).mean() < 0.25  # the ink is a stroke, not the page
-    rows, cols = centre_of_mass(frame)
-    assert abs(rows - MIDDLE) <= 1 and abs(cols - MIDDLE) <= 1, (rows, cols)
+    rows, cols = centre_of_mass(frame)  # where MNIST's are: (14.0, 14.0) on average, up to rounding to whole pixels
+    assert abs(rows - MNIST_CENTRE) <= 0.5 and abs(cols - MNIST_CENTRE) <= 0.5, (rows, cols)
     assert np.abs(frame - reference).mean() < 12
 
 
 def test_frame_of_an_inverted_digit(tmp_path):
     path = tmp_path / "paper.png"
     Image.fromarray(255 - seven()).save(path)  # dark ink on white paper
-    assert_mnist_like(to_mnist_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+    assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
 
 
 def test_frame_of_an_off_centre_digit_on_a_big_canvas(tmp_path):
@@ -228,7 +257,7 @@ def test_frame_of_an_off_centre_digit_on_a_big_canvas(tmp_path):
     canvas.paste(Image.fromarray(seven()), (320, 20))  # top right corner
     path = tmp_path / "corner.png"
     canvas.save(path)
-    assert_mnist_like(to_mnist_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+    assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
 
 
 def test_a_lopsided_digit_is_centred_without_wrapping_round_the_frame(tmp_path):
@@ -240,7 +269,7 @@ def test_a_lopsided_digit_is_centred_without_wrapping_round_the_frame(tmp_path):
     draw.rectangle([140, 0, 199, 59], fill=255)
     path = tmp_path / "lopsided.png"
     image.save(path)
-    ink_columns = np.nonzero(to_mnist_frame(path).numpy().any(axis=0))[0]
+    ink_columns = np.nonzero(to_frame(path).numpy().any(axis=0))[0]
     assert (np.diff(ink_columns) == 1).all(), ink_columns  # one unbroken run of columns: nothing wrapped round
 
 
@@ -250,7 +279,7 @@ def test_frame_of_an_rgb_digit(tmp_path):
     rgb[..., 0] = seven() // 2
     path = tmp_path / "blue.png"
     Image.fromarray(rgb).resize((96, 128), Image.Resampling.BILINEAR).save(path)
-    assert_mnist_like(to_mnist_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+    assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
 
 
 def test_exif_rotation_is_applied(tmp_path):
@@ -259,4 +288,271 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     path = tmp_path / "phone.png"
     stored.save(path, exif=exif)
-    assert_mnist_like(to_mnist_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+    assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+
+
+# --- photographed digits: real MNIST test digits as a phone photographs them on a page --------------------------
+
+PHOTOGRAPHED_DIGITS = 30
+# case: what the page looks like (paper and ink brightness 0..255, the page's size, the digit's height and corner)
+PAGES: dict[str, dict] = {
+    "dark-ink-on-grey-paper": {"paper": 110, "ink": 30},  # under-exposed: the paper is darker than mid-grey
+    "dark-ink-in-a-shadow": {"paper": 225, "ink": 40, "shadow": 0.55},  # white paper, its far side at 45 % of the light
+    "chalk-on-a-blackboard": {"paper": 45, "ink": 200, "shadow": 0.3},  # light ink on dark
+    "cropped-close": {"paper": 180, "ink": 50, "size": (140, 150), "height": 112, "corner": (14, 20)},
+}
+
+
+def photographed(digit: np.ndarray, rng: np.random.Generator, paper: float, ink: float, size=(400, 300),
+                 height: int = 120, corner=(230, 40), shadow: float = 0.4) -> bytes:
+    """A 28×28 MNIST digit photographed on a page: scaled up and off-centre in a larger frame, the paper grey and
+    blotchy, darkening across the page (a shadow darkens paper and ink alike), sensor noise, saved as JPEG 60."""
+    width, page_height = size
+    coverage = np.zeros((page_height, width), np.float32)
+    scaled = Image.fromarray(digit).resize((height, height), Image.Resampling.BICUBIC)
+    coverage[corner[1] : corner[1] + height, corner[0] : corner[0] + height] = np.asarray(scaled) / 255
+    coarse = Image.fromarray(rng.normal(0, 10, (4, 5)).astype(np.float32))  # ±10 grey levels, a blotch per 100 px
+    blotches = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC))
+    reflected = (paper + blotches) * (1 - coverage) + ink * coverage
+    light = np.linspace(1, 1 - shadow, width)[None, :] * np.linspace(1, 1 - shadow / 2, page_height)[:, None]
+    pixels = reflected * light + rng.normal(0, 3, (page_height, width))
+    photo = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(photo, "JPEG", quality=60)
+    return photo.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(data_dir) -> tuple[np.ndarray, list[str]]:
+    test = load_split(data_dir, "test", "mnist")
+    return test.images[:PHOTOGRAPHED_DIGITS].numpy(), [str(int(label)) for label in test.labels[:PHOTOGRAPHED_DIGITS]]
+
+
+@pytest.fixture(scope="module")
+def photos(digits, tmp_path_factory) -> dict[str, list[Path]]:
+    """Each page of PAGES with each digit on it, as JPEG files; "clean": the digits themselves, as PNG files."""
+    folder, rng = tmp_path_factory.mktemp("photos"), np.random.default_rng(0)
+    files = {"clean": []}
+    for i, digit in enumerate(digits[0]):
+        files["clean"].append(folder / f"clean-{i}.png")
+        Image.fromarray(digit).save(files["clean"][-1])
+    for page, looks in PAGES.items():
+        files[page] = [folder / f"{page}-{i}.jpg" for i in range(len(digits[0]))]
+        for path, digit in zip(files[page], digits[0], strict=True):
+            path.write_bytes(photographed(digit, rng, **looks))
+    return files
+
+
+def likeness(frame: np.ndarray, original: np.ndarray) -> float:
+    """The correlation of two frames, the better of the 3×3 one-pixel shifts: MNIST's centring rounds its shift to
+    whole pixels, and a photographed digit's centre of mass lands a fraction of a pixel from the original's."""
+    frame, original = frame.astype(np.float64), original.astype(np.float64)
+    return max(np.corrcoef(np.roll(frame, shift, axis=(0, 1)).ravel(), original.ravel())[0, 1]
+               for shift in [(rows, cols) for rows in (-1, 0, 1) for cols in (-1, 0, 1)])
+
+
+@pytest.mark.parametrize("page", ["clean", *PAGES])
+def test_photographed_digits_give_mnist_s_frames(page, photos, digits):
+    scores = [likeness(to_frame(path).numpy(), original) for path, original in zip(photos[page], digits[0],
+                                                                                  strict=True)]
+    assert min(scores) > 0.8 and np.mean(scores) > 0.93, (page, np.round(scores, 2))
+    if page == "clean":  # a 28×28 MNIST digit comes back as it was, give or take a resampled grey level
+        differences = [np.abs(to_frame(path).numpy().astype(np.float32) - original).mean()
+                       for path, original in zip(photos[page], digits[0], strict=True)]
+        assert max(differences) < 1, np.round(differences, 1)
+
+
+@pytest.fixture(scope="module")
+def trained_model_dir(data_dir, tmp_path_factory) -> Path:
+    """LeNet-5 after one pass of the recipe over 16,384 MNIST digits (~96 % on the test set; a few seconds on one
+    core), exported as a run is."""
+    from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+
+    train, images, batch = load_split(data_dir, "train", "mnist"), 16_384, 64
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: the small batches would only wait for each other on more
+    try:
+        torch.manual_seed(0)
+        config = TrainConfig()
+        model = build_model(config, num_classes=10)
+        optimizer = build_optimizer(config, model)
+        schedule = build_scheduler(config, optimizer, steps_per_epoch=images // batch)
+        inputs, labels = normalize(train.images[:images], train.info), train.labels[:images]
+        for start in range(0, images, batch):
+            batch_slice = slice(start, start + batch)
+            loss = torch.nn.functional.cross_entropy(model(inputs[batch_slice]), labels[batch_slice])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    return export_run(tmp_path_factory.mktemp("trained"), model=model.eval())
+
+
+def test_a_trained_model_reads_photographed_digits_as_it_reads_clean_ones(trained_model_dir, photos, digits, capsys):
+    correct = {}
+    for page, files in photos.items():
+        status = run(PredictConfig(model=str(trained_model_dir), images=list(map(str, files)), json=True))
+        answers = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+        assert status == 0 and len(answers) == len(files)
+        correct[page] = sum(answer == label for answer, label in zip(answers, digits[1], strict=True))
+    assert correct["clean"] >= PHOTOGRAPHED_DIGITS - 3, correct
+    assert all(count >= correct["clean"] - 2 for count in correct.values()), correct
+
+
+def test_dark_ink_on_grey_paper_is_inverted(tmp_path):
+    """Not decided by the median: this paper (110 of 255) is darker than mid-grey, and its ink darker still."""
+    page = np.where(seven() > 127, 30, 110).astype(np.uint8)
+    path = tmp_path / "grey.png"
+    Image.fromarray(page).save(path)
+    assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+
+
+# --- the data set a model was trained on decides the frame ----------------------------------------------------------
+
+def product_photo(item: np.ndarray, path: Path) -> Path:
+    """A Fashion-MNIST item as the product photo it was made from: dark on white (Fashion-MNIST negated it), larger,
+    off-centre in a bigger frame, as JPEG."""
+    page = Image.new("L", (400, 300), 245)
+    page.paste(Image.fromarray(255 - item).resize((140, 140), Image.Resampling.BICUBIC), (220, 60))
+    page.save(path, quality=85)
+    return path
+
+
+def ink_box(frame: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.flatnonzero((frame > 50).any(axis=1)), np.flatnonzero((frame > 50).any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def test_fashion_items_fill_the_frame_as_fashion_mnist_s_do(fashion_dir, tmp_path):
+    items = load_split(fashion_dir, "test", "fashion-mnist").images[:20].numpy()
+    frames = [to_frame(product_photo(item, tmp_path / f"item-{i}.jpg"), "fashion-mnist").numpy()
+              for i, item in enumerate(items)]
+    scores = [likeness(frame, item) for frame, item in zip(frames, items, strict=True)]
+    assert np.mean(scores) > 0.9, np.round(scores, 2)
+    assert all(max(ink_box(frame)) >= 27 for frame in frames)  # the longer side fills the frame, as in the data set
+    assert max(ink_box(to_frame(tmp_path / "item-0.jpg", "mnist").numpy())) <= 21  # MNIST's 20×20 box: not these
+
+
+def test_the_model_s_data_set_decides_the_frame(tmp_path, capsys):
+    fashion = export_run(tmp_path / "fashion-run", "fashion-mnist")
+    image = tmp_path / "seven.png"
+    Image.fromarray(seven()).save(image)
+    status = run(PredictConfig(model=str(fashion), images=[str(image)], json=True, save_inputs=str(tmp_path / "in")))
+    answer = json.loads(capsys.readouterr().out)
+    assert status == 0 and answer["prediction"] in DATASETS["fashion-mnist"].classes
+    saved = np.asarray(Image.open(answer["saved_input"]))
+    assert np.array_equal(saved, to_frame(image, "fashion-mnist").numpy()) and max(ink_box(saved)) >= 27
+
+
+# --- --model: a run's output dir or one of its checkpoints ----------------------------------------------------------
+
+def checkpoint_folder(folder: Path, dataset: str, progress: str | None = None) -> Path:
+    """What checkpoint.py writes into checkpoints/step-N/ that predict reads: weights with their class count only,
+    and progress.json with the run's trajectory (its data set among it)."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(LeNet5().state_dict(), str(folder / WEIGHTS_FILE), metadata={"num_classes": "10"})
+    state = RunState(global_step=8, trajectory=trajectory_of(TrainConfig(dataset=dataset)))
+    (folder / PROGRESS_FILE).write_text(progress if progress is not None else json.dumps(state.__dict__))
+    return folder
+
+
+def test_a_checkpoint_folder_is_read_with_its_run_s_data_set(tmp_path, capsys):
+    checkpoint = checkpoint_folder(tmp_path / "run" / "checkpoints" / "step-00000008", "fashion-mnist")
+    image = tmp_path / "seven.png"
+    Image.fromarray(seven()).save(image)
+    for model in (checkpoint, checkpoint / WEIGHTS_FILE):
+        status = run(PredictConfig(model=str(model), images=[str(image)], json=True))
+        assert status == 0 and json.loads(capsys.readouterr().out)["prediction"] in DATASETS["fashion-mnist"].classes
+
+
+def test_a_checkpoint_with_a_corrupt_progress_file_is_one_line(tmp_path, capsys):
+    checkpoint = checkpoint_folder(tmp_path / "step-00000008", "mnist", progress="{not json")
+    image = tmp_path / "seven.png"
+    Image.fromarray(seven()).save(image)
+    status, err = main(["predict", "--model", str(checkpoint), str(image)], capsys)
+    assert status == 1 and len(err) == 1 and err[0].startswith(f"error: {checkpoint / PROGRESS_FILE}: unreadable")
+    assert "pass the run's output dir" in err[0]
+
+
+def main(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """The `lenet-dist` command in-process: its exit status and stderr lines."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    return stopped.value.code, capsys.readouterr().err.splitlines()
+
+
+# --- what reaches stdout --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [[], ["--json"]], ids=["text", "json"])
+def test_a_reader_that_stops_early_ends_the_run_quietly(flags, model_dir, tmp_path):
+    """`| head -1`: the rest of the output, over the pipe's 64 kB, meets a closed pipe, as a Unix tool's would."""
+    image = tmp_path / "seven.png"
+    Image.fromarray(seven()).save(image)
+    command = [str(BIN / "lenet-dist"), "predict", "--model", str(model_dir), *flags, *[str(image)] * 800]
+    pipeline = " ".join(command) + ' | head -1; exit "${PIPESTATUS[0]}"'
+    result = subprocess.run(["bash", "-c", pipeline], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1, result.stderr[-2000:]
+    assert result.returncode == SIGPIPE_STATUS  # 141, what `set -o pipefail` sees of any tool stopped so
+
+
+def test_json_reports_a_failed_file_on_stdout_too(model_dir, tmp_path, capsys):
+    good, missing = tmp_path / "good.png", tmp_path / "gone.png"
+    Image.fromarray(seven()).save(good)
+    status = run(PredictConfig(model=str(model_dir), images=[str(good), str(missing), str(good)], json=True))
+    out, err = capsys.readouterr()
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert status == 1 and [answer["file"] for answer in answers] == [str(good), str(missing), str(good)]
+    assert answers[1] == {"file": str(missing), "error": f"{missing}: no such file; check the path"}
+    assert "prediction" in answers[0] and "error" not in answers[2]
+    assert err == f"error: {missing}: no such file; check the path\n"
+
+
+# --- --save-inputs ----------------------------------------------------------------------------------------------------
+
+def test_save_inputs_writes_each_frame_the_model_saw(model_dir, tmp_path, capsys):
+    images = [tmp_path / "a" / "seven.png", tmp_path / "b" / "seven.png", tmp_path / "a" / "seven.jpg"]
+    for path in images:
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(255 - seven()).save(path)
+    folder = tmp_path / "seen" / "inputs"  # made, parents too
+    status = run(PredictConfig(model=str(model_dir), images=list(map(str, images)), json=True, save_inputs=str(folder)))
+    saved = [Path(json.loads(line)["saved_input"]) for line in capsys.readouterr().out.splitlines()]
+    assert status == 0
+    assert [path.name for path in saved] == ["seven.png.28x28.png", "seven.png-2.28x28.png", "seven.jpg.28x28.png"]
+    for path, image in zip(saved, images, strict=True):
+        assert path.parent == folder and np.array_equal(np.asarray(Image.open(path)), to_frame(image).numpy())
+
+
+def test_save_inputs_never_overwrites_an_input(model_dir, tmp_path):
+    first, second = tmp_path / "seven.png", tmp_path / "seven.png.28x28.png"  # the second: named as a saved input is
+    Image.fromarray(seven()).save(first)
+    Image.fromarray(255 - seven()).save(second)
+    before = second.read_bytes()
+    status = run(PredictConfig(model=str(model_dir), images=[str(first), str(second)], save_inputs=str(tmp_path)))
+    assert status == 0 and second.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "seven.png", "seven.png-2.28x28.png", "seven.png.28x28.png", "seven.png.28x28.png.28x28.png"]
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_save_inputs_into_a_folder_that_cannot_be_made_is_one_line(where, model_dir, tmp_path, capsys):
+    image, blocker = tmp_path / "seven.png", tmp_path / "notes.txt"
+    Image.fromarray(seven()).save(image)
+    blocker.write_text("a file, not a folder")
+    folder = blocker if where == "a-file" else blocker / "inputs"
+    status, err = main(["predict", "--model", str(model_dir), "--save-inputs", str(folder), str(image)], capsys)
+    assert status == 1 and err == [f"error: --save-inputs {folder}: cannot make the folder (a file is in the way); "
+                                   "choose another folder"]
+
+
+def test_help_says_model_is_required_and_takes_a_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out.partition("options:")[2].split())  # argparse wraps the lines
+    model = text[text.index("--model RUN_DIR") : text.index("--top TOP")]
+    assert "checkpoints" in model and "default" not in model, model
+    assert "--model RUN_DIR" in out.partition("options:")[0]  # required: not in [brackets] in the usage line
+    assert "[--model" not in out and "--save-inputs DIR" in text

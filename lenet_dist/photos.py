@@ -1,0 +1,339 @@
+"""Photos and scans as the 28×28 frames a model trained on an MNIST-format data set takes.
+
+Grayscale, light ink on a black background, the paper's shading taken away, and the item scaled and
+placed as that data set's items were (LAYOUTS); `to_frame` says step by step how. Every file is
+treated as hostile until read: a missing file, a folder, an empty, truncated or animated file, or one
+too large to decode safely is a UserError naming it and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import stat
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lenet_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+FRAME = 28
+# MNIST's digits have their centre of mass at (14.0, 14.0) on average (measured on the test set), not at
+# the frame's middle pixel (13.5): LeCun et al. placed it at the 28×28 field's centre coordinate, 14.
+MNIST_CENTRE = FRAME / 2
+INK_THRESHOLD = 0.2  # of the strongest ink: fainter pixels are paper when finding the item's bounding box
+STROKE_THRESHOLD = 0.5  # of the strongest ink: the item's bounding box grows from these strokes, which smudges are not
+REACH = 0.1  # ink further from the item's box than this share of the box's longer side is not part of the item
+# Photos are analysed at most this large (box-averaged down): a digit a fortieth of the photo's width still spans
+# 25 pixels, more than the 20 it is scaled to, and a 40-megapixel photo's float copies shrink from 160 MB to 4 MB.
+WORK_SIDE = 1024
+# The paper's shading is estimated on a grid of this many cells along the longer side: a cell's median is paper
+# unless strokes cover half of it, and the opening across three cells drops those; fine enough to follow a shadow.
+SHADING_CELLS = 16
+ROBUST_SIGMAS = 3  # paper pixels within this many (MAD-estimated) standard deviations of the paper's level are paper
+MIN_CONTRAST = 0.05  # the least ink counted as ink: 5 % darker than the paper around it (or lighter, on dark paper)
+MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normally distributed noise, times this, is its σ
+# Checked from the header, before any pixel is decoded (Image.open reads only the header). 40 megapixels
+# is over three times a 12-megapixel phone photo and far more than a digit needs, yet reading one adds
+# under 1 GB at the peak (measured: ~0.6 GB for RGB, ~0.85 GB with alpha). PIL's own guard starts at ~179.
+MAX_MEGAPIXELS = 40
+# How PIL opens 16-bit grayscale (and 32-bit integer) files: convert("L") would clip them to white.
+WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a data set's items were made into 28×28 frames."""
+
+    box: int  # the longer side of the item's bounding box, in pixels
+    by_mass: bool  # centred by its centre of mass (else by its bounding box)
+    stretched: bool  # the ink scaled to full brightness (else kept relative to the paper, a dark item bright)
+
+
+# MNIST: black-and-white digits, anti-aliased (so the ink reaches full brightness), scaled into 20×20 and centred by
+# mass in 28×28 (LeCun et al.). Fashion-MNIST: product photos on white, trimmed, the longer edge resized to 28,
+# centred and negated (Xiao et al. 2017; measured: the test items' longer side is 28 pixels, median, their boxes are
+# centred, and a white shirt stays dim). KMNIST's characters fill their frames too, judging by its samples and its
+# mean brightness (0.19 against MNIST's 0.13); no step-by-step recipe is published.
+LAYOUTS = {
+    "mnist": Layout(20, by_mass=True, stretched=True),
+    "fashion-mnist": Layout(FRAME, by_mass=False, stretched=False),
+    "kmnist": Layout(FRAME, by_mass=False, stretched=True),
+}
+
+
+def to_frame(path: Path, dataset: str = "mnist") -> torch.Tensor:
+    """An image file as the uint8 28×28 tensor a model trained on `dataset` takes; a UserError says what is wrong
+    with it. How a photo or scan is read:
+
+    1. Polarity from the image itself: the paper is what its border shows. If the image's darkest pixels stand
+       further out of the border's range of values than its brightest do, the ink is dark and the image is inverted
+       to the data sets' light ink on black: dark ink on grey, under-exposed paper too, whatever its median. (Where
+       ink covers the border, the border's median decides: nearer the brightest value than the darkest, dark ink.)
+    2. Shading: the paper's brightness (a shadow across the page, uneven light) is estimated on a coarse grid, where
+       no stroke fills the cells looked across, capped by a plane fitted to the border (so a thick blob of ink is not
+       taken for paper), and divided out: the ink is measured relative to the paper around it.
+    3. Noise: what stays within ROBUST_SIGMAS of the border's level is paper, set to black; an image where nothing
+       stands out further, and by MIN_CONTRAST at least, is blank.
+    4. The item's bounding box is found (_item_box), scaled and placed as `dataset`'s items were (LAYOUTS).
+    """
+    ink = _ink(_working_size(read_grayscale(path)), path)
+    frame = _lay_out(ink[_item_box(ink)], LAYOUTS[dataset])
+    if not frame.any():  # specks far apart: scaled into the box together, each fades to nothing at 28×28
+        raise UserError(f"{path}: no digit stands out, only specks or noise; crop the image closer to the digit")
+    return torch.from_numpy(frame)
+
+
+def _item_box(ink: np.ndarray) -> tuple[slice, slice]:
+    """The item's bounding box: of its strong strokes (above STROKE_THRESHOLD of the strongest ink) first, then
+    grown to take in the ink (above INK_THRESHOLD) within REACH of it until no more is, so that faint edges and
+    strokes join it and a smudge of paper apart from it does not."""
+    strongest, around = float(ink.max()), _neighbourhood(ink, np.mean)
+
+    def above(share: float) -> np.ndarray:
+        # a pixel whose neighbours are not inked too is noise (a JPEG's or a sensor's), not part of a stroke
+        return (ink > share * strongest) & (around > share * strongest / 2)
+
+    strokes = above(STROKE_THRESHOLD)
+    if not strokes.any():  # no two inked pixels side by side (a dot, a speckle): start from the strongest
+        strokes = ink == strongest
+    box, inked = _bounds(strokes), above(INK_THRESHOLD) | strokes
+    while True:
+        reach = math.ceil(REACH * max(box[0].stop - box[0].start, box[1].stop - box[1].start))
+        window = tuple(slice(max(0, side.start - reach), side.stop + reach) for side in box)
+        inner = _bounds(inked[window])
+        grown = tuple(slice(outer.start + part.start, outer.start + part.stop)
+                      for outer, part in zip(window, inner, strict=True))
+        if grown == box:
+            return box
+        box = grown
+
+
+def _bounds(mask: np.ndarray) -> tuple[slice, slice]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _working_size(gray: np.ndarray) -> np.ndarray:
+    """Box-average a large image down to at most WORK_SIDE pixels a side (a few edge rows or columns dropped)."""
+    factor = math.ceil(max(gray.shape) / WORK_SIDE)
+    if factor == 1:
+        return gray
+    height, width = gray.shape[0] // factor, gray.shape[1] // factor
+    rows = gray[: height * factor].reshape(height, factor, -1).mean(axis=1)  # a view of whole rows: no copy
+    return rows[:, : width * factor].reshape(height, width, factor).mean(axis=2)
+
+
+def _border(image: np.ndarray) -> np.ndarray:
+    return np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+
+
+def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
+    """Light ink on black, 0 for paper up to 1 for ink as far from the paper as black is from white (steps 1 to 3 of
+    to_frame)."""
+    low, high = float(gray.min()), float(gray.max())
+    if high - low < 1e-6:
+        raise UserError(f"{path}: the image is blank (one flat colour); nothing to classify")
+    if _dark_ink(_border(gray), low, high):
+        gray = 1 - gray
+    paper = np.minimum(_shading(gray), _paper_plane(gray))
+    # The ink relative to the paper's brightness, so that a shadow is divided out; in a shadow darker than half the
+    # paper's usual brightness, by no more than twice as much, or the sensor's noise there would outshine the ink.
+    lit = np.maximum(1 - paper, max(1 - float(np.median(_border(paper))), 1e-3) / 2)
+    ink = (gray - paper) / lit
+    level, spread = _level_and_spread(_border(ink))
+    ink = np.clip(ink - (level + ROBUST_SIGMAS * spread), 0, 1)
+    # twice as far out as the paper's noise reaches, and visibly darker than the paper: else the noise of a photo of
+    # a blank page would be taken for a digit
+    if ink.max() < max(MIN_CONTRAST, ROBUST_SIGMAS * spread):
+        raise UserError(f"{path}: the image is blank (only paper, no ink stands out); nothing to classify")
+    return ink
+
+
+def _dark_ink(paper: np.ndarray, low: float, high: float) -> bool:
+    """Whether the image's darkest pixels stand further out of the paper's range (`paper`: the border's values,
+    the 5th to 95th percentile, a shadow's gradient included) than its brightest do. Where neither stands out
+    (the ink covers the border), whether the paper's median is nearer the brightest value than the darkest."""
+    lightest_paper, median, darkest_paper = np.percentile(paper, [95, 50, 5])
+    below, above = darkest_paper - low, high - lightest_paper
+    if max(below, above) > 0:
+        return bool(below > above)
+    return bool(median - low > high - median)
+
+
+def _level_and_spread(values: np.ndarray) -> tuple[float, float]:
+    """The median and the standard deviation of the bulk of `values`, estimated from their median absolute
+    deviation: not thrown by the few ink pixels that reach the border."""
+    level = float(np.median(values))
+    return level, MAD_TO_SIGMA * float(np.median(np.abs(values - level)))
+
+
+def _paper_plane(gray: np.ndarray) -> np.ndarray:
+    """The brightest the paper can be anywhere: a plane fitted to the border's paper pixels (a shadow's gradient
+    continues inwards), plus ROBUST_SIGMAS of their scatter. The shading estimate is capped at it, so that a thick
+    stroke or blob, which the estimate cannot tell from a patch of paper, is not subtracted as paper."""
+    rows, cols = np.indices(gray.shape, dtype=np.float32)
+    values = _border(gray)
+    level, spread = _level_and_spread(values)
+    paper = np.abs(values - level) <= ROBUST_SIGMAS * spread + 1e-6  # not the ink that reaches the border
+    design = np.stack([np.ones_like(values), _border(rows), _border(cols)], axis=1)[paper]
+    (offset, per_row, per_col), *_ = np.linalg.lstsq(design, values[paper], rcond=None)
+    scatter = _level_and_spread(values[paper] - design @ np.array([offset, per_row, per_col]))
+    return offset + per_row * rows + per_col * cols + scatter[0] + ROBUST_SIGMAS * scatter[1]
+
+
+def _shading(gray: np.ndarray) -> np.ndarray:
+    """The paper's brightness under light ink: each cell's median on a coarse grid, then a grey-scale opening over
+    3×3 cells (min, then max), which keeps the paper's slow changes and drops the cells that strokes fill."""
+    from PIL import Image
+
+    cell = math.ceil(max(gray.shape) / SHADING_CELLS)
+    grid_shape = (math.ceil(gray.shape[0] / cell), math.ceil(gray.shape[1] / cell))
+    padded = np.pad(gray, [(0, grid_shape[0] * cell - gray.shape[0]), (0, grid_shape[1] * cell - gray.shape[1])],
+                    mode="edge")
+    cells = padded.reshape(grid_shape[0], cell, grid_shape[1], cell).swapaxes(1, 2).reshape(*grid_shape, -1)
+    typical = np.median(cells, axis=2)
+    opened = _neighbourhood(_neighbourhood(typical, np.min), np.max)
+    smooth = Image.fromarray(opened.astype(np.float32)).resize(padded.shape[::-1], Image.Resampling.BILINEAR)
+    return np.asarray(smooth)[: gray.shape[0], : gray.shape[1]]
+
+
+def _neighbourhood(grid: np.ndarray, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+    """Each cell's min, max or mean over its 3×3 neighbourhood (the edges repeated outwards)."""
+    padded = np.pad(grid, 1, mode="edge")
+    rows, cols = grid.shape
+    return reduce([padded[r : r + rows, c : c + cols] for r in range(3) for c in range(3)], axis=0)
+
+
+def _lay_out(item: np.ndarray, layout: Layout) -> np.ndarray:
+    """The cropped item (ink in 0..1) scaled to the layout's box and placed in a uint8 28×28 frame."""
+    from PIL import Image
+
+    if layout.stretched:
+        item = item / item.max()
+    scale = layout.box / max(item.shape)
+    size = (max(1, round(item.shape[1] * scale)), max(1, round(item.shape[0] * scale)))
+    resized = np.asarray(
+        Image.fromarray((item * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32
+    )
+    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
+    # an odd margin's extra pixel goes above and to the left, as in Fashion-MNIST (MNIST's is moved by mass anyway)
+    top, left = (FRAME + 1 - resized.shape[0]) // 2, (FRAME + 1 - resized.shape[1]) // 2
+    frame[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    if layout.by_mass:
+        frame = _centre_of_mass_shift(frame)
+    return frame.clip(0, 255).round().astype(np.uint8)
+
+
+def read_grayscale(path: Path) -> np.ndarray:
+    """The image's brightness, a new float32 array in 0..1 (height × width), decoded after its header's checks."""
+    from PIL import Image
+
+    _require_regular_file(path)
+    with warnings.catch_warnings():
+        # PIL warns on stderr from ~89 megapixels; MAX_MEGAPIXELS refuses those in a line of our own.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open_header(path) as image:
+            _require_one_safe_frame(path, image)
+            try:
+                return _grayscale(image)
+            except Exception as error:  # a truncated or corrupt file fails in the decoder, with many exception types
+                raise _corrupt(path, error) from None
+
+
+def _open_header(path: Path) -> Image.Image:
+    """Image.open reads the header only: the pixels are decoded later, by the first conversion."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels, too large to decode safely"
+            f" (a decompression bomb?); scale it down to at most {MAX_MEGAPIXELS} megapixels"
+        ) from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make it readable (chmod +r)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (no format PIL knows); pass a PNG or JPEG file") from None
+    except Exception as error:  # a known format whose header is cut short or corrupt
+        raise _corrupt(path, error) from None
+
+
+def _corrupt(path: Path, error: Exception) -> UserError:
+    detail = " ".join(str(error).split())  # one line, whatever PIL wrote
+    return UserError(f"{path}: truncated or corrupt image ({type(error).__name__}: {detail}); re-save or re-export it")
+
+
+def _require_regular_file(path: Path) -> None:
+    """Name the usual mistakes before PIL sees the path; a device or pipe could also block or never end."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; check the path") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror}); check the path and its permissions") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise UserError(f"{path}: is a directory; pass the image files in it (e.g. {path}/*.png)")
+    if not stat.S_ISREG(status.st_mode):
+        raise UserError(f"{path}: not a regular file (a device, pipe or socket); pass an image file")
+    if status.st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes); pass a PNG or JPEG image")
+
+
+def _require_one_safe_frame(path: Path, image: Image.Image) -> None:
+    """Refuse, from the header alone, what would be too costly to decode or ambiguous to classify."""
+    width, height = image.size
+    if width * height > MAX_MEGAPIXELS * 10**6:
+        raise UserError(f"{path}: {width}×{height} pixels, over the {MAX_MEGAPIXELS}-megapixel limit; scale it down")
+    try:
+        frames = getattr(image, "n_frames", 1)  # GIF counts its frames by walking their headers, not decoding
+    except Exception as error:
+        raise _corrupt(path, error) from None
+    if frames > 1:  # which frame holds the digit is a guess: let the user pick it
+        raise UserError(f"{path}: animated image with {frames} frames; pass a single frame (e.g. save one as PNG)")
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """Brightness in 0..1 whatever the mode: 16-bit, alpha, palette, CMYK and 1-bit included. Decodes the pixels."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)  # a phone photo's pixels may be stored sideways, with an EXIF rotation
+    if image.mode in WIDE_GRAY_MODES:
+        # Stretch the values present, not the type's range: 16-bit files often hold 10- or 12-bit sensor data.
+        values = np.asarray(image, dtype=np.float32)
+        low = values.min()
+        return (values - low) / max(float(values.max() - low), 1.0)
+    if not image.has_transparency_data:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255
+    pixels = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32)
+    pixels /= 255
+    luminance, alpha = pixels[..., 0], pixels[..., 1]
+    # Transparent pixels are background whatever colour they hide: lay the image on the shade opposite its ink.
+    ink = float(np.vdot(luminance, alpha) / max(float(alpha.sum()), 1e-6))
+    background = 1.0 if ink < 0.5 else 0.0
+    luminance -= background  # luminance · alpha + background · (1 - alpha), without a float copy per term
+    luminance *= alpha
+    luminance += background
+    return luminance
+
+
+def _centre_of_mass_shift(frame: np.ndarray) -> np.ndarray:
+    total = frame.sum()
+    if total == 0:  # nothing to centre (to_frame refuses the frame)
+        return frame
+    rows, cols = np.indices(frame.shape)
+    shift_rows = round(MNIST_CENTRE - (rows * frame).sum() / total)
+    shift_cols = round(MNIST_CENTRE - (cols * frame).sum() / total)
+    # no further than the ink's margins: np.roll would wrap a lopsided digit round to the other side
+    ink_rows, ink_cols = np.nonzero(frame.any(axis=1))[0], np.nonzero(frame.any(axis=0))[0]
+    shift_rows = min(max(shift_rows, -ink_rows[0]), FRAME - 1 - ink_rows[-1])
+    shift_cols = min(max(shift_cols, -ink_cols[0]), FRAME - 1 - ink_cols[-1])
+    return np.roll(frame, (shift_rows, shift_cols), axis=(0, 1))
