@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from lenet_dist.files import write_atomically
 
@@ -19,12 +22,25 @@ FRAMED = TILE + 2 * BORDER
 CELL_WIDTH, CAPTION_HEIGHT = 44, 14  # in image pixels: room for a caption above each framed tile
 CELL_HEIGHT = CAPTION_HEIGHT + FRAMED + 2
 RED, WHITE = (0.85, 0.1, 0.1), (1.0, 1.0, 1.0)
+# training curves
+PANEL_HEIGHTS = {"loss": 2.6, "learning rate": 1.2, "accuracy": 2.6}  # inches
+TOP_MARGIN, BOTTOM_MARGIN, PANEL_GAP = 0.75, 0.55, 0.15  # inches: the title and epoch names; the x-axis's labels
+LOSS_SMOOTHING_SHARE = 50  # the smoothing spans 1/50 of the logged steps: 0.4 epoch in a 20-epoch run
+LOG_SCALE_RANGE = 10  # a loss that falls by more than this factor is drawn on a log scale
+ACCURACY_SPAN = 10.0  # percentage points shown below the best accuracy (or the target)
+MAX_EPOCH_LABELS = 10  # beyond, every 2nd (3rd...) epoch is named, so that the names never overlap
 
 
 def show_png(path: Path) -> None:
-    """Open a saved figure in a window, as the original script's plt.show() did."""
+    """Open a saved figure in a window, as the original script's plt.show() did; where there is no display,
+    say so in one line rather than show nothing."""
     import matplotlib.pyplot as plt
 
+    backend = plt.get_backend()
+    if backend.lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):  # matplotlib's non-interactive ones
+        print(f"--show: no display to open a window on (matplotlib's backend is {backend}); the figure is {path}",
+              flush=True)
+        return
     plt.imshow(plt.imread(path))
     plt.axis("off")
     plt.show()
@@ -121,22 +137,188 @@ def save_confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, classes:
     return path
 
 
-def save_training_curves(metrics: dict[str, Any], path: Path) -> Path:
-    """Mean training loss per epoch, and the test accuracy at every evaluation (mid-epoch ones included)."""
-    figure = Figure(figsize=(9, 3.5))
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
-    loss_axis, accuracy_axis = figure.subplots(1, 2)
-    epochs = metrics["epochs"]
-    numbers = [e["epoch"] for e in epochs]
-    loss_axis.plot(numbers, [e["train_loss"] for e in epochs], marker="o")
-    loss_axis.set(xlabel="epoch", ylabel="mean training loss", title="Training loss", xticks=numbers)
-    evaluations = metrics["evaluations"]
+def smoothing_window(points: int) -> int:
+    """The window (odd, centred) of the loss's smoothing: 1/LOSS_SMOOTHING_SHARE of the points, at least 3,
+    so that a short run's few points are smoothed too and a long run's line keeps its shape."""
+    window = max(3, points // LOSS_SMOOTHING_SHARE) | 1
+    return max(1, min(window, points if points % 2 else points - 1))
+
+
+def smooth_loss(loss: np.ndarray, window: int) -> np.ndarray:
+    """At each point, the straight line fitted to log(loss) over the `window` points centred on it, cut
+    short where the points end; a diverged step's NaN or inf is left out.
+
+    Within the run that is the window's geometric mean. At the ends, where a mean would lag the loss's
+    steep first fall or end in the last few steps' noise, it is the fitted line's value: exact for an
+    exponential decay, a straight line on the log axis. The window sums are differences of cumulative
+    sums: O(points) whatever the window.
+    """
+    count = len(loss)
+    index = np.arange(count)
+    low, high = np.maximum(index - window // 2, 0), np.minimum(index + window // 2 + 1, count)
+    centred = index - (count - 1) / 2  # smaller squares to sum: less rounding
+    with np.errstate(divide="ignore", invalid="ignore"):  # log of 0 or of NaN
+        log_loss = np.log(loss)
+    finite = np.isfinite(log_loss)
+    x, y = np.where(finite, centred, 0.0), np.where(finite, log_loss, 0.0)
+
+    def window_sums(series: np.ndarray) -> np.ndarray:
+        running = np.concatenate(([0.0], np.cumsum(series)))
+        return running[high] - running[low]
+
+    points, sum_x, sum_y = window_sums(finite.astype(float)), window_sums(x), window_sums(y)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a window without a finite loss: NaN, a gap in the line
+        mean_x, mean_y = sum_x / points, sum_y / points
+        spread = window_sums(x * x) - sum_x * mean_x
+        slope = np.where(points > 1, (window_sums(x * y) - sum_x * mean_y) / spread, 0.0)
+    return np.exp(mean_y + slope * (centred - mean_x))
+
+
+def training_curves_figure(metrics: dict[str, Any]) -> Figure:
+    """Training loss at every logged step, the learning rate, and the test accuracy, over one x-axis: images seen.
+
+    A run recorded before `train_log` existed gets its epochs' mean losses and no learning-rate panel.
+    """
+    train_log, evaluations = metrics.get("train_log") or [], metrics["evaluations"]
     images_per_epoch = metrics["steps_per_epoch"] * metrics["config"]["batch_size"]
-    accuracy_axis.plot([e["images"] / images_per_epoch for e in evaluations],
-                       [100 * e["test_accuracy"] for e in evaluations], marker="o", color="tab:green")
-    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    if train_log:
+        panels = ["loss", "learning rate", "accuracy"]
+    elif metrics["epochs"]:
+        panels = ["loss", "accuracy"]
+    else:  # stopped in its first epoch
+        panels = ["accuracy"]
+    heights = [PANEL_HEIGHTS[panel] for panel in panels]
+    total = TOP_MARGIN + BOTTOM_MARGIN + sum(heights) + PANEL_GAP * (len(heights) - 1)
+    figure = Figure(figsize=(9, total))
+    # placed by hand, in inches: a layout engine would cost more than the drawing
+    figure.subplots_adjust(left=0.09, right=0.96, bottom=BOTTOM_MARGIN / total, top=1 - TOP_MARGIN / total,
+                           hspace=PANEL_GAP / (sum(heights) / len(heights)))
+    axes = list(figure.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0])
+    if train_log:
+        _draw_loss(axes[0], train_log)
+        _draw_learning_rate(axes[1], train_log)
+    elif "loss" in panels:
+        _draw_epoch_losses(axes[0], metrics["epochs"], images_per_epoch)
+    _draw_accuracy(axes[-1], evaluations, metrics["config"].get("target_accuracy"), metrics.get("reached_target"))
+    last_epoch = max((entry["epoch"] for entry in (*train_log, *evaluations)), default=1)
+    _mark_epochs(axes, images_per_epoch, last_epoch)
+    axes[0].set_xlim(0, 1.02 * max((entry["images"] for entry in (*train_log, *evaluations)), default=1))
+    axes[-1].set_xlabel("images seen (all processes)")
+    axes[-1].xaxis.set_major_formatter(FuncFormatter(lambda images, _: f"{images:,.0f}"))
+    axes[-1].xaxis.set_major_locator(_few_ticks(6))  # shared by every panel, as the formatter
+    last_step = max((entry["step"] for entry in (*train_log, *evaluations)), default=0)
+    figure.suptitle(f"{last_step:,} steps of {metrics['config']['batch_size']:,} images, "
+                    f"epoch {last_epoch} of {metrics['config']['epochs']}", fontsize=11)
+    return figure
+
+
+def save_training_curves(metrics: dict[str, Any], path: Path) -> Path:
+    """`training_curves_figure` as a PNG."""
+    figure = training_curves_figure(metrics)
     write_atomically(path, lambda partial: figure.savefig(partial, dpi=90, format="png"))
     return path
+
+
+def _few_ticks(count: int) -> MaxNLocator:
+    """At most `count` ticks, at 1, 2, 2.5 or 5 times a power of ten: drawing ticks is most of a plot's cost."""
+    return MaxNLocator(count, steps=[1, 2, 2.5, 5, 10])
+
+
+def _draw_loss(axis: Axes, train_log: list[dict[str, Any]]) -> None:
+    """Every logged loss as one faint line (thousands of points cost little as a line, unlike as markers),
+    and their smoothed line, which carries the eye."""
+    images = np.array([entry["images"] for entry in train_log], dtype=float)
+    loss = np.array([entry["loss"] for entry in train_log], dtype=float)
+    window = smoothing_window(len(loss))
+    smoothed = smooth_loss(loss, window)
+    axis.plot(images, loss, color="tab:blue", alpha=0.3, linewidth=0.7, label="logged steps")
+    key = f"faint: the {len(loss):,} logged steps"
+    if window > 1:
+        axis.plot(images, smoothed, color="tab:blue", linewidth=1.6, label="smoothed")
+        key += f"; bold: smoothed over {window}"
+    shown = smoothed[np.isfinite(smoothed) & (smoothed > 0)]
+    # the loss falls by orders of magnitude: on a linear axis all but the first steps would lie along the floor
+    if len(shown) and shown.max() > LOG_SCALE_RANGE * shown.min():
+        axis.set_yscale("log")
+        axis.yaxis.set_minor_locator(NullLocator())  # eight a decade: they cost more to draw than the curves
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda loss, _: f"{loss:g}"))  # 10⁻² would be typeset: slow
+    else:
+        axis.yaxis.set_major_locator(_few_ticks(5))
+    axis.set_ylabel("training loss")
+    _key(axis, key)
+
+
+def _draw_epoch_losses(axis: Axes, epochs: list[dict[str, Any]], images_per_epoch: int) -> None:
+    """A run without `train_log`: the mean loss of each epoch, at the epoch's end."""
+    axis.plot([record["epoch"] * images_per_epoch for record in epochs], [record["train_loss"] for record in epochs],
+              marker="o", label="mean over the epoch")
+    axis.set_ylabel("training loss")
+    _key(axis, "the mean over each epoch (this run logged no steps)")
+
+
+def _key(axis: Axes, text: str) -> None:
+    """What the lines are, in the top right corner: a text costs a fraction of a legend's layout."""
+    axis.text(0.99, 0.97, text, transform=axis.transAxes, ha="right", va="top", fontsize=8, color="0.3")
+
+
+def _draw_learning_rate(axis: Axes, train_log: list[dict[str, Any]]) -> None:
+    axis.plot([entry["images"] for entry in train_log], [entry["lr"] for entry in train_log], color="tab:orange")
+    axis.set_ylim(bottom=0)
+    axis.yaxis.set_major_locator(_few_ticks(3))
+    axis.set_ylabel("learning rate")
+
+
+def _draw_accuracy(
+    axis: Axes, evaluations: list[dict[str, Any]], target: float | None, reached: dict[str, Any] | None
+) -> None:
+    """Each evaluation's accuracy in percent, the target as a dashed line, and where it was first met."""
+    percent = [100 * evaluation["test_accuracy"] for evaluation in evaluations]
+    axis.plot([evaluation["images"] for evaluation in evaluations], percent, marker="o", markersize=3.5,
+              color="tab:green", label="test accuracy")
+    axis.set_ylabel("test accuracy (%)")
+    axis.yaxis.set_major_locator(_few_ticks(6))
+    if target is not None:
+        axis.axhline(100 * target, linestyle="--", linewidth=1, color="0.4", label="target")
+        # named below its left end: the evaluations there are still far below the target, or above it
+        axis.text(0.005, 100 * target, f"target {100 * target:.2f} %", transform=axis.get_yaxis_transform(),
+                  ha="left", va="top", fontsize=8, color="0.3")
+    # a missed target is recorded as None or as {"reached": false, ...}: only an accuracy at the target counts
+    if target is not None and reached and reached.get("test_accuracy", -1.0) >= target:
+        x, y = reached["images"], 100 * reached["test_accuracy"]
+        axis.plot([x], [y], marker="*", markersize=13, color="tab:red", linestyle="none", label="target reached")
+        # Up and to the left lies only air: every earlier evaluation was below the target. Near the left
+        # edge, where the text would run into the y-axis, down and to the right, below the later ones.
+        leftward = x > 0.35 * max(evaluation["images"] for evaluation in evaluations)
+        axis.annotate(f"{y:.2f} % at {x:,} images", (x, y), xytext=(-8, 8) if leftward else (8, -8),
+                      textcoords="offset points", ha="right" if leftward else "left",
+                      va="bottom" if leftward else "top", fontsize=9,
+                      bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    if percent:
+        best = max(*percent, 100 * target if target is not None else 0.0)
+        # the first evaluations can sit tens of points below the rest: showing them whole would flatten
+        # the part that matters, so their line leaves through the bottom instead; the target stays in sight
+        low = min(max(min(percent), best - ACCURACY_SPAN), 100 * target if target is not None else 100.0)
+        margin = max(0.1 * (best - low), 0.1)
+        # headroom above the best for the annotation, but no room for accuracies above 100 %
+        axis.set_ylim(low - margin, min(best + 3 * margin, 100 + margin))
+
+
+def _mark_epochs(axes: list[Axes], images_per_epoch: int, last_epoch: int) -> None:
+    """A thin line where each epoch begins, in every panel; above the top one its name, for every so many
+    epochs when there are too many to name each."""
+    starts = [(epoch, (epoch - 1) * images_per_epoch) for epoch in range(2, last_epoch + 1)]
+    if not starts:
+        return
+    for axis in axes:
+        # x in data, y in the axes' 0..1; kept out of autoscaling, where 0..1 would be read as losses
+        lines = LineCollection([[(x, 0), (x, 1)] for _, x in starts], transform=axis.get_xaxis_transform(),
+                               colors="0.75", linewidths=0.6, zorder=0)
+        axis.add_collection(lines, autolim=False)
+    every = -(-len(starts) // MAX_EPOCH_LABELS)
+    for epoch, x in starts:
+        if epoch % every == 0:
+            axes[0].text(x, 1.01, f"epoch {epoch}", transform=axes[0].get_xaxis_transform(), ha="center",
+                         va="bottom", fontsize=7, color="0.4")
 
 
 def save_run_figures(
