@@ -81,23 +81,24 @@ SLICE_TRAIN_IMAGES, SLICE_TEST_IMAGES = 16_384, 2_000
 
 @pytest.fixture(scope="session")
 def mnist_slice(tmp_path_factory, data_dir) -> Path:
-    """The first 16,384 training and 2,000 test images of MNIST as a flat folder of gzipped IDX files: for tests
-    of how runs start, stop and end, where a whole epoch would only cost time."""
+    """The first 16,384 training and 2,000 test images of MNIST, in torchvision's layout (so that the original
+    script reads them too): for tests of how runs start, stop and end, where a whole epoch would only cost time."""
     from lenet_dist.data import load_split
 
     folder = tmp_path_factory.mktemp("mnist-slice")
     for split, count in (("train", SLICE_TRAIN_IMAGES), ("test", SLICE_TEST_IMAGES)):
         data = load_split(data_dir, split, "mnist")
-        write_split(folder, split, data.images[:count], data.labels[:count], compress=True)
+        write_split(folder / "MNIST" / "raw", split, data.images[:count], data.labels[:count])
     return folder
 
 
 @pytest.fixture(scope="session")
-def single_process_profile(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    """A short real run with --profile (the default recipe): its trace folder and the run's output."""
+def single_process_profile(tmp_path_factory, mnist_slice) -> tuple[Path, subprocess.CompletedProcess]:
+    """A short real run with --profile (the default recipe, one epoch of the MNIST slice): its trace folder and
+    the run's output."""
     root = tmp_path_factory.mktemp("profile")
-    result = run([*TRAIN, "--target-accuracy", "0.95", "--profile", "--profile-dir", str(root / "profiles"),
-                  "--output-dir", str(root / "run")])
+    result = run([*TRAIN, "--epochs", "1", "--profile", "--profile-dir", str(root / "profiles"),
+                  "--output-dir", str(root / "run")], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     return run_trace_dir(str(root / "profiles"), root / "run"), result
 

@@ -17,16 +17,16 @@ from lenet_dist.model import LeNet5
 
 ROW_FIELDS = {
     "device", "pipeline", "precision", "compile", "batch_size", "train_images_per_second",
-    "inference_images_per_second", "train_flops_per_image", "roofline_percent", "speedup_vs_original",
+    "inference_images_per_second", "train_flops_per_image", "mfu_percent", "speedup_vs_original",
 }
 BENCH = [str(BIN / "lenet-dist"), "bench"]
 
 
 @pytest.fixture(scope="module")
-def quick_result(tmp_path_factory, data_dir):
+def quick_result(tmp_path_factory, mnist_slice):
     folder = tmp_path_factory.mktemp("bench")
     result = run([*BENCH, "--quick", "--json", str(folder / "out.json"), "--chart", str(folder / "chart.png"),
-                  "--profile", "--profile-dir", str(folder / "profiles")], timeout=300)
+                  "--profile", "--profile-dir", str(folder / "profiles"), "--data-dir", str(mnist_slice)], timeout=300)
     assert result.returncode == 0, result.stderr
     return folder, result
 
@@ -35,18 +35,20 @@ def quick_result(tmp_path_factory, data_dir):
 def test_bench_quick_writes_rows_json_chart_and_a_profile(quick_result):
     folder, result = quick_result
     report = json.loads((folder / "out.json").read_text())
-    assert report["schema"] == "lenet-dist-bench/2"
+    assert report["schema"] == "lenet-dist-bench/3"
     rows = report["rows"]
     assert {(r["pipeline"], r["batch_size"]) for r in rows} == {("original", 64), ("original", 128), ("tuned", 64),
                                                                  ("tuned", 128)}
     for row in rows:
         assert ROW_FIELDS <= row.keys()
         assert row["train_images_per_second"] > 0 and row["inference_images_per_second"] > 0
-        assert 0 < row["roofline_percent"] < 100
+        assert 0 < row["mfu_percent"] < 100
         assert 1e6 < row["train_flops_per_image"] < 5e6  # LeNet-5 is ~2.3 MFLOP per training image
     machine = report["machine"]
     assert machine["isa"] != "unknown" and machine["cpu_count"] >= 1 and machine["versions"]["torch"]
-    assert report["peak_matmul_flops_per_second"]["cpu/no"] > 1e9
+    peak = report["peak_matmul"]["cpu/no"]
+    assert peak["flops_per_second"] > 1e9 and peak["precision"] == "fp32" and peak["matmul"] == "2048²"
+    assert "MFU %: training FLOP/s" in result.stdout and "cpu/no" in result.stdout  # the column says what it is
     assert "runs" not in report and "scaling" not in report  # --quick leaves the training runs out
     assert "lenet-dist bench" in result.stdout
     assert_png(folder / "chart.png")
@@ -59,10 +61,10 @@ def test_bench_quick_writes_rows_json_chart_and_a_profile(quick_result):
 
 
 @pytest.fixture(scope="module")
-def three_rounds(tmp_path_factory, data_dir):
+def three_rounds(tmp_path_factory, mnist_slice):
     out = tmp_path_factory.mktemp("rounds") / "out.json"
     result = run([*BENCH, "--quick", "--pipelines", "tuned", "--batch-sizes", "128,256", "--window-images", "512",
-                  "--rounds", "3", "--json", str(out)], timeout=300)
+                  "--rounds", "3", "--json", str(out), "--data-dir", str(mnist_slice)], timeout=300)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -79,11 +81,11 @@ def test_bench_rows_report_the_median_of_their_rounds(three_rounds):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
-def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, data_dir):
+def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, mnist_slice):
     # dynamo logs every recompilation: the compiled run should make its training graph, then its evaluation
     # graph (one recompilation, both before the first step), and no more: no partial batch, no new shape
-    result = run([*TRAIN, "--target-accuracy", "0.9", *flags, "--output-dir", str(tmp_path)],
-                 env={"TORCH_LOGS": "recompiles"})
+    result = run([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.9", *flags, "--output-dir",
+                  str(tmp_path)], env={"TORCH_LOGS": "recompiles", "LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     assert metrics["final_test_accuracy"] >= 0.9
@@ -153,3 +155,49 @@ def test_process_counts_beyond_the_machine_are_refused(monkeypatch):
     with pytest.raises(UsageError, match="--processes 4 is more than this machine's 2 cores; pass --oversubscribe"):
         process_counts(BenchConfig(processes="1,2,4"), cpu)
     assert process_counts(BenchConfig(processes="1,2,4", oversubscribe=True), cpu) == [1, 2, 4]
+
+
+def test_the_default_runs_parts_come_from_one_run_the_median_one():
+    """Field-by-field medians need not add up; the median run's own parts do."""
+    from lenet_dist.bench.runs import median_run
+
+    runs = [{"seed": 0, "wall_seconds": 10.0, "train_seconds": 6.0, "eval_seconds": 1.0, "overhead_seconds": 3.0,
+             "final_test_accuracy": 0.985},
+            {"seed": 1, "wall_seconds": 12.0, "train_seconds": 9.0, "eval_seconds": 1.0, "overhead_seconds": 2.0,
+             "final_test_accuracy": 0.987},
+            {"seed": 2, "wall_seconds": 11.0, "train_seconds": 5.0, "eval_seconds": 2.0, "overhead_seconds": 4.0,
+             "final_test_accuracy": 0.986}]
+    median = median_run(runs)
+    assert median["median_seed"] == 2 and median["wall_seconds"] == 11.0
+    assert median["train_seconds"] + median["eval_seconds"] + median["overhead_seconds"] == median["wall_seconds"]
+    assert median["final_test_accuracy"] == 0.986
+
+
+def test_a_seed_that_misses_98_is_counted_not_dropped():
+    from lenet_dist.bench.runs import median_to_98
+
+    def seeds(*times):
+        return [{"seed": i, "time_to_98": t, "images": None if t is None else 1000 * t} for i, t in enumerate(times)]
+
+    assert median_to_98(seeds(3.0, None, 5.0)) == {"time_to_98": 5.0, "images": 5000.0, "misses": 1}  # not 4.0
+    assert median_to_98(seeds(3.0, None, None))["time_to_98"] is None  # most missed: no median to show
+    assert median_to_98(seeds(3.0, 4.0, 5.0))["misses"] == 0
+
+
+def test_profiling_stays_out_of_the_timed_rounds(monkeypatch, data_dir, tmp_path):
+    """--profile records the default row in a pass of its own, after every timed round."""
+    from lenet_dist.bench import measure, suite
+    from lenet_dist.config import BenchConfig
+    from lenet_dist.profiling import NoProfiler
+
+    calls = []
+    monkeypatch.setattr(measure, "measure", lambda cell, *args: calls.append((cell, args[-1])) or
+                        measure.Throughput(1.0, 1.0))
+    monkeypatch.setattr(measure, "matmul_flops_per_second", lambda device, precision: 1e9)
+    bench = BenchConfig(quick=True, pipelines="tuned", batch_sizes="64,128", rounds=2, profile=True,
+                        profile_dir=str(tmp_path))
+    monkeypatch.setattr(suite, "profiler_for", lambda *args: __import__("contextlib").nullcontext("profiling"))
+    suite.throughput_matrix(bench, [torch.device("cpu")], data_dir)
+    timed, profiled = calls[:4], calls[4:]
+    assert all(isinstance(profiler, NoProfiler) for _, profiler in timed)
+    assert [(cell.batch_size, profiler) for cell, profiler in profiled] == [(128, "profiling")]

@@ -20,6 +20,7 @@ import pytest
 from conftest import (
     BIN,
     ROOT,
+    SLICE_TEST_IMAGES,
     TRAIN,
     free_port,
     kill_all,
@@ -44,35 +45,42 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (tmp_path / "metrics.json").exists()
 
 
+SHORT = ["--epochs", "1", "--batch-size", "256"]  # 64 steps on the MNIST slice
+
+
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, data_dir) -> Path:
+def sliced(mnist_slice) -> dict[str, str]:
+    return {"LENET_DATA_DIR": str(mnist_slice)}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, sliced) -> Path:
     output = tmp_path_factory.mktemp("short")
-    result = run([*TRAIN, "--epochs", "1", "--batch-size", "512", "--checkpoint-every", "50", "--output-dir",
-                  str(output)])
+    result = run([*TRAIN, *SHORT, "--checkpoint-every", "16", "--output-dir", str(output)], env=sliced)
     assert result.returncode == 0, result.stderr
     return output
 
 
-def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path):
-    checkpoint = short_run / "checkpoints" / "step-00000100"
-    result = run([*TRAIN, "--epochs", "1", "--batch-size", "512", "--lr", "0.01", "--resume", str(checkpoint),
-                  "--output-dir", str(tmp_path)], timeout=120)
+def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):
+    checkpoint = short_run / "checkpoints" / "step-00000032"
+    result = run([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],
+                 timeout=120, env=sliced)
     one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)", f"--init-from {checkpoint}")
 
 
-def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path):
-    checkpoint = tmp_path / "step-00000100"
-    shutil.copytree(short_run / "checkpoints" / "step-00000100", checkpoint)
+def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path, sliced):
+    checkpoint = tmp_path / "step-00000032"
+    shutil.copytree(short_run / "checkpoints" / "step-00000032", checkpoint)
     state = checkpoint / "training_state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    result = run([*TRAIN, "--epochs", "1", "--batch-size", "512", "--resume", str(checkpoint), "--output-dir",
-                  str(tmp_path / "out")], timeout=120)
+    result = run([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], timeout=120,
+                 env=sliced)
     one_line_error(result, 1, str(checkpoint), "corrupt")
 
 
-def test_finished_run_is_not_overwritten(short_run):
+def test_finished_run_is_not_overwritten(short_run, sliced):
     before = (short_run / "metrics.json").read_bytes()
-    result = run([*TRAIN, "--epochs", "1", "--output-dir", str(short_run)], timeout=120)
+    result = run([*TRAIN, "--epochs", "1", "--output-dir", str(short_run)], timeout=120, env=sliced)
     one_line_error(result, 2, str(short_run), "--overwrite")
     assert (short_run / "metrics.json").read_bytes() == before
 
@@ -87,10 +95,10 @@ def test_unwritable_output_dir_is_named(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(("user", "function", "calls_before", "culprit", "kept"), [
     ("train", "save_checkpoint", 1, "checkpoints/step-00000040", "step-00000020"),
-    ("outputs", "export_weights", 0, "model.safetensors", "step-00000117"),
+    ("outputs", "export_weights", 0, "model.safetensors", "step-00000064"),
 ], ids=["checkpoint", "weights"])
 def test_a_write_that_fails_is_one_line_and_keeps_the_last_checkpoint(user, function, calls_before, culprit, kept,
-                                                                      tmp_path, data_dir):
+                                                                      tmp_path, sliced):
     """Files limited to 100 kB, as on a disk that fills up: writes fail with EFBIG (Python ignores SIGXFSZ).
 
     The limit is set from inside the run just before the write under test (a checkpoint is ~0.75 MB: the
@@ -108,8 +116,8 @@ def test_a_write_that_fails_is_one_line_and_keeps_the_last_checkpoint(user, func
         f"user.{function} = limited\n"
         "train.main(sys.argv[1:])\n"
     )
-    result = run([sys.executable, "-c", script, "--epochs", "1", "--batch-size", "512", "--checkpoint-every", "20",
-                  "--keep-checkpoints", "1", "--output-dir", str(tmp_path)], timeout=300)
+    result = run([sys.executable, "-c", script, *SHORT, "--checkpoint-every", "20", "--keep-checkpoints", "1",
+                  "--output-dir", str(tmp_path)], timeout=300, env=sliced)
     line = one_line_error(result, 1, "could not write", "File too large")
     assert culprit in line, line
     (checkpoint,) = (tmp_path / "checkpoints").glob("step-*")
@@ -144,20 +152,20 @@ def test_a_dying_rank_is_named_and_ends_the_whole_job_quickly(tmp_path, data_dir
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_nodes_on_loopback_match_one_process(short_run, tmp_path, data_dir):
+def test_two_nodes_on_loopback_match_one_process(short_run, tmp_path, sliced):
     port = str(free_port())
-    recipe = ["--epochs", "1", "--batch-size", "512", "--no-progress", "--output-dir", str(tmp_path)]
+    recipe = [*SHORT, "--no-progress", "--output-dir", str(tmp_path)]
     nodes = [
         start([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch" / "multi_node.yaml"),
                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
-               "127.0.0.1", "--main_process_port", port, "-m", "lenet_dist.train", *recipe])
+               "127.0.0.1", "--main_process_port", port, "-m", "lenet_dist.train", *recipe], env=sliced)
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr[-3000:]
     metrics = read_metrics(tmp_path)
-    assert metrics["world_size"] == 2 and metrics["evaluations"][-1]["eval_samples"] == 10_000
+    assert metrics["world_size"] == 2 and metrics["evaluations"][-1]["eval_samples"] == SLICE_TEST_IMAGES
     # short_run is this recipe on one process (its checkpoints change no number)
     assert abs(metrics["final_test_accuracy"] - read_metrics(short_run)["final_test_accuracy"]) <= 0.002
     assert "epoch 1/1  train loss" in outputs[0][0] and "train loss" not in outputs[1][0]  # machine 1 stays quiet

@@ -51,27 +51,34 @@ def test_the_installed_package_is_the_one_that_runs(installed, tmp_path):
     assert config.stdout.strip().startswith(str(installed)) and "MULTI_GPU" in Path(config.stdout.strip()).read_text()
 
 
-def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, data_dir):
+def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, mnist_slice):
     result, folder = in_empty_folder(installed, tmp_path, "python", "-m", "torch.distributed.run", "--nproc-per-node",
                                      "2", "--master-port", str(free_port()), "-m", "lenet_dist.train", *SHORT,
-                                     "--output-dir", "out")
+                                     "--data-dir", str(mnist_slice), "--output-dir", "out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(folder / "out")["world_size"] == 2
 
 
-def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, data_dir):
-    """Its training commands (python -m, accelerate launch with the packaged config) start from the package."""
+def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_slice):
+    """Its training commands (python -m, accelerate launch with the packaged config, the bare loop, the original
+    script) start from the package. On the MNIST slice: this checks what runs and what is reported, not speed."""
     result, folder = in_empty_folder(installed, tmp_path, "lenet-dist", "bench", "--quick", "--pipelines", "tuned",
                                      "--runs", "--repeats", "1", "--seeds", "1", "--recipe-processes", "1",
-                                     "--processes", "1,2",
+                                     "--processes", "1,2", "--data-dir", str(mnist_slice),
                                      "--json", "bench.json", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((folder / "bench.json").read_text())
     cpu = report["runs"]["cpu"]
-    assert cpu["original"]["final_test_accuracy"] > 0.97
+    assert cpu["original"]["final_test_accuracy"] > 0.9
     default = cpu["1_process"]["default"]
-    assert default["final_test_accuracy"] > 0.98 and 0 < default["overhead_seconds"] < default["wall_seconds"]
-    assert cpu["1_process"]["fast_to_98"]["time_to_98"] > 0
+    assert default["final_test_accuracy"] > 0.9 and 0 < default["overhead_seconds"] < default["wall_seconds"]
+    assert default["train_seconds"] + default["eval_seconds"] + default["overhead_seconds"] == \
+        pytest.approx(default["wall_seconds"])  # the median run's own parts
+    fast = cpu["1_process"]["fast_to_98"]
+    assert fast["misses"] + sum(run["time_to_98"] is not None for run in fast["runs"]) == 1
+    (loop_row, *_) = report["loop"]["rows"]
+    assert 0 < loop_row["ours_over_best_bare"] < 2 and loop_row["bare_compiled_images_per_second"] > 0
+    assert "of the better one" in result.stdout and "missed" in result.stdout
     rows = report["scaling"]["rows"]
     assert [(row["mode"], row["processes"]) for row in rows] == [("strong", 1), ("strong", 2), ("weak", 1),
                                                                  ("weak", 2)]

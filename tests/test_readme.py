@@ -1,4 +1,6 @@
-"""Every shell command README.md shows, run in order as written, so the README never goes stale."""
+"""README.md as a user follows it: every shell command in its `bash` blocks, run in order as written, the
+output it quotes (a `text` block right after a `bash` block) checked line by line for structure and words
+(numbers may differ), and the launch table's commands that can run on this machine."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from conftest import BIN, ROOT, copy_checkout, run
 
@@ -13,30 +16,91 @@ from conftest import BIN, ROOT, copy_checkout, run
 # default run that `python -m lenet_dist.train --output-dir runs/first` below makes too, in the venv
 # this suite already runs in.
 NOT_RUN_HERE = {"make test", "make train"}
+BLOCK = re.compile(r"```(bash|text)\n(.*?)```(\s*)", flags=re.S)
+BOX = re.compile(r"[┃│━┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇╈╋─═║┳┻]")
+NUMBER = re.compile(r"[+-−]?\d[\d,.]*")
 
 
-def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    commands = []
-    for block in blocks:
-        for line in block.replace("\\\n", " ").splitlines():
-            command = line.split(" # ")[0].strip()
-            if command and not command.startswith("#") and command not in NOT_RUN_HERE:
-                commands.append(command)
-    return commands
+def readme_steps() -> list[tuple[list[str], str | None]]:
+    """Each bash block's commands, with the output README quotes for them: the text block right after (only
+    blank lines between), else None."""
+    blocks = [(match[1], match[2], match.end(), match.start()) for match in BLOCK.finditer(
+        (ROOT / "README.md").read_text())]
+    steps = []
+    for index, (kind, body, end, _) in enumerate(blocks):
+        if kind != "bash":
+            continue
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        quoted = following[1] if following and following[0] == "text" and following[3] == end else None
+        commands = [line.split(" # ")[0].strip() for line in body.replace("\\\n", " ").splitlines()]
+        steps.append(([c for c in commands if c and not c.startswith("#") and c not in NOT_RUN_HERE], quoted))
+    return steps
+
+
+def shape(line: str) -> str:
+    """A line's words and structure: numbers become #, table rules and padding go."""
+    return " ".join(NUMBER.sub("#", BOX.sub(" ", line)).split())
+
+
+def assert_quoted(quoted: str, printed: str, command: str) -> None:
+    """Every line README quotes appears, numbers aside, among the lines the command printed. Rows of the
+    profiler's operator tables are the machine's own (which operators lead differs between CPUs): those need
+    only exist."""
+    printed_shapes = {shape(line) for line in printed.splitlines()}
+    for line in quoted.splitlines():
+        wanted = shape(line)
+        if not wanted or not re.search(r"[A-Za-z]", wanted):
+            continue
+        if "::" in line or line.strip().startswith(("│ optimizer_step", "│ Optimizer.", "│ data_loading")):
+            assert any("::" in s for s in printed_shapes), f"{command}: no operator rows printed"
+            continue
+        assert wanted in printed_shapes, f"{command}: README quotes\n  {line}\nbut it printed\n{printed[-3000:]}"
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs(data_dir, tmp_path):
-    commands = readme_commands()
-    assert len(commands) >= 10, commands
+def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist_slice, tmp_path):
+    steps = readme_steps()
+    assert sum(len(commands) for commands, _ in steps) >= 10 and sum(q is not None for _, q in steps) >= 4
     # In a copy of the checkout: a user's own runs/first (from following the README) must neither make
     # the commands fail nor be touched. The copy shares the installed .venv; copying keeps file times,
     # so `make` sees the install as current and does not re-point it at the copy.
     checkout = copy_checkout(tmp_path / "checkout")
     if (ROOT / ".venv").is_dir():
         (checkout / ".venv").symlink_to(ROOT / ".venv")
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(data_dir)}
-    for command in commands:  # in order: later commands use what earlier ones wrote
-        result = run(["bash", "-c", command], env=env, timeout=600, cwd=checkout)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    path = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    for commands, quoted in steps:  # in order: later commands use what earlier ones wrote
+        # what README quotes comes from MNIST as a user has it; the rest runs on its slice, to keep the suite short
+        data = data_dir if quoted else mnist_slice
+        for command in commands:
+            result = run(["bash", "-c", command], env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
+                         cwd=checkout)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        if quoted:
+            assert_quoted(quoted, result.stdout, command)
+
+
+def launch_table() -> dict[str, str]:
+    rows = re.findall(r"^\| ([^|]+) \| `([^`]+)`", (ROOT / "README.md").read_text(), flags=re.M)
+    return {where.strip(): command for where, command in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("where", ["1 CPU process", "2 CPU processes (gloo)", "torchrun"])
+def test_the_launch_tables_cpu_rows_run_as_written(where, mnist_slice, tmp_path):
+    """With a short run's flags appended (the launchers are what is tested) and torchrun's N as 2."""
+    command = launch_table()[where].replace("--nproc-per-node N", "--nproc-per-node 2")
+    flags = "--epochs 1 --batch-size 256 --no-progress --output-dir run"
+    result = run(["bash", "-c", f"{command} {flags}"], cwd=tmp_path, timeout=600,
+                 env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(mnist_slice),
+                      "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    assert result.stdout.count("epoch 1/1  train loss") == 1 and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_the_launch_table_names_every_way_to_run():
+    table = launch_table()
+    assert {"1 CPU process", "2 CPU processes (gloo)", "1 GPU", "N GPUs (NCCL)", "torchrun", "several nodes"} <= \
+        set(table)
+    if not torch.cuda.is_available():  # the GPU rows run in `make gpu-check`; several nodes in tests/test_cluster.py
+        assert all("launch-config" in table[row] for row in ("1 GPU", "N GPUs (NCCL)", "several nodes"))

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import (
+    SLICE_TEST_IMAGES,
     TRAIN,
     checkpoint_exists,
     kill_all,
@@ -30,21 +31,27 @@ from conftest import (
     wait_for,
 )
 
-# 117 steps per epoch at batch 512: two epochs are a few seconds, and step 160 is 43 steps into epoch 2
-RECIPE = ["--epochs", "2", "--batch-size", "512", "--no-progress"]
-EPOCH_END = 117
+# On the MNIST slice (16,384 images): 64 steps per epoch at batch 256, two epochs in a few seconds
+RECIPE = ["--epochs", "2", "--batch-size", "256", "--no-progress"]
+EPOCH_END = 64
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir) -> Path:
+def sliced(mnist_slice) -> dict[str, str]:
+    """The environment of this module's runs: the MNIST slice as their data."""
+    return {"LENET_DATA_DIR": str(mnist_slice)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, sliced) -> Path:
     output = tmp_path_factory.mktemp("uninterrupted")
-    result = run([*TRAIN, *RECIPE, "--output-dir", str(output)])
+    result = run([*TRAIN, *RECIPE, "--output-dir", str(output)], env=sliced)
     assert result.returncode == 0, result.stderr
     return output
 
 
-def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identically(uninterrupted, tmp_path):
+def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identically(uninterrupted, tmp_path, sliced):
     """Killed twice in epoch 2, at random instants while it saves every 3 steps: the complete checkpoints
     survive, and the resumed run (re-creating epoch 2's shuffled order) ends exactly as the uninterrupted one."""
     rng = random.Random(0)
@@ -56,7 +63,7 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
 
     for attempt in range(2):
         target = max(newest(), EPOCH_END) + 15
-        process = start(command + (["--resume"] if attempt else []))
+        process = start(command + (["--resume"] if attempt else []), env=sliced)
         wait_for(lambda target=target: newest() >= target, 120, process)
         time.sleep(rng.uniform(0, 0.3))  # some kills land mid-save
         kill_all(process)
@@ -67,10 +74,10 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
             assert load_file(str(checkpoint / "model.safetensors"))
     assert not (tmp_path / "metrics.json").exists()
 
-    refused = run(command, timeout=120)
+    refused = run(command, timeout=120, env=sliced)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # nothing is started over by mistake
     # --deterministic only constrains GPU kernels: on CPU it must not change a single number
-    resumed = run(command + ["--resume", "--deterministic"])
+    resumed = run(command + ["--resume", "--deterministic"], env=sliced)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resumed from .*step-\d{8}: epoch 2", resumed.stdout), resumed.stdout
     assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
@@ -79,10 +86,10 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
 
 
 @pytest.fixture(scope="module")
-def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+def sigtermed(tmp_path_factory, sliced) -> tuple[Path, subprocess.CompletedProcess]:
     """A 1-process run with no periodic checkpoints, sent SIGTERM in the middle of its second epoch."""
     output = tmp_path_factory.mktemp("sigtermed")
-    process = start([*TRAIN, *RECIPE, "--output-dir", str(output)])
+    process = start([*TRAIN, *RECIPE, "--output-dir", str(output)], env=sliced)
     wait_for(checkpoint_exists(output, EPOCH_END), 120, process)
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
@@ -92,7 +99,7 @@ def sigtermed(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedPro
     return output, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed, uninterrupted, tmp_path):
+def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed, uninterrupted, tmp_path, sliced):
     output, stopped = sigtermed
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     (line,) = stopped.stderr.strip().splitlines()
@@ -104,13 +111,13 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(output, resumed_dir)
-    resumed = run([*TRAIN, *RECIPE, "--output-dir", str(resumed_dir), "--resume", "auto"])
+    resumed = run([*TRAIN, *RECIPE, "--output-dir", str(resumed_dir), "--resume", "auto"], env=sliced)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {resumed_dir}/checkpoints/step-{step:08d}: epoch 2, step {step}" in resumed.stdout
     assert numbers(read_metrics(resumed_dir)) == numbers(read_metrics(uninterrupted))
     assert same_weights(resumed_dir, uninterrupted)
     # the training-loss series goes on where it stopped: no step twice, none left out, the same losses; the
-    # stop's own point (step 153, say) splits the window that the uninterrupted run logged at step 160
+    # stop's own point (step 83, say) splits the window that the uninterrupted run logged at step 90
     resumed_log, whole_log = read_metrics(resumed_dir)["train_log"], read_metrics(uninterrupted)["train_log"]
     resumed_steps = [entry["step"] for entry in resumed_log]
     assert resumed_steps == sorted({*(entry["step"] for entry in whole_log), step})
@@ -120,14 +127,14 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
 
 
 @pytest.mark.ddp
-def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path):
+def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path, sliced):
     output, _ = sigtermed
     shutil.copytree(output, tmp_path / "run")
-    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"))
+    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"), env=sliced)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(saved by 1 processes)" in resumed.stdout
     metrics = read_metrics(tmp_path / "run")
-    assert metrics["world_size"] == 2 and all(e["eval_samples"] == 10_000 for e in metrics["evaluations"])
+    assert metrics["world_size"] == 2 and all(e["eval_samples"] == SLICE_TEST_IMAGES for e in metrics["evaluations"])
     single = read_metrics(uninterrupted)
     # epoch 2 is what the two processes computed after the resume (epoch 1's record came with the checkpoint)
     resumed, alone = metrics["epochs"][1], single["epochs"][1]
@@ -137,10 +144,10 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrup
 
 
 @pytest.mark.ddp
-def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(uninterrupted, tmp_path, data_dir):
+def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(uninterrupted, tmp_path, sliced):
     marker = f"sigterm-{os.getpid()}"
     launcher = start(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), launcher="lenet-dist"),
-                     env={"LENET_TEST_LAUNCH": marker})
+                     env={"LENET_TEST_LAUNCH": marker, **sliced})
     try:
         wait_for(checkpoint_exists(tmp_path, EPOCH_END), 180, launcher)
         wait_for(lambda: len(rank_pids(marker)) == 2, 30, launcher)
@@ -164,9 +171,9 @@ def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(u
 
     two_to_one = tmp_path.parent / f"{tmp_path.name}-on-one"
     shutil.copytree(tmp_path, two_to_one)
-    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), "--resume"))
+    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), "--resume"), env=sliced)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    on_one = run([*TRAIN, *RECIPE, "--output-dir", str(two_to_one), "--resume"])
+    on_one = run([*TRAIN, *RECIPE, "--output-dir", str(two_to_one), "--resume"], env=sliced)
     assert on_one.returncode == 0, on_one.stderr
     assert "(saved by 2 processes)" in on_one.stdout
     single = read_metrics(uninterrupted)["final_test_accuracy"]
@@ -177,26 +184,26 @@ def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(u
 
 
 @pytest.mark.ddp
-def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterrupted, tmp_path, data_dir):
+def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterrupted, tmp_path, sliced):
     marker = f"elastic-{os.getpid()}"
-    command = launch_ddp(*RECIPE, "--checkpoint-every", "40", "--resume", "auto", "--output-dir", str(tmp_path),
+    command = launch_ddp(*RECIPE, "--checkpoint-every", "16", "--resume", "auto", "--output-dir", str(tmp_path),
                          extra=("--max_restarts", "1"))
-    launcher = start(command, env={"LENET_TEST_LAUNCH": marker})
+    launcher = start(command, env={"LENET_TEST_LAUNCH": marker, **sliced})
     try:
-        wait_for(checkpoint_exists(tmp_path, 160), 180, launcher)
+        wait_for(checkpoint_exists(tmp_path, 80), 180, launcher)
         os.kill(rank_pids(marker)[1], signal.SIGKILL)
         stdout, stderr = launcher.communicate(timeout=300)
     finally:
         kill_all(launcher, marker)
     assert launcher.returncode == 0, stderr[-3000:]
-    assert re.search(r"resumed from .*step-00000(16|20)0: epoch 2", stdout), stdout[-3000:]
+    assert re.search(r"resumed from .*step-000000(80|96): epoch 2", stdout), stdout[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert abs(metrics["final_test_accuracy"] - read_metrics(uninterrupted)["final_test_accuracy"]) <= 0.002
 
 
-def test_second_signal_while_stopping_changes_nothing(tmp_path, data_dir):
-    process = start([*TRAIN, *RECIPE, "--output-dir", str(tmp_path)])
+def test_second_signal_while_stopping_changes_nothing(tmp_path, sliced):
+    process = start([*TRAIN, *RECIPE, "--output-dir", str(tmp_path)], env=sliced)
     wait_for(checkpoint_exists(tmp_path, EPOCH_END), 120, process)
     for _ in range(5):  # Ctrl-C pressed again and again while it saves
         process.send_signal(signal.SIGINT)

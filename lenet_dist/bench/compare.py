@@ -16,7 +16,7 @@ from lenet_dist.errors import UserError
 from lenet_dist.files import write_atomically, write_json
 
 KEY = ("device", "pipeline", "precision", "compile", "batch_size")
-SCHEMA = "lenet-dist-bench/2"  # what suite.py writes; here so that comparing imports no torch
+SCHEMA = "lenet-dist-bench/3"  # what suite.py writes; here so that comparing imports no torch
 
 
 def load_result(path: Path) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """The timing core: training and inference images/s of one matrix cell, in this process.
 
 Each cell trains the real LeNet-5 on real MNIST batches from the real pipeline. Images/s is the median
-of several timed windows after a warm-up (compilation happens in the warm-up). The roofline % is
-achieved FLOP/s (FLOPs per image from torch.utils.flop_counter × images/s) over the matmul FLOP/s this
-device measures in the same run, as nanoGPT reports MFU.
+of several timed windows after a warm-up (compilation happens in the warm-up). MFU (model FLOP
+utilisation, as nanoGPT reports it) is achieved FLOP/s (FLOPs per image from torch.utils.flop_counter ×
+images/s) over the dense matmul FLOP/s this device reaches in the same precision, measured in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -53,20 +54,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PEAK_SIZE = {"cuda": 4096, "cpu": 2048}  # the square matmul the peak is measured with
+
+
+def peak_precision(device: torch.device, precision: str) -> str:
+    """What the fp32 rows' arithmetic is: on CUDA, PyTorch runs fp32 convolutions as TF32 by default, so their
+    peak is TF32's too (an IEEE fp32 peak would flatter them eightfold)."""
+    if precision != "no":
+        return precision
+    return "tf32" if device.type == "cuda" and torch.backends.cudnn.conv.fp32_precision == "tf32" else "fp32"
+
+
 def matmul_flops_per_second(device: torch.device, precision: str) -> float:
-    """The device's dense matmul rate in this precision: the ceiling the roofline % is measured against."""
-    size = 4096 if device.type == "cuda" else 2048
+    """The device's dense matmul rate in this precision (TF32 for CUDA's fp32, see peak_precision): what the MFU
+    divides by."""
+    size = PEAK_SIZE[device.type]
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     rates = []
-    for _ in range(7):
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        rates.append(4 * 2 * size**3 / (time.perf_counter() - started))
+    with _matmul_precision("tf32" if peak_precision(device, precision) == "tf32" else None):
+        for _ in range(7):
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            synchronize(device)
+            rates.append(4 * 2 * size**3 / (time.perf_counter() - started))
     return max(rates)
+
+
+@contextlib.contextmanager
+def _matmul_precision(setting: str | None) -> Iterator[None]:
+    before = torch.backends.cuda.matmul.fp32_precision
+    if setting:
+        torch.backends.cuda.matmul.fp32_precision = setting
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
 
 def flops_per_image() -> tuple[float, float]:

@@ -76,7 +76,7 @@ def main() -> None:
     plt.savefig(args.figure)
 
     with open(args.summary, "w") as summary:
-        json.dump({"epochs": epochs}, summary)
+        json.dump({"epochs": epochs, "train_images": len(train_set)}, summary)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,27 @@ def show(result: dict[str, Any]) -> None:
 
     out = wide_console(160)
     table = Table(title=f"lenet-dist bench: {label(result['machine'])}")
-    for column in ("device", "pipeline", "precision", "compile", "batch", "train img/s", "infer img/s", "roofline %",
+    for column in ("device", "pipeline", "precision", "compile", "batch", "train img/s", "infer img/s", "MFU %",
                    "× original"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
         speedup = row["speedup_vs_original"]
         table.add_row(row["device"], row["pipeline"], row["precision"], row["compile"], str(row["batch_size"]),
                       f"{row['train_images_per_second']:,.0f}", f"{row['inference_images_per_second']:,.0f}",
-                      f"{row['roofline_percent']:.1f}", "" if speedup is None else f"{speedup:.2f}")
+                      f"{row['mfu_percent']:.1f}", "" if speedup is None else f"{speedup:.2f}")
     out.print(table)
+    out.print("MFU %: training FLOP/s (torch's flop counter × images/s) over the dense matmul rate measured here in "
+              "the same precision: " + ", ".join(f"{key} {peak['flops_per_second'] / 1e9:,.0f} GFLOP/s "
+                                                 f"({peak['precision']}, {peak['matmul']})"
+                                                 for key, peak in result["peak_matmul"].items()), highlight=False)
     for device, timings in (result.get("runs") or {}).items():
         for line in run_lines(device, timings):
-            out.print(line)
+            out.print(line, highlight=False)
+    for row in (result.get("loop") or {}).get("rows", []):
+        out.print(f"cpu, batch {row['batch_size']}: lenet-dist train's loop {row['ours_images_per_second']:,.0f} "
+                  f"images/s, the bare loop {row['bare_images_per_second']:,.0f} eager and "
+                  f"{row['bare_compiled_images_per_second']:,.0f} compiled: "
+                  f"{row['ours_over_best_bare']:.0%} of the better one", highlight=False)
     if result.get("scaling"):
         out.print(scaling_table(result["scaling"]))
 
@@ -43,14 +53,15 @@ def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
     original = timings["original"]
     lines = [f"{device}: the original script, {len(original['runs'])} run(s): whole process "
              f"{original['wall_seconds']:.1f} s, {_percent(original['final_test_accuracy'])} after 2 epochs, time "
-             f"to 98% {_seconds(original['time_to_98'])}"]
+             f"to 98% {_seconds(original['time_to_98'])} after {_images(original['images'])}"]
     for count in sorted(int(key.split("_")[0]) for key in timings if key.endswith("_process")):
         default, fast = timings[f"{count}_process"]["default"], timings[f"{count}_process"]["fast_to_98"]
         seeds = len(default["runs"])
         lines.append(
             f"{device}, {count} process(es), default 2-epoch run over {seeds} seeds: test accuracy median "
             f"{_percent(default['final_test_accuracy'])} ({_spread(default, 'final_test_accuracy', _percent)}); "
-            f"whole process {default['wall_seconds']:.1f} s = training {default['train_seconds']:.1f} s + "
+            f"whole process (the median run, seed {default['median_seed']}) {default['wall_seconds']:.1f} s = "
+            f"training {default['train_seconds']:.1f} s + "
             f"evaluation {default['eval_seconds']:.1f} s + fixed overhead {default['overhead_seconds']:.1f} s"
             + (f"; {original['wall_seconds'] / default['wall_seconds']:.2f}× faster than the original script"
                if count == 1 else ""))
@@ -59,8 +70,10 @@ def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
                  if count == 1 and original["time_to_98"] and fast["time_to_98"] else "")
         lines.append(
             f"{device}, {count} process(es), fast-to-98% recipe over {len(fast['runs'])} seeds: time to 98% median "
-            f"{_seconds(fast['time_to_98'])} ({_spread(fast, 'time_to_98', _seconds)}), "
-            f"{within}/{len(fast['runs'])} within the first epoch{ratio}")
+            f"{_seconds(fast['time_to_98'])} ({_spread(fast, 'time_to_98', _seconds)}), images median "
+            f"{_images(fast['images'])} ({_spread(fast, 'images', _images)}), {fast['misses']} missed, "
+            f"{within}/{len(fast['runs'])} within the first epoch, evaluation "
+            f"{statistics.median(run['eval_share'] for run in fast['runs']):.0%} of the time{ratio}")
     compiled = timings.get("compile")
     if compiled:
         lines.append(f"{device}: --compile spends {compiled['cold_seconds']:.1f} s compiling with an empty inductor "
@@ -73,6 +86,10 @@ def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
 
 def _spread(group: dict[str, Any], key: str, show) -> str:
     return " / ".join(show(run[key]) for run in group["runs"])
+
+
+def _images(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:,.0f} images"
 
 
 def _percent(value: float | None) -> str:
