@@ -49,8 +49,8 @@ CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
-TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "seed", "dataset", "data_pipeline",
-                     "init_from")
+TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "anneal_images", "final_lr_factor", "init",
+                     "seed", "dataset", "data_pipeline", "init_from")
 # Optimizer settings that say how this run steps, not where the trajectory stands: a checkpoint
 # saved with another setting (an eager run's capturable=False, say) must not replace this run's.
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
@@ -71,6 +71,9 @@ class RunState:
     epochs: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' records
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # every test-set evaluation
     train_log: list[dict[str, Any]] = field(default_factory=list)  # the loss and lr at every logged step
+    recent: list[tuple[int, int]] = field(default_factory=list)  # (images, right before learning) per log stretch
+    open_stretch: list[int] = field(default_factory=lambda: [0, 0])  # the stretch since the last one closed
+    evaluation_due: bool = False  # the cadence called for an evaluation at this step
     trajectory: dict[str, Any] = field(default_factory=dict)
     processes: int = 1  # how many processes saved it (for the resume message only)
 

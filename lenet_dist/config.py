@@ -77,17 +77,49 @@ def require_choices(name: str, text: str | None, allowed: typing.Collection[str]
         raise UsageError(f"{option(name)}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
 
 
+# The recipes --recipe names: every field a recipe sets, which a flag given on its own overrides.
+#   default     ends highest: 2 epochs, the one-cycle schedule over both, 98.6 % and more (BENCHMARKS.md)
+#   fast-to-98  the shortest time to 98 %: LeCun's initialisation, batch 32, the schedule over the first
+#               45,056 images down to a fiftieth of its peak, which it then holds (so that a slow seed still
+#               learns), stopping at the first evaluation ≥ 98 % (BENCHMARKS.md has the search)
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"epochs": 2, "batch_size": 128, "lr": 6e-3, "warmup": 0.3, "anneal_images": None,
+                "final_lr_factor": 1 / 25 / 1e4, "init": "pytorch", "target_accuracy": None},
+    "fast-to-98": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "warmup": 0.1, "anneal_images": 45_056,
+                   "final_lr_factor": 1 / 50, "init": "lecun", "target_accuracy": 0.98},
+}
+FROM_RECIPE = "(default: the --recipe's)"
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = flag(2, "passes over the training set")
-    batch_size: int = flag(
-        128,
-        "GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe",
+    recipe: str = flag(
+        "default", "a whole recipe: default (2 epochs; ends highest) or fast-to-98 (one epoch; the shortest time to "
+        "98 %); the flags below marked 'the --recipe's' override its parts", choices=tuple(RECIPES),
+    )
+    epochs: int | None = flag(None, f"passes over the training set {FROM_RECIPE}")
+    batch_size: int | None = flag(
+        None,
+        f"GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe {FROM_RECIPE}",
         short="-b",
     )
-    lr: float = flag(6e-3, "peak learning rate of Adam (the one-cycle schedule's maximum)")
+    lr: float | None = flag(None, f"peak learning rate of Adam (the one-cycle schedule's maximum) {FROM_RECIPE}")
     schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
-    warmup: float = flag(0.3, "one-cycle schedule: the share of the run spent raising the learning rate to its peak")
+    warmup: float | None = flag(
+        None, f"one-cycle schedule: the share of its cycle spent raising the learning rate to its peak {FROM_RECIPE}"
+    )
+    anneal_images: int | None = flag(
+        None, "one-cycle schedule: the images its cycle spans, after which the learning rate holds its last value "
+        f"(none: the whole run) {FROM_RECIPE}"
+    )
+    final_lr_factor: float | None = flag(
+        None, "one-cycle schedule: the learning rate its cycle ends on, and then holds, as a fraction of the peak "
+        f"(OneCycleLR's: 1/250000) {FROM_RECIPE}"
+    )
+    init: str | None = flag(
+        None, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {FROM_RECIPE}",
+        choices=("pytorch", "lecun"),
+    )
     seed: int = flag(0, "seed for weights and data order")
     deterministic: bool = flag(
         False,
@@ -127,7 +159,7 @@ class TrainConfig:
         True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)"
     )
     target_accuracy: float | None = flag(
-        None, "stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98"
+        None, f"stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98 {FROM_RECIPE}"
     )
     eval_every: int | None = flag(
         None, "evaluate on the whole test set every N steps (default: at each epoch's end; with --target-accuracy "
@@ -164,12 +196,19 @@ class TrainConfig:
     profile_flops: bool = flag(False, "also estimate FLOPs of matmuls and convolutions in the trace")
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise UsageError(f"--recipe: unknown {self.recipe}; choose from {', '.join(RECIPES)}")
+        for name, value in RECIPES[self.recipe].items():  # the recipe fills what no flag set
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         require_at_least(self, {
             "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0, "eval_every": 1,
-            "profile_wait": 0, "profile_warmup": 0, "profile_active": 1, "profile_repeat": 1,
+            "profile_wait": 0, "profile_warmup": 0, "profile_active": 1, "profile_repeat": 1, "anneal_images": 1,
         })
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.final_lr_factor <= 1:
+            raise UsageError(f"--final-lr-factor is a fraction of the peak in (0, 1], got {self.final_lr_factor}")
         if not 0 < self.warmup < 1:
             raise UsageError(f"--warmup is a fraction of the run in (0, 1), got {self.warmup}")
         if not (math.isfinite(self.collective_timeout) and self.collective_timeout > 0):
@@ -214,11 +253,11 @@ class BenchConfig:
                                            "with --quick)")
     runs: bool | None = flag(
         None, "also time real training commands: whole-process seconds of the default run and of the original "
-        "script, time to 98%% over --seeds seeds, and (with compile among --compile-modes) compile seconds cold "
+        "script, time to 98% over --seeds seeds, and (with compile among --compile-modes) compile seconds cold "
         "and warm (default: on; off with --quick)"
     )
     repeats: int = flag(3, "runs of the original script (seeds 0, 1, …), alternating with the recipe's")
-    seeds: int = flag(3, "seeds of the recipe's runs, default and fast-to-98%% (medians and spreads are reported)")
+    seeds: int = flag(5, "seeds of the recipes' runs, default and fast-to-98 (medians and spreads are reported)")
     recipe_processes: str | None = flag(
         None, "comma-separated process counts the recipe's runs use (default: 1, and 2 where there are two cores "
         "or GPUs)"
@@ -361,17 +400,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         names = ([meta["short"]] if meta["short"] else []) + [option(config_field.name)]
         metavar = meta["metavar"] or config_field.name.upper()
         if typing.get_origin(hints[config_field.name]) is list:
-            parser.add_argument(config_field.name, nargs="*", metavar=metavar, help=meta["help"])
+            parser.add_argument(config_field.name, nargs="*", metavar=metavar, help=meta["help"].replace("%", "%%"))
             continue
         kind = _scalar_type(hints[config_field.name])
         # the default in the help, once: a help text that already says what the default is keeps its words
-        shown = "" if "default" in meta["help"] or meta["required"] else \
+        shown = "" if "(default" in meta["help"] or meta["required"] else \
             f" (default: {_shown_default(config_field.default, kind)})"
+        text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %
         if meta["positional"]:
-            parser.add_argument(config_field.name, type=kind, metavar=metavar, help=meta["help"])
+            parser.add_argument(config_field.name, type=kind, metavar=metavar, help=text)
         elif kind is bool:
             parser.add_argument(
-                *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=meta["help"] + shown
+                *names, action=argparse.BooleanOptionalAction, default=config_field.default, help=text
             )
         else:
             optional_value = {"nargs": "?", "const": meta["bare"]} if meta["bare"] is not None else {}
@@ -380,7 +420,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 type=kind,
                 default=config_field.default,
                 choices=meta["choices"],
-                help=meta["help"] + shown.replace("%", "%%"),
+                help=text,
                 required=meta["required"],
                 metavar=meta["metavar"],
                 **optional_value,

@@ -62,7 +62,8 @@ class EpochReporter:
 
 def summary_table(metrics: dict[str, Any]) -> Table:
     table = Table(
-        title=f"LeNet-5: {metrics['world_size']} process(es) on {metrics['device']}, "
+        title=f"LeNet-5, recipe {metrics['config']['recipe']}: {metrics['world_size']} process(es) on "
+        f"{metrics['device']}, "
         f"precision {metrics['precision']}, global batch {metrics['config']['batch_size']}"
     )
     for column in ("epoch", "train loss", "test accuracy", "train seconds", "train images/s"):

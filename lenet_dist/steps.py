@@ -60,19 +60,26 @@ def inductor_cache_dir() -> str:
     return cache_dir()
 
 
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many of the batch's images the logits classify right (no host sync: a tensor on the device)."""
+    return (logits.detach().argmax(dim=1) == labels).sum()
+
+
 class EagerStep:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(self.model(images), labels)
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and how many of its images the model got right before learning from them."""
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         with record_function("optimizer_step"):
             self.optimizer.step()
         self.scheduler.step()
-        return loss.detach()
+        return loss.detach(), correct(logits, labels)
 
 
 class GraphedStep:
@@ -100,20 +107,21 @@ class GraphedStep:
         self.labels = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         stream = torch.cuda.Stream(device) if capture else None
-        self.loss = self._warm_up(stream)
+        self.outputs = self._warm_up(stream)
         if capture:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, stream=stream):
-                self.loss = self._step()
+                self.outputs = self._step()
 
-    def _step(self) -> torch.Tensor:
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(self.model(self.images), self.labels)
+        logits = self.model(self.images)
+        loss = F.cross_entropy(logits, self.labels)
         loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), correct(logits, self.labels)
 
-    def _warm_up(self, stream: torch.cuda.Stream | None) -> torch.Tensor:
+    def _warm_up(self, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a few steps on zeros (on the side stream that captures next, as make_graphed_callables does),
         then restore every tensor."""
         saved = [tensor.clone() for tensor in self._state()]
@@ -121,7 +129,7 @@ class GraphedStep:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(self.WARMUP_STEPS):
-                loss = self._step()
+                outputs = self._step()
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
         state = self._state()
@@ -132,7 +140,7 @@ class GraphedStep:
                 tensor.zero_()  # as a fresh Adam's are
             for parameter in self.model.parameters():
                 parameter.grad.zero_()
-        return loss
+        return outputs
 
     def _state(self) -> list[torch.Tensor]:
         """The weights and the optimizer's tensors, in a fixed order (new optimizer state comes last)."""
@@ -142,13 +150,14 @@ class GraphedStep:
                         if isinstance(value, torch.Tensor)]
         return tensors
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.images.copy_(images, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.loss = self._step()
+            self.outputs = self._step()
         self.scheduler.step()  # writes the next learning rate into the tensor the graph reads
-        return self.loss.clone()
+        loss, right = self.outputs
+        return loss.clone(), right.clone()
 

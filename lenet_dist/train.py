@@ -49,7 +49,7 @@ from lenet_dist.processes import (
     start_processes,
 )
 from lenet_dist.profiling import labelled, profiler_for, run_trace_dir
-from lenet_dist.recipe import EvaluationCadence, Trainer, build_trainer, precision_label
+from lenet_dist.recipe import PROGRESSIVE_IMAGES, EvaluationCadence, Trainer, build_trainer, precision_label
 from lenet_dist.reporting import EpochReporter, print_summary
 from lenet_dist.steps import GraphedStep, make_step
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
@@ -86,7 +86,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         + (f" (saved by {run.processes} processes)" if run.processes != state.num_processes else ""))
     if accelerator.is_main_process:  # only now: a refused run leaves the folder's config.json as it was
         write_json(output_dir / "config.json", asdict(config))
-    announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images: "
+    announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images, recipe {config.recipe}: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
     trainer.step = make_step(trainer, run)
@@ -158,13 +158,15 @@ def check_run(config: TrainConfig, processes: int) -> None:
 def fit(trainer: Trainer, run: RunState, stop: StopRequest, profiler: Any) -> dict[str, torch.Tensor]:
     """Train until the last epoch ends or the target accuracy is reached; the last evaluation's predictions."""
     config, accelerator = trainer.config, trainer.accelerator
-    cadence = EvaluationCadence(config, len(trainer.batches), test_images=len(trainer.test.labels))
+    cadence = EvaluationCadence(config, len(trainer.batches))
     warm_up_evaluation(trainer)
     predictions = None
     while run.epoch <= config.epochs and not reached_target(config, run):
         until = cadence.next_evaluation(run)
-        train_one_epoch(trainer, run, profiler, stop, until_step=until)
+        train_one_epoch(trainer, run, profiler, stop, until_step=until, cadence=cadence)
         epoch_ended = run.batches_done == len(trainer.batches)
+        until = run.global_step if run.evaluation_due else until
+        run.evaluation_due = False
         stop_signal = stop.agreed(accelerator.device)
         # a stop that lands on an evaluation's step evaluates first: a resumed run never looks back
         if stop_signal and not (epoch_ended or run.global_step == until):
@@ -207,8 +209,10 @@ def checkpoint_due(config: TrainConfig, step: int) -> bool:
     return bool(config.checkpoint_every) and step % config.checkpoint_every == 0
 
 
-def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRequest, until_step: int) -> None:
-    """Train the rest of `run.epoch`, or up to global step `until_step`, or until a rank is asked to stop."""
+def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRequest, until_step: int,
+                    cadence: EvaluationCadence) -> None:
+    """Train the rest of `run.epoch`, or up to global step `until_step`, or until the cadence calls for an
+    evaluation (run.evaluation_due), or until a rank is asked to stop."""
     config, accelerator = trainer.config, trainer.accelerator
     trainer.model.train()
     steps = len(trainer.batches)
@@ -217,7 +221,9 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
         epoch=run.epoch, epochs=config.epochs, steps=steps, batch_size=config.batch_size, done=run.batches_done,
     )
     epoch_loss = torch.tensor(run.loss_sum, device=accelerator.device)
-    window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
+    # the loss summed since the last log point, and how many images the model got right before learning them
+    window = torch.zeros(2, device=accelerator.device)
+    window_steps = 0
     clock = [time.perf_counter()]
 
     def account() -> None:
@@ -228,10 +234,11 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
         clock[0] = now
 
     for images, labels in labelled(epoch_batches(trainer, run), "data_loading"):
-        loss = trainer.step(images, labels)
+        loss, right = trainer.step(images, labels)
         profiler.step()
         epoch_loss += loss  # no .item() per step: it would stall a GPU
-        window_loss += loss
+        window[0] += loss
+        window[1] += right
         window_steps += 1
         run.batches_done += 1
         run.global_step += 1
@@ -240,7 +247,11 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
         pausing = run.batches_done == steps or run.global_step == until_step
         stopping_alone = accelerator.num_processes == 1 and stop.signal is not None  # at this very step
         if run.global_step % config.log_every == 0 or due_checkpoint or pausing or stopping_alone:
-            mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+            loss_sum, right_sum = accelerator.reduce(window, reduction="sum").tolist()  # every rank's, one sync
+            mean_loss = loss_sum / accelerator.num_processes / window_steps
+            closing = run.global_step % config.log_every == 0
+            note_recent(run, window_steps * config.batch_size, right_sum, closing)
+            run.evaluation_due = cadence.due(run)
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise UserError(
@@ -249,9 +260,9 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
                 )
             log_training(trainer, run, mean_loss)
             bar.update(run.batches_done, mean_loss)
-            window_loss.zero_()
+            window.zero_()
             window_steps = 0
-            if pausing or stopping_alone or stop.agreed(accelerator.device):
+            if pausing or run.evaluation_due or stopping_alone or stop.agreed(accelerator.device):
                 break
         else:
             bar.update(run.batches_done)
@@ -263,6 +274,20 @@ def train_one_epoch(trainer: Trainer, run: RunState, profiler: Any, stop: StopRe
     bar.close()
     account()
     run.loss_sum = accelerator.reduce(epoch_loss, reduction="mean").item()
+
+
+def note_recent(run: RunState, images: int, right: float, closing: bool) -> None:
+    """The training batches' accuracy before each step, in stretches of --log-every steps (`closing` at each
+    multiple: a log point a checkpoint, a stop or an epoch's end adds in between only adds to the open one, so
+    a resumed run's stretches are the uninterrupted one's), kept over just enough of them to cover
+    PROGRESSIVE_IMAGES images: what EvaluationCadence.due reads."""
+    run.open_stretch = [run.open_stretch[0] + images, run.open_stretch[1] + round(right)]
+    if not closing:
+        return
+    run.recent.append(tuple(run.open_stretch))
+    run.open_stretch = [0, 0]
+    while len(run.recent) > 1 and sum(count for count, _ in run.recent[1:]) >= PROGRESSIVE_IMAGES:
+        run.recent.pop(0)
 
 
 def log_training(trainer: Trainer, run: RunState, mean_loss: float) -> None:

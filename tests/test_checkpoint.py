@@ -70,7 +70,8 @@ def test_an_eager_checkpoint_resumes_into_the_graph_step_with_capturable_adam():
     graphed = GraphedStep(resumed_model, resumed_optimizer, resumed_scheduler, BATCH, torch.device("cpu"),
                           capture=False)
     for images, labels in data[4:]:
-        assert torch.allclose(eager(images, labels), graphed(images, labels), rtol=1e-5, atol=1e-6)
+        (eager_loss, eager_right), (graph_loss, graph_right) = eager(images, labels), graphed(images, labels)
+        assert torch.allclose(eager_loss, graph_loss, rtol=1e-5, atol=1e-6) and eager_right == graph_right
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -30,7 +30,8 @@ def test_the_captured_graph_trains_exactly_as_the_eager_step():
     graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, CUDA)
     assert graphed.graph is not None
     for images, labels in data:
-        assert torch.allclose(eager(images, labels), graphed(images, labels), rtol=1e-4, atol=1e-5)
+        (eager_loss, eager_right), (graph_loss, graph_right) = eager(images, labels), graphed(images, labels)
+        assert torch.allclose(eager_loss, graph_loss, rtol=1e-4, atol=1e-5) and eager_right == graph_right
     for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 

@@ -29,7 +29,8 @@ def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before):
     # capture=False: the static buffers, the warm-up on zeros and the restore, without a GPU to capture on
     graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, torch.device("cpu"), capture=False)
     for images, labels in data[steps_before:]:
-        assert torch.allclose(eager(images, labels), graphed(images, labels), rtol=1e-5, atol=1e-6)
+        (eager_loss, eager_right), (graph_loss, graph_right) = eager(images, labels), graphed(images, labels)
+        assert torch.allclose(eager_loss, graph_loss, rtol=1e-5, atol=1e-6) and eager_right == graph_right
     for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert float(graph_scheduler.get_last_lr()[0]) == pytest.approx(eager_scheduler.get_last_lr()[0])

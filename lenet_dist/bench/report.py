@@ -69,7 +69,7 @@ def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
         ratio = (f"; {original['time_to_98'] / fast['time_to_98']:.1f}× shorter than the original script's"
                  if count == 1 and original["time_to_98"] and fast["time_to_98"] else "")
         lines.append(
-            f"{device}, {count} process(es), fast-to-98% recipe over {len(fast['runs'])} seeds: time to 98% median "
+            f"{device}, {count} process(es), --recipe fast-to-98 over {len(fast['runs'])} seeds: time to 98% median "
             f"{_seconds(fast['time_to_98'])} ({_spread(fast, 'time_to_98', _seconds)}), images median "
             f"{_images(fast['images'])} ({_spread(fast, 'images', _images)}), {fast['misses']} missed, "
             f"{within}/{len(fast['runs'])} within the first epoch, evaluation "
@@ -80,7 +80,6 @@ def run_lines(device: str, timings: dict[str, Any]) -> list[str]:
                      f"cache, {compiled['warm_seconds']:.1f} s with a warm one; epoch images/s eager "
                      f"{compiled['runs']['eager']['train_images_per_second']:,.0f}, compiled "
                      f"{compiled['runs']['warm']['train_images_per_second']:,.0f}")
-    lines.append(f"{device}: the fast-to-98% recipe is `lenet-dist train {timings['fast_to_98']}`")
     return lines
 
 

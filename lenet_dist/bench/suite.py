@@ -16,11 +16,10 @@ from lenet_dist.bench import measure, report, runs
 from lenet_dist.bench.compare import SCHEMA
 from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.measure import Cell
-from lenet_dist.config import BenchConfig, TrainConfig, resolve_data_dir, split_list
+from lenet_dist.config import RECIPES, BenchConfig, TrainConfig, resolve_data_dir, split_list
 from lenet_dist.data import ensure_dataset, load_split
 from lenet_dist.errors import UsageError
 from lenet_dist.profiling import NoProfiler, profiler_for
-from lenet_dist.recipe import FAST_TO_98
 
 DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-dist train` runs by default
 
@@ -107,8 +106,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def recipe_batch_sizes() -> list[int]:
-    fast = FAST_TO_98[FAST_TO_98.index("--batch-size") + 1]
-    return sorted({TrainConfig().batch_size, int(fast)})
+    return sorted({recipe["batch_size"] for recipe in RECIPES.values()})
 
 
 def device_list(bench: BenchConfig) -> list[torch.device]:
