@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step-<N>/` that rank 0 alone writes:
 
     model.safetensors    the plain LeNet-5, as exported (predict reads it too)
     training_state.pt    the optimizer's and the schedule's states (and fp16's gradient scaler), CPU tensors only
-    progress.json        where training stands (RunState); written last, it marks the folder complete
+    progress.json        where training stands (schedule.Progress); written last, it marks the folder complete
 
 On resume, the checkpoint is chosen once for the whole job, and the rank that holds it reads it and
 sends it to every other rank. So the other nodes need no copy (node-local disks work as a shared disk
@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from lenet_dist.errors import UsageError, UserError
 from lenet_dist.files import fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.model import LeNet5
 from lenet_dist.processes import agree_on_any
+from lenet_dist.schedule import Progress
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -56,32 +57,6 @@ TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "anneal
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
 
 
-@dataclass
-class RunState:
-    """Where training stands: saved with every checkpoint, restored on --resume."""
-
-    epoch: int = 1  # the epoch in progress, 1-based
-    batches_done: int = 0  # batches of that epoch already trained
-    global_step: int = 0
-    loss_sum: float = 0.0  # sum of that epoch's batch losses so far
-    train_seconds: float = 0.0  # time spent training (this epoch's share is epoch_train_seconds)
-    eval_seconds: float = 0.0  # time spent evaluating
-    epoch_train_seconds: float = 0.0
-    compile_seconds: float = 0.0  # --compile: compiling the graphs before the first step
-    epochs: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' records
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every test-set evaluation
-    train_log: list[dict[str, Any]] = field(default_factory=list)  # the loss and lr at every logged step
-    recent: list[tuple[int, int]] = field(default_factory=list)  # (images, right before learning) per log stretch
-    open_stretch: list[int] = field(default_factory=lambda: [0, 0])  # the stretch since the last one closed
-    evaluation_due: bool = False  # the cadence called for an evaluation at this step
-    trajectory: dict[str, Any] = field(default_factory=dict)
-    processes: int = 1  # how many processes saved it (for the resume message only)
-
-    @property
-    def elapsed_seconds(self) -> float:
-        return self.train_seconds + self.eval_seconds
-
-
 class Trained(Protocol):
     """What a checkpoint holds the state of (recipe.Trainer)."""
 
@@ -95,7 +70,7 @@ def trajectory_of(config: Any) -> dict[str, Any]:
     return {name: getattr(config, name) for name in TRAJECTORY_FIELDS}
 
 
-def save_checkpoint(trained: Trained, run_dir: Path, state: RunState, keep: int) -> Path:
+def save_checkpoint(trained: Trained, run_dir: Path, state: Progress, keep: int) -> Path:
     """Rank 0 writes the checkpoint into a hidden folder, syncs it to disk and renames it into place.
 
     A SIGKILL or a lost host at any instant leaves either the previous checkpoints alone or the new one
@@ -117,7 +92,7 @@ def save_checkpoint(trained: Trained, run_dir: Path, state: RunState, keep: int)
     return final
 
 
-def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: RunState, keep: int) -> None:
+def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: Progress, keep: int) -> None:
     partial = folder / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -173,6 +148,16 @@ def _plain_numbers(value: Any) -> Any:
     return value
 
 
+def newest_checkpoint(run_dir: Path, rank: int, rank_0_host: str) -> str:
+    """Where the job can resume from, as this rank can tell (rank 0 alone writes checkpoints, on its disk)."""
+    found = complete_checkpoints(run_dir)
+    if found:
+        return f"the newest checkpoint is {found[-1]}"
+    if rank:
+        return f"checkpoints are on {rank_0_host}, rank 0's node"
+    return "no checkpoint was saved yet"
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = run_dir / CHECKPOINTS_DIR
     if not folder.is_dir():
@@ -222,7 +207,7 @@ def _hosts(seen: list[tuple[str | None, str]]) -> str:
     return f"node {hosts[0]}" if len(hosts) == 1 else "any node (" + ", ".join(hosts) + ")"
 
 
-def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunState:
+def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> Progress:
     """Load model, optimizer, schedule (and scaler) states on every rank from the holder's files; refuse a
     checkpoint of a different run."""
     accelerator = trained.accelerator
@@ -294,9 +279,9 @@ def _read_checkpoint(path: Path) -> dict[str, bytes] | UserError:
         return UserError(f"--resume {path}: cannot read {error.filename} ({error.strerror}); use an older checkpoint")
 
 
-def _parse_progress(path: Path, text: bytes) -> RunState:
+def _parse_progress(path: Path, text: bytes) -> Progress:
     try:
-        return RunState(**json.loads(text))
+        return Progress(**json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise UserError(f"--resume {path}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint") from None
 

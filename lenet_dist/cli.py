@@ -28,7 +28,7 @@ from lenet_dist.errors import exit_on_user_error, exit_quickly
 # name: (help, config class, "module:function" that runs it and returns an exit status or None)
 COMMANDS = {
     "train": ("train in this process (several: accelerate launch -m lenet_dist.train)", TrainConfig,
-              "lenet_dist.train:run"),
+              "lenet_dist.train:train_command"),
     "bench": ("throughput per device, pipeline, precision and batch size; time to result; scaling", BenchConfig,
               "lenet_dist.bench.suite:run"),
     "bench compare": ("bench --json results side by side, matched row by row, with ratios", CompareConfig,

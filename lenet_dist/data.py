@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
 from lenet_dist.config import DownloadConfig
@@ -119,6 +120,21 @@ def _download_failure(error: Exception, narration: str) -> str:
     lines = [line.strip() for line in f"{error}\n{narration}".splitlines() if line.strip()]
     reasons = [line for line in lines if line.startswith("<")]
     return reasons[-1] if reasons else f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
+    """ensure_dataset on every rank: rank 0 first (one download per shared disk), then the others, each on its
+    own node's disk; a rank that cannot have the data stops every rank, with its one line."""
+    from lenet_dist.processes import agree_on_any
+
+    for turn in (state.is_main_process, not state.is_main_process):
+        problem = None
+        if turn:
+            try:
+                ensure_dataset(data_dir, dataset)
+            except UserError as error:
+                problem = error
+        agree_on_any(problem)
 
 
 def download(config: DownloadConfig) -> None:

@@ -58,7 +58,7 @@ def exit_on_user_error() -> Iterator[None]:
 def exit_quickly(status: int) -> None:
     """End the process with `status`. Tearing the interpreter down otherwise spends ~0.7 s garbage-collecting
     the object graphs of torch and dynamo (imported by every optimizer); frozen, they are simply freed. Only
-    here, at the end of a process: frozen objects are never collected, which a program that calls train.run
+    here, at the end of a process: frozen objects are never collected, which a program that calls train_command
     again and again (a sweep, a notebook) must not pay for."""
     import gc
 

@@ -12,14 +12,12 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, DynamoBackend
 from torch.utils.data import DataLoader
 
-from lenet_dist.checkpoint import RunState
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, load_split, make_loader, torchvision_dataset
 from lenet_dist.errors import UsageError
@@ -31,12 +29,6 @@ from lenet_dist.model import LeNet5
 ADAM_BETAS = (0.9, 0.95)
 # Where the one-cycle schedule starts, as OneCycleLR has it: at a 25th of its peak.
 ONE_CYCLE_START = 1 / 25
-# With --target-accuracy (and no --eval-every), the whole test set is evaluated when the training batches
-# say the target is in reach: the accuracy of each batch before the step that learns from it (in the first
-# epoch, images the model has never seen) over at least this many recent images...
-PROGRESSIVE_IMAGES = 4096
-# ...at the target or above, and at least this many training images after the last evaluation.
-EVALUATION_GAP_IMAGES = 4096
 # Evaluation batches: bigger than training's (no activations kept for a backward pass), small enough
 # that a batch's activations stay in the CPU's caches (2,000 took ~1.6× as long per pass here); 500
 # divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of the
@@ -141,7 +133,6 @@ class Trainer:
     test: Split
     train_images: int
     output_dir: Path
-    step: Any = None  # steps.EagerStep or GraphedStep, made once the state to train from is loaded
 
 
 def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
@@ -186,43 +177,6 @@ def compiles(accelerator: Accelerator) -> bool:
     """Whether accelerate compiles the model in `prepare`: --compile, or accelerate's own dynamo setting
     (`accelerate launch --dynamo_backend inductor`, a launch config's dynamo_config)."""
     return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
-
-
-class EvaluationCadence:
-    """When to evaluate on the whole test set (10,000 images, each time).
-
-    At each epoch's end, and every --eval-every steps when given. With --target-accuracy and no --eval-every,
-    also when the training batches say the target is in reach (`due`): their accuracy, each batch scored by
-    the model before the step that learns from it, over the last PROGRESSIVE_IMAGES images or more, at the
-    target or above, and EVALUATION_GAP_IMAGES trained since the last evaluation. In the first epoch those
-    images are new to the model, so this is an honest if lagging estimate of the test accuracy, for free: a
-    full test pass is kept for when it will likely succeed. Counts, not timings, decide, summed over every
-    rank: every rank, and a resumed run, evaluates at the same steps.
-    """
-
-    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
-        self.every, self.target, self.steps_per_epoch = config.eval_every, config.target_accuracy, steps_per_epoch
-        self.batch_size = config.batch_size
-
-    def next_evaluation(self, run: RunState) -> int:
-        """The global step of the next scheduled evaluation after `run.global_step`: the epoch's end, or the next
-        --eval-every step; `due` may call for one sooner."""
-        step = run.global_step
-        epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-        if self.every:
-            return min(epoch_end, (step // self.every + 1) * self.every)
-        return epoch_end
-
-    def due(self, run: RunState) -> bool:
-        """Whether the training batches' recent accuracy (run.recent: (images, correct) per logged stretch) says to
-        evaluate now, at this logged step."""
-        if self.target is None or self.every or run.open_stretch[0]:  # only where a stretch has just closed
-            return False
-        last = run.evaluations[-1]["step"] if run.evaluations else 0
-        if (run.global_step - last) * self.batch_size < EVALUATION_GAP_IMAGES:
-            return False
-        images = sum(count for count, _ in run.recent)
-        return images >= PROGRESSIVE_IMAGES and sum(correct for _, correct in run.recent) >= self.target * images
 
 
 def precision_label(accelerator: Accelerator) -> str:

@@ -11,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-class EpochReporter:
-    """An epoch's progress on the main process, from where training (re)starts in it to the next
-    evaluation or the epoch's end; silent on the other ranks.
+class ProgressBar:
+    """Training's progress through an epoch on the main process, from where it (re)starts to the next pause (an
+    evaluation, a checkpoint, the epoch's end); silent on the other ranks.
 
     On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
     --no-progress: a plain line each quarter epoch, so logs stay readable.
@@ -58,6 +58,7 @@ class EpochReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 def summary_table(metrics: dict[str, Any]) -> Table:

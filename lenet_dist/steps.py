@@ -15,24 +15,27 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.profiler import record_function
 
-from lenet_dist.checkpoint import RunState
 from lenet_dist.processes import announce
 from lenet_dist.recipe import Trainer, compiles, wants_cuda_graph
 
 
-def make_step(trainer: Trainer, run: RunState) -> EagerStep | GraphedStep:
-    """The training step, compiled first (--compile or accelerate's dynamo setting), captured as a CUDA
-    graph where that applies."""
+def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
+    """The training step, made once the state to train from is loaded (a graph captures it): compiled first
+    (--compile or accelerate's dynamo setting), captured as a CUDA graph where that applies; and the seconds
+    compiling took."""
     config, accelerator = trainer.config, trainer.accelerator
     local_batch = config.batch_size // accelerator.num_processes
+    seconds = 0.0
     if compiles(accelerator):
-        run.compile_seconds = compile_graphs(accelerator, trainer.model, local_batch,
-                                             trainer.test_loader.total_batch_size // accelerator.num_processes)
-        announce(accelerator.state, f"compiled the training and evaluation graphs in {run.compile_seconds:.1f} s "
+        seconds = compile_graphs(accelerator, trainer.model, local_batch,
+                                 trainer.test_loader.total_batch_size // accelerator.num_processes)
+        announce(accelerator.state, f"compiled the training and evaluation graphs in {seconds:.1f} s "
                                     f"(inductor's cache: {inductor_cache_dir()})")
     if wants_cuda_graph(config, accelerator):
-        return GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
-    return EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
+        step = GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
+    else:
+        step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
+    return step, seconds
 
 
 def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch: int, eval_batch: int) -> float:

@@ -97,13 +97,13 @@ def single_process_profile(tmp_path_factory, mnist_slice) -> tuple[Path, subproc
     """A short real run with --profile (the default recipe, one epoch of the MNIST slice): its trace folder and
     the run's output."""
     root = tmp_path_factory.mktemp("profile")
-    result = run([*TRAIN, "--epochs", "1", "--profile", "--profile-dir", str(root / "profiles"),
+    result = call([*TRAIN, "--epochs", "1", "--profile", "--profile-dir", str(root / "profiles"),
                   "--output-dir", str(root / "run")], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     return run_trace_dir(str(root / "profiles"), root / "run"), result
 
 
-def run(
+def call(
     command: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
     """Run a real process from the repository root (or a copy of it), as a user would."""

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import BIN, TRAIN, assert_png, one_line_error, read_metrics, run
+from conftest import BIN, TRAIN, assert_png, call, one_line_error, read_metrics
 from lenet_dist.checkpoint import load_model
 from lenet_dist.model import LeNet5
 
@@ -25,7 +25,7 @@ BENCH = [str(BIN / "lenet-dist"), "bench"]
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory, mnist_slice):
     folder = tmp_path_factory.mktemp("bench")
-    result = run([*BENCH, "--quick", "--json", str(folder / "out.json"), "--chart", str(folder / "chart.png"),
+    result = call([*BENCH, "--quick", "--json", str(folder / "out.json"), "--chart", str(folder / "chart.png"),
                   "--profile", "--profile-dir", str(folder / "profiles"), "--data-dir", str(mnist_slice)], timeout=300)
     assert result.returncode == 0, result.stderr
     return folder, result
@@ -55,7 +55,7 @@ def test_bench_quick_writes_rows_json_chart_and_a_profile(quick_result):
     # --profile traced the default recipe's row, and inspect reads it
     (trace_dir,) = (folder / "profiles").iterdir()
     assert [p.name.split(".")[0] for p in trace_dir.iterdir()] == ["cpu-tuned-no-eager-b128"]
-    shown = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
+    shown = call([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["workers"]["cpu-tuned-no-eager-b128"]["conv_share"] > 0.1
 
@@ -63,7 +63,7 @@ def test_bench_quick_writes_rows_json_chart_and_a_profile(quick_result):
 @pytest.fixture(scope="module")
 def three_rounds(tmp_path_factory, mnist_slice):
     out = tmp_path_factory.mktemp("rounds") / "out.json"
-    result = run([*BENCH, "--quick", "--pipelines", "tuned", "--batch-sizes", "128,256", "--window-images", "512",
+    result = call([*BENCH, "--quick", "--pipelines", "tuned", "--batch-sizes", "128,256", "--window-images", "512",
                   "--rounds", "3", "--json", str(out), "--data-dir", str(mnist_slice)], timeout=300)
     assert result.returncode == 0, result.stderr
     return out, result
@@ -84,7 +84,7 @@ def test_bench_rows_report_the_median_of_their_rounds(three_rounds):
 def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, mnist_slice):
     # dynamo logs every recompilation: the compiled run should make its training graph, then its evaluation
     # graph (one recompilation, both before the first step), and no more: no partial batch, no new shape
-    result = run([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.9", *flags, "--output-dir",
+    result = call([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.9", *flags, "--output-dir",
                   str(tmp_path)], env={"TORCH_LOGS": "recompiles", "LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
@@ -108,7 +108,7 @@ def test_compare_matches_rows_of_two_real_results_and_lists_the_rest(quick_resul
     folder, _ = quick_result
     other, _ = three_rounds
     chart = tmp_path / "compare.png"
-    compared = run([*BENCH, "compare", str(folder / "out.json"), str(other), "--chart", str(chart), "--json",
+    compared = call([*BENCH, "compare", str(folder / "out.json"), str(other), "--chart", str(chart), "--json",
                     str(tmp_path / "compare.json")], timeout=120)
     assert compared.returncode == 0, compared.stderr
     comparison = json.loads((tmp_path / "compare.json").read_text())
@@ -139,7 +139,7 @@ def test_compare_refuses_what_is_not_a_current_bench_result(tmp_path):
                           (tmp_path / "missing.json", "No such file")):
         with pytest.raises(UserError, match=message):
             load_result(path)
-    result = run([*BENCH, "compare", str(broken), str(older)], timeout=60)
+    result = call([*BENCH, "compare", str(broken), str(older)], timeout=60)
     one_line_error(result, 1, str(broken))
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import lenet_dist
-from conftest import run
+from conftest import call
 from lenet_dist import cli
 from lenet_dist.config import TRACKERS, TrainConfig, parse_train_config
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error
@@ -106,7 +106,7 @@ def test_help_inspect_and_predict_start_without_torch():
         "heavy = sorted(m for m in ('torch', 'accelerate', 'torchvision', 'matplotlib') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
-    result = run([sys.executable, "-c", probe], timeout=60)
+    result = call([sys.executable, "-c", probe], timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
 

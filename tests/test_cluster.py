@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, SLICE_TEST_IMAGES, TRAIN, free_port, read_metrics, run, wait_for
+from conftest import BIN, ROOT, SLICE_TEST_IMAGES, TRAIN, call, free_port, read_metrics, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.cluster]
 BATCH = 512  # 32 steps per epoch of MNIST_SLICE's 16,384 images
@@ -128,7 +128,7 @@ def cluster(tmp_path, mnist_slice, monkeypatch):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, mnist_slice) -> dict:
     output = tmp_path_factory.mktemp("one-process")
-    result = run([*TRAIN, *RECIPE, "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    result = call([*TRAIN, *RECIPE, "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     return read_metrics(output)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FIGURES, RUN_FILES, SLICE_TEST_IMAGES, TRAIN, assert_png, launch_ddp, read_metrics, run
+from conftest import FIGURES, RUN_FILES, SLICE_TEST_IMAGES, TRAIN, assert_png, call, launch_ddp, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -14,9 +14,9 @@ def test_two_process_cpu_ddp_trains_as_one_process_and_speaks_once(tmp_path, mni
     0.2 % (the same sums, added in another order)."""
     recipe = ["--batch-size", "256", "--no-progress"]
     env = {"LENET_DATA_DIR": str(mnist_slice)}
-    result = run(launch_ddp(*recipe, "--output-dir", str(tmp_path / "two")), env=env)
+    result = call(launch_ddp(*recipe, "--output-dir", str(tmp_path / "two")), env=env)
     assert result.returncode == 0, result.stderr
-    alone = run([*TRAIN, *recipe, "--output-dir", str(tmp_path / "one")], env=env)
+    alone = call([*TRAIN, *recipe, "--output-dir", str(tmp_path / "one")], env=env)
     assert alone.returncode == 0, alone.stderr
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert two["world_size"] == 2 and one["world_size"] == 1

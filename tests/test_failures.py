@@ -22,13 +22,13 @@ from conftest import (
     ROOT,
     SLICE_TEST_IMAGES,
     TRAIN,
+    call,
     free_port,
     kill_all,
     launch_ddp,
     one_line_error,
     rank_pids,
     read_metrics,
-    run,
     start,
     wait_for,
 )
@@ -36,7 +36,7 @@ from conftest import (
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     # Adam moves every weight by ~lr on its first step: at 1e36 the next forward overflows float32
-    result = run([*TRAIN, "--lr", "1e36", "--schedule", "constant", "--checkpoint-every", "1", "--log-every", "1",
+    result = call([*TRAIN, "--lr", "1e36", "--schedule", "constant", "--checkpoint-every", "1", "--log-every", "1",
                   "--output-dir", str(tmp_path)], timeout=120)
     one_line_error(result, 1, "by step 2", str(tmp_path / "checkpoints"))
     checkpoints = sorted((tmp_path / "checkpoints").glob("step-*"))
@@ -56,14 +56,15 @@ def sliced(mnist_slice) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, sliced) -> Path:
     output = tmp_path_factory.mktemp("short")
-    result = run([*TRAIN, *SHORT, "--checkpoint-every", "16", "--output-dir", str(output)], env=sliced)
+    result = call([*TRAIN, *SHORT, "--checkpoint-every", "16", "--keep-checkpoints", "10", "--output-dir", str(output)],
+                  env=sliced)
     assert result.returncode == 0, result.stderr
     return output
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):
     checkpoint = short_run / "checkpoints" / "step-00000032"
-    result = run([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],
+    result = call([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],
                  timeout=120, env=sliced)
     one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)", f"--init-from {checkpoint}")
 
@@ -73,14 +74,14 @@ def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path, sliced):
     shutil.copytree(short_run / "checkpoints" / "step-00000032", checkpoint)
     state = checkpoint / "training_state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    result = run([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], timeout=120,
+    result = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], timeout=120,
                  env=sliced)
     one_line_error(result, 1, str(checkpoint), "corrupt")
 
 
 def test_finished_run_is_not_overwritten(short_run, sliced):
     before = (short_run / "metrics.json").read_bytes()
-    result = run([*TRAIN, "--epochs", "1", "--output-dir", str(short_run)], timeout=120, env=sliced)
+    result = call([*TRAIN, "--epochs", "1", "--output-dir", str(short_run)], timeout=120, env=sliced)
     one_line_error(result, 2, str(short_run), "--overwrite")
     assert (short_run / "metrics.json").read_bytes() == before
 
@@ -88,7 +89,7 @@ def test_finished_run_is_not_overwritten(short_run, sliced):
 def test_unwritable_output_dir_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run([*TRAIN, "--output-dir", str(blocker / "run")], timeout=120)
+    result = call([*TRAIN, "--output-dir", str(blocker / "run")], timeout=120)
     one_line_error(result, 1, str(blocker / "run"), "not writable")
 
 
@@ -116,7 +117,7 @@ def test_a_write_that_fails_is_one_line_and_keeps_the_last_checkpoint(user, func
         f"user.{function} = limited\n"
         "train.main(sys.argv[1:])\n"
     )
-    result = run([sys.executable, "-c", script, *SHORT, "--checkpoint-every", "20", "--keep-checkpoints", "1",
+    result = call([sys.executable, "-c", script, *SHORT, "--checkpoint-every", "20", "--keep-checkpoints", "1",
                   "--output-dir", str(tmp_path)], timeout=300, env=sliced)
     line = one_line_error(result, 1, "could not write", "File too large")
     assert culprit in line, line
@@ -180,11 +181,11 @@ def test_a_run_that_fails_leaves_the_process_group(tmp_path):
         "from lenet_dist.config import TrainConfig\n"
         "from lenet_dist.errors import UsageError\n"
         f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
-        f"try:\n    train.run(TrainConfig(resume='latest', output_dir='{tmp_path}/run'))\n"
+        f"try:\n    train.train_command(TrainConfig(resume='latest', output_dir='{tmp_path}/run'))\n"
         "except UsageError as error:\n    print('refused:', error)\n"
         "print('still in a process group:', dist.is_initialized())\n"
     )
-    result = run([sys.executable, "-c", script], timeout=120)
+    result = call([sys.executable, "-c", script], timeout=120)
     assert result.returncode == 0, result.stderr
     assert "refused: --resume: no checkpoint" in result.stdout
     assert "still in a process group: False" in result.stdout
@@ -217,23 +218,23 @@ def test_two_runs_started_together_into_one_output_dir_run_once(tmp_path, mnist_
     assert read_metrics(tmp_path / "run")["epochs"][0]["epoch"] == 1
 
 
-def test_train_run_leaves_the_garbage_collector_as_it_found_it(tmp_path, mnist_slice):
-    """train.run is callable again and again in one process (a sweep, a notebook): freezing the collector, the
-    start-up's saving at exit, is the command line's business, not run()'s."""
+def test_training_leaves_the_garbage_collector_as_it_found_it(tmp_path, mnist_slice):
+    """train_command is callable again and again in one process (a sweep, a notebook): freezing the collector,
+    the start-up's saving at exit, is the command line's business, not train_command's."""
     script = (
         "import gc, sys\nfrom lenet_dist import train\nfrom lenet_dist.config import TrainConfig\n"
-        f"status = train.run(TrainConfig(epochs=1, batch_size=512, target_accuracy=0.5, progress=False, "
+        f"status = train.train_command(TrainConfig(epochs=1, batch_size=512, target_accuracy=0.5, progress=False, "
         f"data_dir='{mnist_slice}', output_dir='{tmp_path / 'run'}'))\n"
         "print('status', status, 'frozen', gc.get_freeze_count())\n"
     )
-    result = run([sys.executable, "-c", script], timeout=300)
+    result = call([sys.executable, "-c", script], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "status 0 frozen 0" in result.stdout
 
 
 def test_a_refused_run_creates_nothing(tmp_path):
     output = tmp_path / "new"
-    result = run([*TRAIN, "--resume", "--output-dir", str(output)], timeout=120)
+    result = call([*TRAIN, "--resume", "--output-dir", str(output)], timeout=120)
     one_line_error(result, 2, "--resume: no checkpoint in")
     assert not output.exists()
 
@@ -245,11 +246,11 @@ def test_overwrite_leaves_no_trace_of_the_old_run(tmp_path, mnist_slice):
     short = [*TRAIN, "--epochs", "1", "--batch-size", "512", "--no-progress", "--output-dir", str(output),
              "--profile-dir", str(profiles)]
     env = {"LENET_DATA_DIR": str(mnist_slice)}
-    first = run([*short, "--log-with", "tensorboard", "--profile", "--profile-wait", "1"], env=env)
+    first = call([*short, "--log-with", "tensorboard", "--profile", "--profile-wait", "1"], env=env)
     assert first.returncode == 0, first.stderr
     old_traces = Path(read_metrics(output)["profile_dir"])
     assert (output / "trackers").is_dir() and list(old_traces.glob("rank0.*.pt.trace.json"))
-    second = run([*short, "--overwrite", "--seed", "1"], env=env)
+    second = call([*short, "--overwrite", "--seed", "1"], env=env)
     assert second.returncode == 0, second.stderr
     assert not (output / "trackers").exists() and not old_traces.exists()
     assert read_metrics(output)["config"]["seed"] == 1 and read_metrics(output)["profile_dir"] is None

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import BATCH, TRAIN, batches, pieces, read_metrics, run
+from conftest import BATCH, TRAIN, batches, call, pieces, read_metrics
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import DATASETS, InMemoryDataset, ShuffledBatches, Split
 from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
@@ -55,7 +55,7 @@ def test_a_resumed_optimizer_follows_the_schedule_inside_the_graph():
 
 
 def test_training_on_one_gpu_captures_the_step(tmp_path, data_dir):
-    result = run([*TRAIN, "--target-accuracy", "0.97", "--output-dir", str(tmp_path)])
+    result = call([*TRAIN, "--target-accuracy", "0.97", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     assert metrics["device"].startswith("cuda") and metrics["cuda_graph"] is True

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, call
 
 GPU_CHECK = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--rehearse"]
 
@@ -16,7 +16,7 @@ GPU_CHECK = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--rehearse
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_every_stage_passes_its_cpu_rehearsal(tmp_path, data_dir):
-    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path)], timeout=600)
+    result = call([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path)], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["passed"] and verdict["rehearsal"]
@@ -26,7 +26,7 @@ def test_every_stage_passes_its_cpu_rehearsal(tmp_path, data_dir):
 
 
 def test_a_failing_and_a_hanging_stage_fail_alone(tmp_path, data_dir):
-    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
+    result = call([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
                   "environment,recipe,graph_equals_eager,environment", "--inject", "recipe=fail",
                   "--inject", "graph_equals_eager=hang", "--stage-limit", "20"], timeout=300)
     assert result.returncode == 1, result.stdout[-3000:]
@@ -41,7 +41,7 @@ def test_a_failing_and_a_hanging_stage_fail_alone(tmp_path, data_dir):
 
 def test_the_whole_check_keeps_to_its_budget(tmp_path, data_dir):
     """Stages that find the budget spent are reported as not run (a failure), and the check ends in time."""
-    result = run([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
+    result = call([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
                   "environment,recipe,environment", "--inject", "recipe=hang", "--budget", "15"], timeout=120)
     assert result.returncode == 1
     statuses = [stage["status"] for stage in json.loads((tmp_path / "verdict.json").read_text())["stages"]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_checkout, free_port, read_metrics, run
+from conftest import call, copy_checkout, free_port, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 SHORT = ["--target-accuracy", "0.95", "--no-progress"]
@@ -29,7 +29,7 @@ def installed(tmp_path_factory) -> Path:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    result = run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+    result = call([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
                   str(source)], timeout=300)
     assert result.returncode == 0, result.stderr
     return venv
@@ -39,7 +39,7 @@ def in_empty_folder(installed: Path, tmp_path: Path, *command: str, timeout: flo
     folder = tmp_path / "empty"
     folder.mkdir(exist_ok=True)
     env = {"PATH": f"{installed / 'bin'}{os.pathsep}{os.environ['PATH']}", "HF_HOME": str(tmp_path / "hf")}
-    return run(list(command), cwd=folder, env=env, timeout=timeout), folder
+    return call(list(command), cwd=folder, env=env, timeout=timeout), folder
 
 
 def test_the_installed_package_is_the_one_that_runs(installed, tmp_path):

@@ -22,12 +22,13 @@ from safetensors.torch import save_file
 
 from conftest import BIN, ROOT
 from lenet_dist import cli
-from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, RunState, export_weights, trajectory_of
+from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
 from lenet_dist.config import PredictConfig, TrainConfig
 from lenet_dist.data import DATASETS, load_split, normalize
 from lenet_dist.model import LeNet5
 from lenet_dist.photos import FRAME, MAX_MEGAPIXELS, MNIST_CENTRE, to_frame
 from lenet_dist.predict import SIGPIPE_STATUS, run
+from lenet_dist.schedule import Progress
 
 
 def export_run(folder: Path, dataset: str = "mnist", model: torch.nn.Module | None = None) -> Path:
@@ -453,7 +454,7 @@ def checkpoint_folder(folder: Path, dataset: str, progress: str | None = None) -
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     save_file(LeNet5().state_dict(), str(folder / WEIGHTS_FILE), metadata={"num_classes": "10"})
-    state = RunState(global_step=8, trajectory=trajectory_of(TrainConfig(dataset=dataset)))
+    state = Progress(global_step=8, trajectory=trajectory_of(TrainConfig(dataset=dataset)))
     (folder / PROGRESS_FILE).write_text(progress if progress is not None else json.dumps(state.__dict__))
     return folder
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, launch_ddp, one_line_error, run
+from conftest import BIN, call, launch_ddp, one_line_error
 from lenet_dist.profiling import run_trace_dir
 
 # torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
@@ -26,7 +26,7 @@ if __name__ == "__main__":
 def test_trace_loads_in_tensorboard_plugin(single_process_profile):
     trace_dir, result = single_process_profile
     assert f"profiler traces (one per rank): {trace_dir}/" in result.stdout
-    loaded = run([sys.executable, "-c", TB_PLUGIN_LOAD, str(trace_dir)], timeout=300)
+    loaded = call([sys.executable, "-c", TB_PLUGIN_LOAD, str(trace_dir)], timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     profiles = json.loads(loaded.stdout.strip().splitlines()[-1])
     # a trace the plugin fails to parse is dropped with a warning, so the worker must be there
@@ -47,7 +47,7 @@ def test_trace_names_the_conv_hot_path(single_process_profile):
 
 def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
     trace_dir, _ = single_process_profile
-    result = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", str(tmp_path / "r.json")], timeout=120)
+    result = call([str(BIN / "lenet-dist"), "inspect", str(trace_dir), "--json", str(tmp_path / "r.json")], timeout=120)
     assert result.returncode == 0, result.stderr
     assert "conv fwd+bwd share" in result.stdout and "aten::convolution_backward" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())["workers"]["rank0"]
@@ -61,7 +61,7 @@ def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
-    result = run(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(tmp_path / "profiles"),
+    result = call(launch_ddp("--target-accuracy", "0.95", "--profile", "--profile-dir", str(tmp_path / "profiles"),
                             "--output-dir", str(tmp_path / "run")))
     assert result.returncode == 0, result.stderr
     trace_dir = run_trace_dir(str(tmp_path / "profiles"), tmp_path / "run")
@@ -69,17 +69,17 @@ def test_two_process_ddp_profile_has_one_trace_per_rank(tmp_path, data_dir):
     assert result.stdout.count("profiler traces") == 1
     # on a machine without a GPU the profiler's engine says nothing (no start/stop lines, no GPU count errors)
     assert "USDT" not in result.stderr and "gpuGetDeviceCount" not in result.stderr, result.stderr[-2000:]
-    shown = run([str(BIN / "lenet-dist"), "inspect", str(tmp_path / "run"), "--json", "-"], timeout=120)
+    shown = call([str(BIN / "lenet-dist"), "inspect", str(tmp_path / "run"), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     workers = json.loads(shown.stdout)["workers"]
     assert list(workers) == ["rank0", "rank1"]
     assert all(w["steps"] == 5 and w["conv_share"] > 0.05 for w in workers.values())
-    table = run([str(BIN / "lenet-dist"), "inspect", str(trace_dir)], timeout=120)
+    table = call([str(BIN / "lenet-dist"), "inspect", str(trace_dir)], timeout=120)
     assert "rank0" in table.stdout and "rank1" in table.stdout
 
 
 def test_inspect_empty_folder_fails_in_one_line(tmp_path):
-    one_line_error(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(tmp_path))
+    one_line_error(call([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(tmp_path))
 
 
 def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_path):
@@ -87,4 +87,4 @@ def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_p
     (trace,) = trace_dir.glob("rank0.*.pt.trace.json")
     broken = tmp_path / trace.name
     broken.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
-    one_line_error(run([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(broken))
+    one_line_error(call([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(broken))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import copy_checkout, require_dataset, run
+from conftest import call, copy_checkout, require_dataset
 from lenet_dist.data import load_split
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,7 +20,7 @@ def test_make_data_in_a_fresh_checkout_fetches_or_skips_with_a_reason(tmp_path, 
     fashion = tmp_path / "empty"
     venv = os.path.dirname(os.path.dirname(sys.executable))
     # -o: this venv is current; a fresh checkout's newer pyproject.toml must not re-install it
-    result = run(["make", "-o", f"{venv}/.installed", "data", f"VENV={venv}"], cwd=checkout, timeout=600,
+    result = call(["make", "-o", f"{venv}/.installed", "data", f"VENV={venv}"], cwd=checkout, timeout=600,
                  env={"LENET_DATA_DIR": str(data_dir), "LENET_FASHION_DIR": str(fashion)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"mnist: {data_dir}" in result.stdout

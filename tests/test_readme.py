@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import BIN, ROOT, copy_checkout, run
+from conftest import BIN, ROOT, call, copy_checkout
 
 # `make test` is this very suite (running it from inside itself would recurse); `make train` is the
 # default run that `python -m lenet_dist.train --output-dir runs/first` below makes too, in the venv
@@ -72,7 +72,7 @@ def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist
         # what README quotes comes from MNIST as a user has it; the rest runs on its slice, to keep the suite short
         data = data_dir if quoted else mnist_slice
         for command in commands:
-            result = run(["bash", "-c", command], env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
+            result = call(["bash", "-c", command], env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
                          cwd=checkout)
             assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         if quoted:
@@ -91,7 +91,7 @@ def test_the_launch_tables_cpu_rows_run_as_written(where, mnist_slice, tmp_path)
     """With a short run's flags appended (the launchers are what is tested) and torchrun's N as 2."""
     command = launch_table()[where].replace("--nproc-per-node N", "--nproc-per-node 2")
     flags = "--epochs 1 --batch-size 256 --no-progress --output-dir run"
-    result = run(["bash", "-c", f"{command} {flags}"], cwd=tmp_path, timeout=600,
+    result = call(["bash", "-c", f"{command} {flags}"], cwd=tmp_path, timeout=600,
                  env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(mnist_slice),
                       "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"

@@ -1,5 +1,4 @@
-"""The recipes: named recipes and their overrides, the schedule, LeCun's initialisation, and when a run looks at
-the test set (the same steps on every rank and after a resume)."""
+"""The recipes: named recipes and their overrides, the learning-rate schedule, LeCun's initialisation."""
 
 from __future__ import annotations
 
@@ -8,13 +7,9 @@ import math
 import pytest
 import torch
 
-from lenet_dist.checkpoint import RunState
 from lenet_dist.config import RECIPES, TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import EVALUATION_GAP_IMAGES, EvaluationCadence, build_model, build_scheduler
-from lenet_dist.train import note_recent
-
-STEPS = 468
+from lenet_dist.recipe import build_model, build_scheduler
 
 
 def test_a_recipe_fills_what_no_flag_set_and_a_flag_overrides_it():
@@ -60,56 +55,3 @@ def test_lecun_initialisation_has_the_spread_of_one_over_root_fan_in():
     assert weight.std().item() == pytest.approx(400 ** -0.5, rel=0.05) and model.classifier[1].bias.abs().max() == 0
     default = build_model(TrainConfig(), num_classes=10).classifier[1].weight
     assert default.std().item() == pytest.approx(400 ** -0.5 / math.sqrt(3), rel=0.05)  # PyTorch's, √3 narrower
-
-
-def test_without_a_target_only_epoch_ends_or_every_n_steps():
-    assert EvaluationCadence(TrainConfig(), STEPS).next_evaluation(RunState()) == STEPS
-    assert EvaluationCadence(TrainConfig(), STEPS).next_evaluation(RunState(global_step=STEPS)) == 2 * STEPS
-    every = EvaluationCadence(TrainConfig(eval_every=100), STEPS)
-    assert [every.next_evaluation(RunState(global_step=step)) for step in (0, 100, 450, 468)] == [100, 200, 468, 500]
-    run = RunState(global_step=300, recent=[(2048, 2048)])  # perfect recent batches: still no target, no look
-    assert not EvaluationCadence(TrainConfig(), STEPS).due(run)
-
-
-def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None) -> list[int]:
-    """The steps a run evaluates at, when its training batches are right `accuracy_at(step)` of the time and so is
-    the test set, until the first evaluation at ≥ the target. It logs as the loop does: every --log-every steps,
-    at each epoch's end and, with `stop_at`, at a stop (or a checkpoint) in between, as a resumed run's history
-    has it."""
-    cadence, run, evaluated, logged = EvaluationCadence(config, STEPS), RunState(), [], 0
-    while not evaluated or accuracy_at(evaluated[-1]) < config.target_accuracy:
-        run.global_step += 1
-        step = run.global_step
-        closing, epoch_end = step % config.log_every == 0, step % STEPS == 0
-        if closing or epoch_end or step == stop_at:
-            right = sum(round(config.batch_size * accuracy_at(s)) for s in range(logged + 1, step + 1))
-            images, logged = (step - logged) * config.batch_size, step
-            note_recent(run, images, right, closing)
-            if cadence.due(run) or epoch_end:
-                evaluated.append(step)
-                run.evaluations.append({"step": step, "test_accuracy": accuracy_at(step)})
-    return evaluated
-
-
-def climbing(step: int) -> float:
-    return 0.99 - 0.6 * math.exp(-step / 180)  # crosses 98 % at step 738
-
-
-def test_with_a_target_it_evaluates_once_the_batches_say_the_target_is_in_reach():
-    """Far from the target nothing but the epoch's end is evaluated; near it, a full evaluation comes soon after
-    the batches cross the target, and not more often than every EVALUATION_GAP_IMAGES."""
-    config = TrainConfig(target_accuracy=0.98)
-    steps = simulate(config, climbing)
-    crossing = next(step for step in range(1, 5000) if climbing(step) >= 0.98)
-    assert steps[0] == STEPS  # the epoch's end; nothing before, far from 98 %
-    assert crossing <= steps[-1] <= crossing + 2048 // config.batch_size + config.log_every  # found soon after
-    assert len(steps) <= 4
-    assert all(b - a >= EVALUATION_GAP_IMAGES // config.batch_size or b % STEPS == 0
-               for a, b in zip(steps, steps[1:], strict=False))
-
-
-def test_a_resumed_run_evaluates_at_the_same_steps():
-    """A stop (or a checkpoint) between two log points closes no stretch: the evaluations do not move."""
-    config = TrainConfig(target_accuracy=0.98)
-    assert simulate(config, climbing, stop_at=700) == simulate(config, climbing) == \
-        simulate(config, climbing, stop_at=735)

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from conftest import (
     SLICE_TEST_IMAGES,
     TRAIN,
+    call,
     checkpoint_exists,
     kill_all,
     launch_ddp,
     numbers,
     rank_pids,
     read_metrics,
-    run,
     same_weights,
     start,
     wait_for,
@@ -46,7 +46,7 @@ def sliced(mnist_slice) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, sliced) -> Path:
     output = tmp_path_factory.mktemp("uninterrupted")
-    result = run([*TRAIN, *RECIPE, "--output-dir", str(output)], env=sliced)
+    result = call([*TRAIN, *RECIPE, "--output-dir", str(output)], env=sliced)
     assert result.returncode == 0, result.stderr
     return output
 
@@ -74,10 +74,10 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
             assert load_file(str(checkpoint / "model.safetensors"))
     assert not (tmp_path / "metrics.json").exists()
 
-    refused = run(command, timeout=120, env=sliced)
+    refused = call(command, timeout=120, env=sliced)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # nothing is started over by mistake
     # --deterministic only constrains GPU kernels: on CPU it must not change a single number
-    resumed = run(command + ["--resume", "--deterministic"], env=sliced)
+    resumed = call(command + ["--resume", "--deterministic"], env=sliced)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resumed from .*step-\d{8}: epoch 2", resumed.stdout), resumed.stdout
     assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
@@ -111,7 +111,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(output, resumed_dir)
-    resumed = run([*TRAIN, *RECIPE, "--output-dir", str(resumed_dir), "--resume", "auto"], env=sliced)
+    resumed = call([*TRAIN, *RECIPE, "--output-dir", str(resumed_dir), "--resume", "auto"], env=sliced)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {resumed_dir}/checkpoints/step-{step:08d}: epoch 2, step {step}" in resumed.stdout
     assert numbers(read_metrics(resumed_dir)) == numbers(read_metrics(uninterrupted))
@@ -130,7 +130,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
 def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path, sliced):
     output, _ = sigtermed
     shutil.copytree(output, tmp_path / "run")
-    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"), env=sliced)
+    resumed = call(launch_ddp(*RECIPE, "--output-dir", str(tmp_path / "run"), "--resume"), env=sliced)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(saved by 1 processes)" in resumed.stdout
     metrics = read_metrics(tmp_path / "run")
@@ -171,9 +171,9 @@ def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(u
 
     two_to_one = tmp_path.parent / f"{tmp_path.name}-on-one"
     shutil.copytree(tmp_path, two_to_one)
-    resumed = run(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), "--resume"), env=sliced)
+    resumed = call(launch_ddp(*RECIPE, "--output-dir", str(tmp_path), "--resume"), env=sliced)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    on_one = run([*TRAIN, *RECIPE, "--output-dir", str(two_to_one), "--resume"], env=sliced)
+    on_one = call([*TRAIN, *RECIPE, "--output-dir", str(two_to_one), "--resume"], env=sliced)
     assert on_one.returncode == 0, on_one.stderr
     assert "(saved by 2 processes)" in on_one.stdout
     single = read_metrics(uninterrupted)["final_test_accuracy"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TRAIN, one_line_error, run
+from conftest import ROOT, TRAIN, call, one_line_error
 from lenet_dist import traces
 from lenet_dist.config import InspectConfig
 from lenet_dist.errors import UserError
@@ -185,7 +185,7 @@ def two_profiles(tmp_path_factory, single_process_profile):
     """The default recipe (A, the shared profile's trace folder) and the same with --no-channels-last (B, named by
     its run's output folder, whose metrics.json records where its traces went)."""
     root = tmp_path_factory.mktemp("profiles")
-    result = run([*TRAIN, "--target-accuracy", "0.95", "--no-channels-last", "--profile", "--profile-dir",
+    result = call([*TRAIN, "--target-accuracy", "0.95", "--no-channels-last", "--profile", "--profile-dir",
                   str(root), "--output-dir", str(root / "runs" / "b")])
     assert result.returncode == 0, result.stderr[-2000:]
     return single_process_profile[0], root / "runs" / "b"
@@ -224,11 +224,11 @@ def test_inspect_compares_two_runs(two_profiles, capsys):
 
 @pytest.mark.parametrize("folders", [[], ["a", "b", "c"]])
 def test_inspect_takes_one_or_two_folders(folders):
-    one_line_error(run([*INSPECT, *folders], timeout=60), 2, "pass one run, trace folder or trace file, or two")
+    one_line_error(call([*INSPECT, *folders], timeout=60), 2, "pass one run, trace folder or trace file, or two")
 
 
 def test_inspect_prints_the_gpu_section_of_gzipped_traces(gpu_traces):
-    shown = run([*INSPECT, str(gpu_traces)], timeout=120)
+    shown = call([*INSPECT, str(gpu_traces)], timeout=120)
     assert shown.returncode == 0, shown.stderr
     for needle in ("GPU busy", "44.5%", "46.8%", "nccl:all_to_all", "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t"):
         assert needle in shown.stdout, needle
@@ -251,7 +251,7 @@ def test_inspect_reads_a_run_folder_a_trace_folder_or_one_trace_file(tmp_path, g
     assert traces.inspect_run(run_c)["traces"] == str(run_c)
 
     one_file = gpu_traces / "rank1.1.pt.trace.json.gz"  # its folder also holds rank0's, which are left out
-    shown = run([*INSPECT, str(one_file), "--json", "-"], timeout=120)
+    shown = call([*INSPECT, str(one_file), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["traces"] == str(one_file) and list(report["workers"]) == ["rank1"]
@@ -261,7 +261,7 @@ def test_inspect_reads_a_run_folder_a_trace_folder_or_one_trace_file(tmp_path, g
 def test_inspect_says_in_one_line_what_it_cannot_read(tmp_path):
     not_a_trace = tmp_path / "notes.txt"
     not_a_trace.write_text("hello")
-    one_line_error(run([*INSPECT, str(not_a_trace)], timeout=60), 1, str(not_a_trace), "*.pt.trace.json")
+    one_line_error(call([*INSPECT, str(not_a_trace)], timeout=60), 1, str(not_a_trace), "*.pt.trace.json")
     with pytest.raises(UserError, match="does not exist"):
         traces.inspect_run(tmp_path / "missing")
     moved = tmp_path / "moved"
@@ -340,7 +340,7 @@ def rerun_folder(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("reruns")
     shared, first = root / "shared", root / "first-run"
     for attempt in ("first", "rerun"):
-        recorded = run([sys.executable, "-c", RECORD, str(shared)], timeout=300)
+        recorded = call([sys.executable, "-c", RECORD, str(shared)], timeout=300)
         assert recorded.returncode == 0, recorded.stderr[-2000:]
         if attempt == "first":
             shutil.copytree(shared, first)
@@ -356,7 +356,7 @@ def test_one_run_with_two_recording_cycles_is_not_mixed(rerun_folder):
 
 def test_inspect_warns_when_a_folder_mixes_runs(rerun_folder):
     shared, _ = rerun_folder
-    shown = run([*INSPECT, str(shared), "--json", "-"], timeout=120)
+    shown = call([*INSPECT, str(shared), "--json", "-"], timeout=120)
     assert shown.returncode == 0, shown.stderr
     (warning,) = shown.stderr.strip().splitlines()
     assert warning.startswith(f"warning: {shared} mixes runs") and "rank0: 2 recordings (2 processes: pid " in warning

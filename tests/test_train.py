@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FIGURES, ROOT, RUN_FILES, TRAIN, assert_png, one_line_error, read_metrics, run
+from conftest import BIN, FIGURES, ROOT, RUN_FILES, TRAIN, assert_png, call, one_line_error, read_metrics
 
 SHORT = ["--target-accuracy", "0.95"]  # a real run that stops at its first evaluation at ≥ 95 %
 
 
 @pytest.mark.slow
 def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
-    result = run([*TRAIN, "--output-dir", str(tmp_path)])
+    result = call([*TRAIN, "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
     assert metrics["world_size"] == 1
@@ -52,20 +52,20 @@ def test_entry_points_train(launcher, tmp_path, data_dir):
     # --resume auto with nothing to resume starts afresh; the same command on the finished run (a requeue
     # after the last stop) succeeds with nothing to do.
     command = [*launcher, *SHORT, "--resume", "auto", "--output-dir", str(tmp_path / "run")]
-    result = run(command, env={"HF_HOME": str(tmp_path / "hf")})
+    result = call(command, env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
     assert "resumed from" not in result.stdout
     metrics = read_metrics(tmp_path / "run")
     assert metrics["reached_target"]["test_accuracy"] >= 0.95
     assert_png(tmp_path / "run" / "predictions.png")
     finished = (tmp_path / "run" / "metrics.json").read_bytes()
-    again = run(command, env={"HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    again = call(command, env={"HF_HOME": str(tmp_path / "hf")}, timeout=120)
     assert again.returncode == 0 and "error" not in again.stderr, again.stderr
     assert f"{tmp_path / 'run'} holds a finished run: nothing to resume (--resume auto)" in again.stdout
     assert (tmp_path / "run" / "metrics.json").read_bytes() == finished
     # without --resume auto the same output dir is refused: exit 2, or 1 through accelerate's launcher, which
     # reports any failure of its child as 1
-    refused = run([arg for arg in command if arg not in ("--resume", "auto")], env={"HF_HOME": str(tmp_path / "hf")},
+    refused = call([arg for arg in command if arg not in ("--resume", "auto")], env={"HF_HOME": str(tmp_path / "hf")},
                   timeout=120)
     assert "already holds a finished run" in refused.stderr
     assert refused.returncode == (1 if "accelerate" in launcher[0] else 2)
@@ -73,7 +73,7 @@ def test_entry_points_train(launcher, tmp_path, data_dir):
 
 def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir):
     # checkpoints fall on evaluation steps here: each is saved after its evaluation, none is skipped
-    result = run([*TRAIN, "--target-accuracy", "0.95", "--eval-every", "50",
+    result = call([*TRAIN, "--target-accuracy", "0.95", "--eval-every", "50",
                   "--checkpoint-every", "50", "--keep-checkpoints", "100", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)
@@ -93,7 +93,7 @@ def test_target_accuracy_stops_mid_epoch_and_records_the_step(tmp_path, data_dir
 
 def test_missing_data_is_one_line_error(tmp_path):
     missing = tmp_path / "no-mnist-here"
-    result = run([*TRAIN, "--data-dir", str(missing), "--output-dir",
+    result = call([*TRAIN, "--data-dir", str(missing), "--output-dir",
                   str(tmp_path / "out")], timeout=120)
     line = one_line_error(result, 1, str(missing), "--data-dir", "downloading it failed (")
     assert "(RuntimeError)" not in line  # the cause (offline here: the mirrors' own reason), not a type name
@@ -103,7 +103,7 @@ def test_missing_data_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_a_missed_target_is_said_and_recorded_with_the_best_evaluation(tmp_path, mnist_slice):
-    result = run([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.995", "--eval-every", "24",
+    result = call([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.995", "--eval-every", "24",
                   "--no-progress", "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr  # a missed target is an answer, not a failure (exit 0)
     metrics = read_metrics(tmp_path)
@@ -134,11 +134,11 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, mnist_slice):
     optimizer and schedule."""
     short = [*TRAIN, "--epochs", "1", "--batch-size", "256", "--no-progress"]
     env = {"LENET_DATA_DIR": str(mnist_slice)}
-    first = run([*short, "--output-dir", str(tmp_path / "first")], env=env)
+    first = call([*short, "--output-dir", str(tmp_path / "first")], env=env)
     assert first.returncode == 0, first.stderr
-    refused = run([*short, "--epochs", "2", "--output-dir", str(tmp_path / "first")], env=env, timeout=120)
+    refused = call([*short, "--epochs", "2", "--output-dir", str(tmp_path / "first")], env=env, timeout=120)
     one_line_error(refused, 2, "already holds a finished run", f"--init-from {tmp_path / 'first'}")
-    onward = run([*short, "--init-from", str(tmp_path / "first"), "--output-dir", str(tmp_path / "onward")], env=env)
+    onward = call([*short, "--init-from", str(tmp_path / "first"), "--output-dir", str(tmp_path / "onward")], env=env)
     assert onward.returncode == 0, onward.stderr
     before, after = read_metrics(tmp_path / "first"), read_metrics(tmp_path / "onward")
     assert after["config"]["init_from"] == str(tmp_path / "first")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import BIN, FIGURES, ROOT, TRAIN, assert_png, read_metrics, run
+from conftest import BIN, FIGURES, ROOT, TRAIN, assert_png, call, read_metrics
 from lenet_dist.data import load_split
 
 LOGGED_STEPS = sorted(set(range(10, 129, 10)) | {64, 128})  # every --log-every steps and each epoch's end
@@ -22,7 +22,7 @@ LOGGED_STEPS = sorted(set(range(10, 129, 10)) | {64, 128})  # every --log-every 
 def logged_run(tmp_path_factory, mnist_slice) -> tuple[Path, subprocess.CompletedProcess]:
     """Two epochs of the MNIST slice (64 steps each at batch 256), logged to TensorBoard and wandb."""
     output = tmp_path_factory.mktemp("logged")
-    result = run([*TRAIN, "--epochs", "2", "--batch-size", "256", "--log-with", "tensorboard,wandb",
+    result = call([*TRAIN, "--epochs", "2", "--batch-size", "256", "--log-with", "tensorboard,wandb",
                   "--output-dir", str(output)], env={"WANDB_MODE": "offline", "LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     return output, result
@@ -123,10 +123,11 @@ def test_wandb_offline_run_reads_back(logged_run):
     assert config["lr"] == 0.006 and config["batch_size"] == 512
 
 
-def test_a_tracker_that_is_not_installed_names_its_package():
+def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
     from lenet_dist.errors import UserError
     from lenet_dist.trackers import require_installed
 
+    monkeypatch.setenv("WANDB_MODE", "offline")  # installed, and able to log (offline)
     require_installed(["tensorboard", "wandb", "all"])
     with pytest.raises(UserError, match="--log-with comet_ml: the tracker is not installed; pip install comet-ml"):
         require_installed(["tensorboard", "comet_ml"])
@@ -154,7 +155,7 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
         truth.append(str(int(test.labels[i])))
     # a trained run classifies photo-like copies of test digits as it classifies the digits themselves
     # (what each odd or hostile file gets is tests/test_predict.py's, in-process)
-    result = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, files)], timeout=300)
+    result = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, files)], timeout=300)
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["file"] for a in answers] == list(map(str, files))
@@ -163,19 +164,19 @@ def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
     for i in range(100):
         clean_files.append(tmp_path / f"clean{i:03d}.png")
         Image.fromarray(test.images[i].numpy()).save(clean_files[-1])
-    clean = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, clean_files)],
+    clean = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, clean_files)],
                 timeout=300)
     clean_correct = sum(json.loads(line)["prediction"] == t for line, t in zip(clean.stdout.splitlines(), truth,
                                                                                strict=True))
     assert correct >= clean_correct - 2, (correct, clean_correct)
     assert all(len(a["top"]) == 3 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)
-    text = run([str(BIN / "lenet-dist"), "predict", "--model", str(output), str(files[0])], timeout=120)
+    text = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), str(files[0])], timeout=120)
     assert text.returncode == 0 and text.stdout.startswith(f"{files[0]}: {truth[0]}   top-3:")
 
 
 @pytest.mark.slow
 def test_fashion_mnist(tmp_path, fashion_dir):
-    result = run([*TRAIN, "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
+    result = call([*TRAIN, "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
                   "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path)

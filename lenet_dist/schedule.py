@@ -1,0 +1,136 @@
+"""The training loop's schedule: where a run stands (`Progress`) and what is due after each step (`Due`).
+
+After every training step the loop asks `Schedule` two things. Whether to log here (`logs_after`): the
+loss and the batches' right answers are summed over every rank, the one synchronisation a step may need.
+And then, at such a step, what is due (`due_after`), which the loop acts on in this order: log, evaluate on
+the whole test set, close the epoch, save a checkpoint, stop. Every answer is a function of the progress
+counters, the config and the stop signal the ranks agreed on, never of a clock: every rank, and a run
+resumed from a checkpoint, does the same things at the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lenet_dist.config import TrainConfig
+
+# With --target-accuracy (and no --eval-every), the whole test set is evaluated when the training batches
+# say the target is in reach: the accuracy of each batch before the step that learns from it (in the first
+# epoch, images the model has never seen) over at least this many recent images...
+PROGRESSIVE_IMAGES = 4096
+# ...at the target or above, and at least this many training images after the last evaluation.
+EVALUATION_GAP_IMAGES = 4096
+
+
+@dataclass
+class Progress:
+    """Where training stands: saved with every checkpoint (progress.json), restored on --resume."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    batches_done: int = 0  # batches of that epoch already trained
+    global_step: int = 0
+    loss_sum: float = 0.0  # sum of that epoch's batch losses so far (the mean over ranks)
+    train_seconds: float = 0.0  # time spent training (this epoch's share is epoch_train_seconds)
+    eval_seconds: float = 0.0  # time spent evaluating
+    epoch_train_seconds: float = 0.0
+    compile_seconds: float = 0.0  # --compile: compiling the graphs before the first step
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' records
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every test-set evaluation
+    train_log: list[dict[str, Any]] = field(default_factory=list)  # the loss and lr at every logged step
+    recent: list[tuple[int, int]] = field(default_factory=list)  # (images, right before learning) per stretch
+    open_stretch: list[int] = field(default_factory=lambda: [0, 0])  # the stretch since the last one closed
+    trajectory: dict[str, Any] = field(default_factory=dict)
+    processes: int = 1  # how many processes saved it (for the resume message only)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return self.train_seconds + self.eval_seconds
+
+    def add_training_time(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.epoch_train_seconds += seconds
+
+    def start_next_epoch(self) -> None:
+        self.epoch, self.batches_done, self.loss_sum, self.epoch_train_seconds = self.epoch + 1, 0, 0.0, 0.0
+
+    def note_recent(self, images: int, right: float, closing: bool) -> None:
+        """The training batches' accuracy before each step, in stretches of --log-every steps (`closing` at each
+        multiple: a log point a checkpoint, a stop or an epoch's end makes in between only adds to the open
+        stretch, so a resumed run's stretches are the uninterrupted one's), kept over just enough of them to
+        cover PROGRESSIVE_IMAGES images."""
+        self.open_stretch = [self.open_stretch[0] + images, self.open_stretch[1] + round(right)]
+        if not closing:
+            return
+        self.recent.append((self.open_stretch[0], self.open_stretch[1]))
+        self.open_stretch = [0, 0]
+        while len(self.recent) > 1 and sum(count for count, _ in self.recent[1:]) >= PROGRESSIVE_IMAGES:
+            self.recent.pop(0)
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the loop does after a logged step, in this order."""
+
+    evaluate: bool = False  # on the whole test set
+    epoch_end: bool = False  # record the epoch, start the next
+    checkpoint: bool = False  # saved after the evaluation, so that it holds it
+    stop: int | None = None  # the signal to stop for, after saving
+
+
+class Schedule:
+    """The answers, for one run's config; see the module's docstring.
+
+    Evaluations: at each epoch's end; every --eval-every steps when given; with --target-accuracy and no
+    --eval-every also when the training batches say the target is in reach (their accuracy, each batch scored
+    by the model before the step that learns from it, over the last PROGRESSIVE_IMAGES images or more, at the
+    target or above, and EVALUATION_GAP_IMAGES trained since the last evaluation). In the first epoch those
+    images are new to the model, so this is an honest if lagging estimate of the test accuracy, for free: a
+    full test pass is kept for when it will likely succeed.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int, processes: int) -> None:
+        self.config, self.steps_per_epoch, self.processes = config, steps_per_epoch, processes
+
+    def logs_after(self, progress: Progress, signal: int | None) -> bool:
+        """Whether this step is a log point. `signal` is this process's own; one process alone stops at the very
+        step it was signalled at, several agree on a signal at their next log point."""
+        step, config = progress.global_step, self.config
+        return (step % config.log_every == 0 or self._epoch_ends(progress) or self._checkpoint_due(step)
+                or self._scheduled_evaluation(step) or (self.processes == 1 and signal is not None))
+
+    def due_after(self, progress: Progress, signal: int | None) -> Due:
+        """What is due at this log point; `signal` the one every rank agreed on (None: no stop asked)."""
+        epoch_end = self._epoch_ends(progress)
+        evaluate = epoch_end or self._scheduled_evaluation(progress.global_step) or self._in_reach(progress)
+        return Due(evaluate=evaluate, epoch_end=epoch_end, stop=signal,
+                   checkpoint=epoch_end or signal is not None or self._checkpoint_due(progress.global_step))
+
+    def finished(self, progress: Progress) -> bool:
+        """The last epoch has ended, or the last evaluation reached the target."""
+        return progress.epoch > self.config.epochs or (
+            bool(progress.evaluations) and self.meets_target(progress.evaluations[-1]))
+
+    def meets_target(self, evaluation: dict[str, Any]) -> bool:
+        return self.config.target_accuracy is not None and evaluation["test_accuracy"] >= self.config.target_accuracy
+
+    def _epoch_ends(self, progress: Progress) -> bool:
+        return progress.batches_done == self.steps_per_epoch
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return bool(self.config.checkpoint_every) and step % self.config.checkpoint_every == 0
+
+    def _scheduled_evaluation(self, step: int) -> bool:
+        return bool(self.config.eval_every) and step % self.config.eval_every == 0
+
+    def _in_reach(self, progress: Progress) -> bool:
+        """The target, by the training batches' recent accuracy (progress.recent), at a stretch's close."""
+        config = self.config
+        if config.target_accuracy is None or config.eval_every or progress.open_stretch[0]:
+            return False
+        last = progress.evaluations[-1]["step"] if progress.evaluations else 0
+        if (progress.global_step - last) * config.batch_size < EVALUATION_GAP_IMAGES:
+            return False
+        images = sum(count for count, _ in progress.recent)
+        right = sum(correct for _, correct in progress.recent)
+        return images >= PROGRESSIVE_IMAGES and right >= config.target_accuracy * images
