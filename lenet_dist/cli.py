@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from lenet_dist.config import (
     ArgumentParser,
@@ -23,7 +24,7 @@ from lenet_dist.config import (
     config_from_args,
     version_text,
 )
-from lenet_dist.errors import exit_on_user_error, exit_quickly
+from lenet_dist.errors import exit_on_user_error, exit_quickly, status_of
 
 # name: (help, config class, "module:function" that runs it and returns an exit status or None)
 COMMANDS = {
@@ -68,23 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str] | None = None) -> NoReturn:
+    """`lenet-dist`: run the command and end the process with its status."""
+    exit_quickly(command_status(sys.argv[1:] if argv is None else argv))
+
+
+def command_status(argv: list[str]) -> int:
+    """What `lenet-dist ARGV` prints and its exit status, in this process."""
     if argv[:1] == ["launch"]:  # accelerate's own flags, parsed by accelerate's own parser
         from lenet_dist.launching import main as launch
 
-        sys.exit(launch(argv[1:]))
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    name = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
-    if extra:  # said by the subcommand's parser: its help lists the flags that exist
-        parser.commands[name].error(f"unrecognized arguments: {' '.join(extra)}")
-    _, config_class, target = COMMANDS[name]
-    module_name, function_name = target.split(":")
-    with exit_on_user_error():
-        config = config_from_args(config_class, args)  # a bad value fails before the heavy imports
-        status = getattr(importlib.import_module(module_name), function_name)(config)
-    exit_quickly(status if isinstance(status, int) else 0)
+        return status_of(lambda: launch(argv[1:]))
+
+    def command() -> int:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        name = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
+        if extra:  # said by the subcommand's parser: its help lists the flags that exist
+            parser.commands[name].error(f"unrecognized arguments: {' '.join(extra)}")
+        _, config_class, target = COMMANDS[name]
+        module_name, function_name = target.split(":")
+        with exit_on_user_error():
+            config = config_from_args(config_class, args)  # a bad value fails before the heavy imports
+            status = getattr(importlib.import_module(module_name), function_name)(config)
+        return status if isinstance(status, int) else 0
+
+    return status_of(command)
 
 
 if __name__ == "__main__":

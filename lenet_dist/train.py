@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +34,7 @@ from lenet_dist.checkpoint import (
 )
 from lenet_dist.config import TrainConfig, parse_train_config
 from lenet_dist.data import ShuffledBatches, ensure_dataset_everywhere
-from lenet_dist.errors import UsageError, UserError, exit_on_user_error, exit_quickly, launched_as_rank_zero
+from lenet_dist.errors import UsageError, UserError, exit_on_user_error, exit_quickly, launched_as_rank_zero, status_of
 from lenet_dist.files import write_json
 from lenet_dist.launching import launch_record, record_stop
 from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, versions, write_run_outputs
@@ -346,10 +346,12 @@ def train_command(config: TrainConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    with exit_on_user_error(), launch_record():
-        status = train_command(parse_train_config(argv))
-    exit_quickly(status)
+def main(argv: list[str] | None = None) -> NoReturn:
+    def command() -> int:
+        with exit_on_user_error(), launch_record():
+            return train_command(parse_train_config(argv))
+
+    exit_quickly(status_of(command))
 
 
 if __name__ == "__main__":

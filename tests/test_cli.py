@@ -14,10 +14,9 @@ from lenet_dist.errors import UsageError, UserError, exit_on_user_error
 
 
 def exit_of(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(argv)
+    status = cli.command_status(argv)
     captured = capsys.readouterr()
-    return stopped.value.code, captured.out, captured.err
+    return status, captured.out, captured.err
 
 
 def test_version_is_defined_once(capsys):
@@ -101,8 +100,7 @@ def test_help_inspect_and_predict_start_without_torch():
     probe = (
         "import sys; from lenet_dist import cli\n"
         "for argv in (['--help'], ['predict', '--help'], ['inspect', '--help'], ['inspect', '/nonexistent']):\n"
-        "    try: cli.main(argv)\n"
-        "    except SystemExit: pass\n"
+        "    cli.command_status(argv)\n"
         "heavy = sorted(m for m in ('torch', 'accelerate', 'torchvision', 'matplotlib') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
