@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    BIN,
     ROOT,
-    SLICE_TEST_IMAGES,
     TRAIN,
     call,
-    free_port,
     kill_all,
     launch_ddp,
     one_line_error,
@@ -151,28 +148,6 @@ def test_a_dying_rank_is_named_and_ends_the_whole_job_quickly(tmp_path, data_dir
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_two_nodes_on_loopback_match_one_process(short_run, tmp_path, sliced):
-    port = str(free_port())
-    recipe = [*SHORT, "--no-progress", "--output-dir", str(tmp_path)]
-    nodes = [
-        start([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch" / "multi_node.yaml"),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
-               "127.0.0.1", "--main_process_port", port, "-m", "lenet_dist.train", *recipe], env=sliced)
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    for node, (_, stderr) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, stderr[-3000:]
-    metrics = read_metrics(tmp_path)
-    assert metrics["world_size"] == 2 and metrics["evaluations"][-1]["eval_samples"] == SLICE_TEST_IMAGES
-    # short_run is this recipe on one process (its checkpoints change no number)
-    assert abs(metrics["final_test_accuracy"] - read_metrics(short_run)["final_test_accuracy"]) <= 0.002
-    assert "epoch 1/1  train loss" in outputs[0][0] and "train loss" not in outputs[1][0]  # machine 1 stays quiet
-
-
-
 def test_a_run_that_fails_leaves_the_process_group(tmp_path):
     """The error path destroys the process group too (NCCL otherwise prints a warning after our one line)."""
     script = (
@@ -216,20 +191,6 @@ def test_two_runs_started_together_into_one_output_dir_run_once(tmp_path, mnist_
     assert line.startswith(f"error: --output-dir {tmp_path / 'run'} ") and (
         "is in use by another run (pid " in line or "already holds a finished run" in line), line
     assert read_metrics(tmp_path / "run")["epochs"][0]["epoch"] == 1
-
-
-def test_training_leaves_the_garbage_collector_as_it_found_it(tmp_path, mnist_slice):
-    """train_command is callable again and again in one process (a sweep, a notebook): freezing the collector,
-    the start-up's saving at exit, is the command line's business, not train_command's."""
-    script = (
-        "import gc, sys\nfrom lenet_dist import train\nfrom lenet_dist.config import TrainConfig\n"
-        f"status = train.train_command(TrainConfig(epochs=1, batch_size=512, target_accuracy=0.5, progress=False, "
-        f"data_dir='{mnist_slice}', output_dir='{tmp_path / 'run'}'))\n"
-        "print('status', status, 'frozen', gc.get_freeze_count())\n"
-    )
-    result = call([sys.executable, "-c", script], timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "status 0 frozen 0" in result.stdout
 
 
 def test_a_refused_run_creates_nothing(tmp_path):
