@@ -77,8 +77,9 @@ def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_slice):
     fast = cpu["1_process"]["fast_to_98"]
     assert fast["misses"] + sum(run["time_to_98"] is not None for run in fast["runs"]) == 1
     (loop_row, *_) = report["loop"]["rows"]
-    assert 0 < loop_row["ours_over_best_bare"] < 2 and loop_row["bare_compiled_images_per_second"] > 0
-    assert "of the better one" in result.stdout and "missed" in result.stdout
+    # --quick compares with the eager bare loop only: inductor's compile would be most of this test's time
+    assert 0 < loop_row["ours_over_best_bare"] < 2 and "bare_compiled_images_per_second" not in loop_row
+    assert loop_row["bare_images_per_second"] > 0 and "of it" in result.stdout and "missed" in result.stdout
     rows = report["scaling"]["rows"]
     assert [(row["mode"], row["processes"]) for row in rows] == [("strong", 1), ("strong", 2), ("weak", 1),
                                                                  ("weak", 2)]

@@ -45,7 +45,8 @@ def run(bench: BenchConfig) -> dict[str, Any]:
             for device in devices:
                 result["runs"][str(device)]["compile"] = runs.compile_seconds(data_dir, str(device))
         if any(device.type == "cpu" for device in devices):  # the loop's ceiling, at each recipe's batch
-            result["loop"] = runs.loop_against_bare(data_dir, recipe_batch_sizes(), bench.repeats)
+            result["loop"] = runs.loop_against_bare(data_dir, recipe_batch_sizes(), bench.repeats,
+                                                    compiled="compile" in split_list(bench.compile_modes))
     if counts:
         threads = max(1, len(os.sched_getaffinity(0)) // max(counts)) if sweep_device.type == "cpu" else None
         result["scaling"] = runs.scaling(data_dir, sweep_device.type, counts, threads)
