@@ -31,7 +31,7 @@ check: install lint
 	$(PYTHON) -m pytest -q -m "not slow and not ddp and not gpu"
 
 lint: install
-	$(VENV)/bin/ruff check lenet_dist tests
+	$(VENV)/bin/ruff check lenet_dist tests scripts
 
 # On a CUDA machine, with its own Python and no venv: the staged verdict of scripts/gpu_check.py.
 gpu-check:

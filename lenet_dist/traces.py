@@ -271,8 +271,16 @@ def mixed_runs_warning(report: dict[str, Any]) -> str | None:
 
 
 def _title(report: dict[str, Any]) -> str:
-    named, traces = report["run_dir"], report["traces"]
+    named, traces = report["run_dir"], _as_typed(report["traces"])
     return f"[bold]{named}[/bold]" + (f" (traces: {traces})" if traces != named else "")
+
+
+def _as_typed(path: str) -> str:
+    """A path under the working directory as a user would type it (a run records its trace folder absolute)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def print_report(report: dict[str, Any], top: int) -> None:

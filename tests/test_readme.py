@@ -19,6 +19,7 @@ NOT_RUN_HERE = {"make test", "make train"}
 BLOCK = re.compile(r"```(bash|text)\n(.*?)```(\s*)", flags=re.S)
 BOX = re.compile(r"[┃│━┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇╈╋─═║┳┻]")
 NUMBER = re.compile(r"[+-−]?\d[\d,.]*")
+TRACE_HASH = re.compile(r"-[0-9a-f]{8}\b")  # profiles/<run>-<hash of the output dir's path>
 
 
 def readme_steps() -> list[tuple[list[str], str | None]]:
@@ -39,7 +40,7 @@ def readme_steps() -> list[tuple[list[str], str | None]]:
 
 def shape(line: str) -> str:
     """A line's words and structure: numbers become #, table rules and padding go."""
-    return " ".join(NUMBER.sub("#", BOX.sub(" ", line)).split())
+    return " ".join(NUMBER.sub("#", TRACE_HASH.sub("-#", BOX.sub(" ", line))).split())
 
 
 def assert_quoted(quoted: str, printed: str, command: str) -> None:
