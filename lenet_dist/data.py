@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lenet_dist.config import DownloadConfig
 from lenet_dist.errors import UsageError, UserError
 from lenet_dist.files import read_maybe_gzipped
+from lenet_dist.processes import agree_on_any
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ def _download_failure(error: Exception, narration: str) -> str:
 def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
     """ensure_dataset on every rank: rank 0 first (one download per shared disk), then the others, each on its
     own node's disk; a rank that cannot have the data stops every rank, with its one line."""
-    from lenet_dist.processes import agree_on_any
-
     for turn in (state.is_main_process, not state.is_main_process):
         problem = None
         if turn:

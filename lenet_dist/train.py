@@ -70,6 +70,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
     step, compiling_seconds = make_step(trainer)
     progress.compile_seconds += compiling_seconds
+    schedule = Schedule(config, len(trainer.batches), accelerator.num_processes)
 
     profile_dir = run_trace_dir(config.profile_dir, output_dir)
     if config.profile and not resumed:  # a run started afresh: no traces of an earlier one mixed in
@@ -77,7 +78,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             stale.unlink()
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
-            predictions = fit(trainer, step, progress, stop, profiler)
+            predictions = fit(trainer, schedule, step, progress, stop, profiler)
     except RuntimeError as error:  # a collective that failed because a rank is gone: name it
         lost = ranks.lost(error, newest_checkpoint(output_dir, ranks.rank, ranks.host(0)))
         if lost is None or state.num_processes == 1:
@@ -86,7 +87,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.profile:
         announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {output_dir}")
 
-    metrics = run_metrics(trainer, step, progress) | {
+    metrics = run_metrics(trainer, schedule, step, progress) | {
         "profile_dir": str(profile_dir.resolve()) if config.profile else None}
     if accelerator.is_main_process:
         network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
@@ -139,11 +140,11 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
     return progress, checkpoint is not None
 
 
-def fit(trainer: Trainer, step: Step, progress: Progress, stop: StopRequest, profiler: Any) -> dict[str, torch.Tensor]:
+def fit(trainer: Trainer, schedule: Schedule, step: Step, progress: Progress, stop: StopRequest,
+        profiler: Any) -> dict[str, torch.Tensor]:
     """Train, doing what the schedule says is due at each log point, until the last epoch ends or an evaluation
     reaches the target (the last evaluation's predictions are returned) or the ranks agree to stop (Stopped)."""
     config = trainer.config
-    schedule = Schedule(config, len(trainer.batches), trainer.accelerator.num_processes)
     warm_up_evaluation(trainer)
     predictions, due = None, None
     while not schedule.finished(progress):  # an epoch, from where progress stands in it
@@ -304,9 +305,8 @@ def evaluate_and_record(trainer: Trainer, progress: Progress, epoch_ended: bool)
     return predictions
 
 
-def run_metrics(trainer: Trainer, step: Step, progress: Progress) -> dict[str, Any]:
+def run_metrics(trainer: Trainer, schedule: Schedule, step: Step, progress: Progress) -> dict[str, Any]:
     config, accelerator = trainer.config, trainer.accelerator
-    schedule = Schedule(config, len(trainer.batches), accelerator.num_processes)
     reached = [e for e in progress.evaluations if schedule.meets_target(e)]
     return {
         "config": asdict(config),
