@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forking
 from lenet_dist.bench.compare import label
 from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.runs import free_port
@@ -79,17 +80,42 @@ def fashion_dir() -> Path:
 SLICE_TRAIN_IMAGES, SLICE_TEST_IMAGES = 16_384, 2_000
 
 
-@pytest.fixture(scope="session")
-def mnist_slice(tmp_path_factory, data_dir) -> Path:
-    """The first 16,384 training and 2,000 test images of MNIST, in torchvision's layout (so that the original
-    script reads them too): for tests of how runs start, stop and end, where a whole epoch would only cost time."""
+def first_images(data_dir: Path, folder: Path, train: int, test: int) -> Path:
+    """The first `train` training and `test` test images of MNIST, in torchvision's layout (so that the original
+    script reads them too)."""
     from lenet_dist.data import load_split
 
-    folder = tmp_path_factory.mktemp("mnist-slice")
-    for split, count in (("train", SLICE_TRAIN_IMAGES), ("test", SLICE_TEST_IMAGES)):
+    for split, count in (("train", train), ("test", test)):
         data = load_split(data_dir, split, "mnist")
         write_split(folder / "MNIST" / "raw", split, data.images[:count], data.labels[:count])
     return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_slice(tmp_path_factory, data_dir) -> Path:
+    """16,384 training and 2,000 test images: for tests of how runs start, stop and end, where a whole epoch would
+    only cost time."""
+    return first_images(data_dir, tmp_path_factory.mktemp("mnist-slice"), SLICE_TRAIN_IMAGES, SLICE_TEST_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def mnist_sliver(tmp_path_factory, data_dir) -> Path:
+    """4,096 training and 1,000 test images: for tests of what a command runs and reports, not what it learns."""
+    return first_images(data_dir, tmp_path_factory.mktemp("mnist-sliver"), 4_096, 1_000)
+
+
+SHORT = ["--epochs", "1", "--batch-size", "256", "--no-progress"]  # 64 steps on the MNIST slice
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, mnist_slice) -> Path:
+    """One epoch of the MNIST slice, a checkpoint every 16 steps (all kept), finished: the run that tests of
+    what a run leaves behind share. They read it; none writes into it."""
+    output = tmp_path_factory.mktemp("short")
+    result = call([*TRAIN, *SHORT, "--checkpoint-every", "16", "--keep-checkpoints", "10", "--output-dir", str(output)],
+                  env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert result.returncode == 0, result.stderr
+    return output
 
 
 @pytest.fixture(scope="session")
@@ -104,18 +130,28 @@ def single_process_profile(tmp_path_factory, mnist_slice) -> tuple[Path, subproc
 
 
 def call(
-    command: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = ROOT
+    command: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = ROOT,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a real process from the repository root (or a copy of it), as a user would."""
-    return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    """Run a real process from the repository root (or a copy of it), as a user would. lenet-dist's own commands
+    are forked from a process that has imported torch already (forking.py), unless `fresh` asks for a new
+    interpreter (where the interpreter's start is what is tested)."""
+    environment = {**os.environ, **(env or {})}
+    if fresh or not forking.forkable(command, environment, BIN / "lenet-dist"):
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
+    process = forking.ForkedProcess(command, environment, cwd)
+    stdout, stderr = process.communicate(timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def start(command: list[str], env: dict[str, str] | None = None, **options) -> subprocess.Popen:
-    """A real process in a session of its own, so that a test can signal it (and what it started)."""
+def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen | forking.ForkedProcess:
+    """A real process in a session of its own, so that a test can signal it (and what it started); forked like
+    `call`'s."""
+    environment = {**os.environ, **(env or {})}
+    if forking.forkable(command, environment, BIN / "lenet-dist"):
+        return forking.ForkedProcess(command, environment, ROOT)
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})}, **options)
+                            start_new_session=True, env=environment)
 
 
 def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import (
     ROOT,
+    SHORT,
     TRAIN,
     call,
     kill_all,
@@ -42,21 +43,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (tmp_path / "metrics.json").exists()
 
 
-SHORT = ["--epochs", "1", "--batch-size", "256"]  # 64 steps on the MNIST slice
-
-
 @pytest.fixture(scope="module")
 def sliced(mnist_slice) -> dict[str, str]:
     return {"LENET_DATA_DIR": str(mnist_slice)}
-
-
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory, sliced) -> Path:
-    output = tmp_path_factory.mktemp("short")
-    result = call([*TRAIN, *SHORT, "--checkpoint-every", "16", "--keep-checkpoints", "10", "--output-dir", str(output)],
-                  env=sliced)
-    assert result.returncode == 0, result.stderr
-    return output
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):

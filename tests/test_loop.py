@@ -1,0 +1,31 @@
+"""The train loop end to end in the everyday tier: one short real run on the MNIST slice (shared, a few seconds),
+what it learns and records, and a resume from one of its checkpoints that ends on the very same weights."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SHORT, SLICE_TEST_IMAGES, TRAIN, call, numbers, read_metrics, same_weights
+
+
+def test_a_short_run_learns_and_records_every_evaluation_once(short_run):
+    metrics = read_metrics(short_run)
+    assert metrics["final_test_accuracy"] >= 0.9  # 64 steps of Adam on 16,384 digits
+    (epoch,) = metrics["epochs"]
+    assert epoch["eval_samples"] == SLICE_TEST_IMAGES and metrics["steps_per_epoch"] == 64
+    losses = [entry["loss"] for entry in metrics["train_log"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert sorted(p.name for p in (short_run / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (16, 32, 48, 64)]
+
+
+def test_a_resumed_checkpoint_ends_on_the_same_weights_and_numbers(short_run, mnist_slice, tmp_path):
+    """Weights, Adam's moments, the schedule and the data order all come back: any one of them lost changes the
+    weights the resumed run ends on."""
+    checkpoint = short_run / "checkpoints" / "step-00000032"
+    assert json.loads((checkpoint / "progress.json").read_text())["global_step"] == 32
+    resumed = call([*TRAIN, *SHORT, "--checkpoint-every", "16", "--keep-checkpoints", "10", "--resume",
+                    str(checkpoint), "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint}: epoch 1, step 32" in resumed.stdout
+    assert same_weights(tmp_path, short_run)
+    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(short_run))
