@@ -442,6 +442,31 @@ def rehearsal_data(source: Path, folder: Path) -> Path:
     return folder
 
 
+def in_a_fork(work: Callable[[], Any]) -> None:
+    """Run `work` in a forked process: torch computing here would start thread pools that the forked stages
+    inherit broken (their first parallel op would hang)."""
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            work()
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise SystemExit(f"gpu-check: preparing the rehearsal's data failed (wait status {status})")
+
+
+def preload() -> None:
+    """What the stages use, imported once here (2-5 s), before they are forked; no CUDA call, so forking is safe."""
+    import accelerate  # noqa: F401
+    import torch._dynamo  # noqa: F401  (fused Adam imports it)
+
+    import lenet_dist.train  # noqa: F401
+
+
 def run_stage(name: str, work: Path, data_dir: Path, rehearse: bool, log: Path, injected: str | None) -> None:
     """In the stage's own process: run it and write work/<name>.json (its facts, or the error)."""
     outcome: dict[str, Any] = {}
@@ -468,15 +493,11 @@ def main() -> int:
     parser.add_argument("--inject", action="append", default=[], metavar="STAGE=fail|hang")
     parser.add_argument("--stage-limit", type=float, help="cap every stage's time limit (seconds)")
     parser.add_argument("--budget", type=float, default=BUDGET_SECONDS, help="seconds for the whole check")
-    parser.add_argument("--run-stage", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     out = Path(args.out).resolve()
     injected = dict(item.split("=", 1) for item in args.inject)
-    if args.run_stage:
-        run_stage(args.run_stage, Path(args.work), Path(args.data_dir).resolve(), args.rehearse,
-                  out / "gpu-check.log", injected.get(args.run_stage))
+    preload()
     names = args.only.split(",") if args.only else list(STAGES)
     unknown = [name for name in [*names, *injected] if name not in STAGES]
     if unknown:
@@ -489,7 +510,8 @@ def main() -> int:
     work.mkdir()
     data_dir = Path(args.data_dir).resolve()
     if args.rehearse:
-        data_dir = rehearsal_data(data_dir, work / "data")
+        data_dir = work / "data"
+        in_a_fork(lambda: rehearsal_data(Path(args.data_dir).resolve(), data_dir))
     deadline = time.monotonic() + args.budget
     verdict = []
     for index, name in enumerate(names, 1):
@@ -503,29 +525,44 @@ def main() -> int:
 
 def supervise(name: str, limit: float, args: argparse.Namespace, out: Path, work: Path, data_dir: Path,
               log: Path) -> dict[str, Any]:
-    """One stage in a process (and session) of its own: its outcome, or a timeout when it outlives `limit`."""
+    """One stage in a process (and session) of its own, forked from this one so that it finds torch imported
+    already: its outcome, or a timeout when it outlives `limit`."""
     if limit < 5:
         return {"stage": name, "status": "not run", "seconds": 0.0, "error": "no time left in the budget"}
     with log.open("a") as handle:
         handle.write(f"\n===== {name} (limit {limit:.0f} s)\n")
-    command = [PYTHON, __file__, "--run-stage", name, "--work", str(work), "--out", str(out), "--data-dir",
-               str(data_dir), *(["--rehearse"] if args.rehearse else []),
-               *(f"--inject={item}" for item in args.inject)]
+    injected = dict(item.split("=", 1) for item in args.inject).get(name)
+    sys.stdout.flush()
     started = time.monotonic()
-    with log.open("a") as handle:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    pid = os.fork()
+    if pid == 0:
+        status = 1
         try:
-            process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the stage and every process it started
-            process.wait()
-            return {"stage": name, "status": "timeout", "seconds": time.monotonic() - started,
-                    "error": f"still running after its limit of {limit:.0f} s"}
+            os.setsid()
+            with log.open("a") as handle:
+                for fd in (1, 2):
+                    os.dup2(handle.fileno(), fd)
+            run_stage(name, work, data_dir, args.rehearse, log, injected)
+        except SystemExit as exiting:
+            status = exiting.code
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    exited = None
+    while exited is None and time.monotonic() - started < limit:
+        time.sleep(0.05)
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            exited = True
+    if exited is None:
+        os.killpg(pid, signal.SIGKILL)  # the stage and every process it started
+        os.waitpid(pid, 0)
+        return {"stage": name, "status": "timeout", "seconds": time.monotonic() - started,
+                "error": f"still running after its limit of {limit:.0f} s"}
     seconds = time.monotonic() - started
     result_file = work / f"{name}.json"
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {
-        "error": f"the stage's process died (exit {process.returncode}) without a verdict"}
+        "error": "the stage's process died without a verdict"}
     return {"stage": name, "status": "failed" if "error" in outcome else "passed", "seconds": seconds, **outcome}
 
 
