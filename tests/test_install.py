@@ -59,19 +59,20 @@ def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, mnist_sli
     assert read_metrics(folder / "out")["world_size"] == 2
 
 
-def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_slice):
+def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_sliver):
     """Its training commands (python -m, accelerate launch with the packaged config, the bare loop, the original
-    script) start from the package. On the MNIST slice: this checks what runs and what is reported, not speed."""
+    script) start from the package. On 4,096 MNIST images: this checks what runs and what is reported, not speed
+    or accuracy (the recipes' accuracy is tested on MNIST itself)."""
     result, folder = in_empty_folder(installed, tmp_path, "lenet-dist", "bench", "--quick", "--pipelines", "tuned",
                                      "--runs", "--repeats", "1", "--seeds", "1", "--recipe-processes", "1",
-                                     "--processes", "1,2", "--data-dir", str(mnist_slice),
+                                     "--processes", "1,2", "--data-dir", str(mnist_sliver),
                                      "--json", "bench.json", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((folder / "bench.json").read_text())
     cpu = report["runs"]["cpu"]
-    assert cpu["original"]["final_test_accuracy"] > 0.9
+    assert cpu["original"]["final_test_accuracy"] > 0.8
     default = cpu["1_process"]["default"]
-    assert default["final_test_accuracy"] > 0.9 and 0 < default["overhead_seconds"] < default["wall_seconds"]
+    assert default["final_test_accuracy"] > 0.8 and 0 < default["overhead_seconds"] < default["wall_seconds"]
     assert default["train_seconds"] + default["eval_seconds"] + default["overhead_seconds"] == \
         pytest.approx(default["wall_seconds"])  # the median run's own parts
     fast = cpu["1_process"]["fast_to_98"]
