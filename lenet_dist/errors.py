@@ -8,7 +8,9 @@ checkpoint), and 128 + N for a run stopped by signal N after saving its checkpoi
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -62,6 +64,13 @@ def status_of(command: Callable[[], int]) -> int:
         return command()
     except SystemExit as exiting:  # exit_on_user_error's, argparse's
         return exiting.code if isinstance(exiting.code, int) else int(exiting.code is not None)
+    except KeyboardInterrupt:  # Ctrl-C before training started (in training it stops at a step, see train)
+        if launched_as_rank_zero():
+            print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    except Exception:  # a bug: its traceback, then the same quick exit as every other way out
+        traceback.print_exc()
+        return 1
 
 
 def exit_quickly(status: int) -> NoReturn:

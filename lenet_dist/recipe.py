@@ -87,8 +87,8 @@ def one_cycle(steps: int, warmup: float, final: float):
 
     def factor(step: int) -> float:
         step = min(step, steps - 1)
-        if step <= peak_step:
-            start, end, done = ONE_CYCLE_START, 1.0, step / peak_step
+        if step <= peak_step:  # peak_step 0: a warm-up of one step starts at the peak
+            start, end, done = ONE_CYCLE_START, 1.0, step / peak_step if peak_step > 0 else 1.0
         else:
             start, end, done = 1.0, final, (step - peak_step) / (steps - 1 - peak_step)
         return end + (start - end) / 2 * (math.cos(math.pi * done) + 1)
@@ -111,11 +111,10 @@ def build_training_batches(
 def build_test_loader(config: TrainConfig, test: Split, data_dir: Path, device: torch.device,
                       processes: int) -> DataLoader:
     """The whole test set in order, for accelerate to shard and gather_for_metrics to put back together."""
-    if config.data_pipeline == "tensor":
-        dataset = InMemoryDataset(test, device)
-    else:
-        dataset = torchvision_dataset(data_dir, config.dataset, train=False)
     batch = -(-EVAL_BATCH_SIZE // processes) * processes
+    if config.data_pipeline == "tensor":  # batches gathered on the device: no worker processes, which on CUDA
+        return make_loader(InMemoryDataset(test, device), batch, shuffle=False, workers=0)  # could not touch them
+    dataset = torchvision_dataset(data_dir, config.dataset, train=False)
     return make_loader(dataset, batch, shuffle=False, **_loader_options(config, device))
 
 
@@ -139,6 +138,9 @@ def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path,
     train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
     batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
                                      accelerator.num_processes)
+    if len(batches) == 0:  # whole batches only: an epoch would have no step, and the run would never end
+        raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_split.labels):,} training "
+                         f"images of {data_dir}; choose at most {len(train_split.labels):,}")
     model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
     optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
     scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))

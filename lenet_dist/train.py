@@ -63,8 +63,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
     ranks = Ranks(state)
-    trainer = build_trainer(config, accelerator, data_dir, output_dir)
-    progress, resumed = start_or_resume(trainer, claimed)
+    try:
+        trainer = build_trainer(config, accelerator, data_dir, output_dir)
+        progress, resumed = start_or_resume(trainer, claimed)
+    except (UserError, KeyboardInterrupt):  # refused or interrupted before training: no output dir left behind
+        abandon_output_dir(state, claimed)
+        raise
     announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images, recipe {config.recipe}: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
@@ -116,20 +120,15 @@ def check_run(config: TrainConfig, processes: int) -> None:
 
 def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, bool]:
     """Where the run starts: the checkpoint --resume names (its state loaded on every rank), or afresh (from
-    --init-from's weights, if given); then the trackers and config.json. A run refused on the way (a
-    checkpoint of another recipe, a tracker that cannot log) leaves no output dir behind."""
+    --init-from's weights, if given); then the trackers and config.json."""
     config, accelerator = trainer.config, trainer.accelerator
     progress = Progress(trajectory=trajectory_of(config))
-    try:
-        checkpoint = checkpoint_to_resume(config.resume, claimed.path)
-        if checkpoint is not None:
-            progress = restore_checkpoint(trainer, checkpoint, config)
-        elif config.init_from:
-            initialize_from(trainer, Path(config.init_from))
-        start_trackers(accelerator, config, claimed.path)
-    except UserError:
-        abandon_output_dir(accelerator.state, claimed)
-        raise
+    checkpoint = checkpoint_to_resume(config.resume, claimed.path)
+    if checkpoint is not None:
+        progress = restore_checkpoint(trainer, checkpoint, config)
+    elif config.init_from:
+        initialize_from(trainer, Path(config.init_from))
+    start_trackers(accelerator, config, claimed.path)
     if checkpoint is not None:
         announce(accelerator.state, f"resumed from {checkpoint.path}: epoch {progress.epoch}, step "
                                     f"{progress.global_step}" + (f" (saved by {progress.processes} processes)"
@@ -158,7 +157,7 @@ def fit(trainer: Trainer, schedule: Schedule, step: Step, progress: Progress, st
                 checkpoint = save_checkpoint(trainer, trainer.output_dir, progress, config.keep_checkpoints)
             if due.stop is not None or finished or due.epoch_end:
                 break
-        if due is not None and due.stop is not None:  # the one place a run stops early
+        if due is not None and due.stop is not None and not schedule.finished(progress):  # the one early stop
             raise Stopped(due.stop, progress.global_step, checkpoint)
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
         predictions = evaluate(trainer.accelerator, trainer.model, trainer.test_loader)
