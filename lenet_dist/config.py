@@ -172,7 +172,8 @@ class TrainConfig:
     checkpoint_every: int = flag(0, "also checkpoint every N training steps (0: only at each epoch end)")
     keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/")
     resume: str | None = flag(
-        None, "resume from the newest checkpoint of --output-dir (bare --resume) or from a checkpoint folder",
+        None, "resume from the newest checkpoint of --output-dir (bare --resume), from a checkpoint folder, or "
+        "auto: the newest checkpoint if there is one, else start afresh (for requeued jobs)",
         bare="latest",
     )
     overwrite: bool = flag(False, "train into an --output-dir that already holds a finished run, replacing it")
@@ -205,6 +206,8 @@ class TrainConfig:
             "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0, "eval_every": 1,
             "profile_wait": 0, "profile_warmup": 0, "profile_active": 1, "profile_repeat": 1, "anneal_images": 1,
         })
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in 0 … 2**32 - 1 (4294967295), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if not 0 < self.final_lr_factor <= 1:

@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,5 +84,11 @@ def fsync_folder(folder: Path, files: bool = True) -> None:
 
 
 def read_maybe_gzipped(path: Path) -> bytes:
-    """The bytes of `path`, decompressed when its name ends in .gz."""
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    """The bytes of `path`, decompressed when its name ends in .gz; a truncated or corrupt one is a UserError."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise UserError(f"{path} is not a whole gzip file ({error}); delete it and download it again "
+                        "(lenet-dist download)") from None
