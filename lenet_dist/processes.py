@@ -142,7 +142,9 @@ class Ranks:
             word in str(error) for word in ("gloo", "NCCL", "onnection", "Timed out", "timed out")
         ):
             missing = self._unanswered()
-            names = ", ".join(f"rank {rank} ({self.host(rank)})" for rank in missing) or "another rank"
+            if not missing:  # every rank answered: the collective failed for another reason, its own
+                return None
+            names = ", ".join(f"rank {rank} ({self.host(rank)})" for rank in missing)
             what = f"lost contact with {names} ({_first_sentence(error)})"
         else:
             return None

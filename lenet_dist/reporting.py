@@ -24,7 +24,8 @@ class ProgressBar:
     def __init__(self, *, enabled: bool, fancy: bool, epoch: int, epochs: int, steps: int, batch_size: int,
                  done: int = 0) -> None:
         self.enabled, self.epoch, self.epochs, self.steps, self.batch_size = enabled, epoch, epochs, steps, batch_size
-        self.started, self.done_at_start, self.printed_at = time.perf_counter(), done, done
+        self.started, self.done_at_start = time.perf_counter(), done
+        self.printed_quarter = done * self.PLAIN_LINES_PER_EPOCH // max(steps, 1)  # the last quarter passed
         self.bar: Progress | None = None
         if enabled and fancy:
             self.bar = Progress(
@@ -47,8 +48,8 @@ class ProgressBar:
             fields = {"rate": f"{self.images_per_second(done):>8,.0f} img/s"} if done > self.done_at_start else {}
             fields |= {"loss": f"loss {loss:.4f}"} if loss is not None else {}
             self.bar.update(self.task, completed=done, **fields)
-        elif loss is not None and done - self.printed_at >= self.steps / self.PLAIN_LINES_PER_EPOCH:
-            self.printed_at = done
+        elif loss is not None and done * self.PLAIN_LINES_PER_EPOCH // self.steps > self.printed_quarter:
+            self.printed_quarter = done * self.PLAIN_LINES_PER_EPOCH // self.steps
             print(
                 f"epoch {self.epoch}/{self.epochs}  step {done}/{self.steps}  loss {loss:.4f}  "
                 f"{self.images_per_second(done):,.0f} images/s",

@@ -17,6 +17,7 @@ from lenet_dist.files import write_atomically, write_json
 
 KEY = ("device", "pipeline", "precision", "compile", "batch_size")
 SCHEMA = "lenet-dist-bench/3"  # what suite.py writes; here so that comparing imports no torch
+READABLE = ("lenet-dist-bench/2", SCHEMA)  # 3 added sections; the rows compare matches are unchanged
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -30,8 +31,9 @@ def load_result(path: Path) -> dict[str, Any]:
         if isinstance(result, dict) and "rows" in result and "machine" in result:
             raise UserError(f"{path}: a bench result from an older schema (before {SCHEMA}); re-run lenet-dist bench")
         raise UserError(f"{path}: not a lenet-dist bench result; pass a file written by lenet-dist bench --json")
-    if schema != SCHEMA:
-        raise UserError(f"{path}: bench schema {schema}, this lenet-dist reads {SCHEMA}; re-run lenet-dist bench")
+    if schema not in READABLE:
+        raise UserError(f"{path}: bench schema {schema}, this lenet-dist reads {', '.join(READABLE)}; re-run "
+                        "lenet-dist bench")
     return result
 
 
