@@ -79,7 +79,11 @@ def command_status(argv: list[str]) -> int:
     if argv[:1] == ["launch"]:  # accelerate's own flags, parsed by accelerate's own parser
         from lenet_dist.launching import main as launch
 
-        return status_of(lambda: launch(argv[1:]))
+        def launched() -> int:
+            with exit_on_user_error():
+                return launch(argv[1:])
+
+        return status_of(launched)
 
     def command() -> int:
         parser = build_parser()

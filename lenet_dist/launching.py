@@ -92,6 +92,11 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    if args.config_file and not Path(args.config_file).is_file():
+        spelled = Path(args.config_file).name.removesuffix(".yaml").replace("_", "-")
+        hint = (f"the packaged {spelled} config is {config_path(spelled)}" if spelled in CONFIG_NAMES else
+                f"`lenet-dist launch-config NAME` prints a packaged config's path ({', '.join(CONFIG_NAMES)})")
+        raise UsageError(f"--config_file {args.config_file}: no such file; {hint}")
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", FORWARDED)  # torchrun's own setting, read from PET_*
     quiet_torchrun_logs()
     records = Path(tempfile.mkdtemp(prefix="lenet-dist-launch-"))
@@ -103,8 +108,13 @@ def main(argv: list[str]) -> int:
     except SignalException as error:  # the agent got a signal, passed it on and waited; the ranks' records say how
         return _verdict(records, int(error.sigval))
     except ChildFailedError as error:  # ranks ended non-zero without the launcher being signalled
-        codes = sorted({failure.exitcode for failure in error.failures.values()})
-        return _verdict(records, None, f"rank(s) {', '.join(map(str, sorted(error.failures)))} exited {codes}")
+        return _verdict(records, None, ", ".join(f"rank {rank} {_ended(failure.exitcode)}"
+                                                 for rank, failure in sorted(error.failures.items())))
+    except SystemExit as exiting:  # accelerate >= 1.16 exits 128 + N itself on the agent's signal N; 1.15's
+        code = exiting.code if isinstance(exiting.code, int) else 1  # --quiet one-process launcher exits 1
+        if code > 128:
+            return _verdict(records, code - 128)
+        return _verdict(records, None, f"the training process exited {code}") if code else 0
     except subprocess.CalledProcessError as error:  # the one-process launcher
         return _verdict(records, None, f"the training process exited {error.returncode}")
     except KeyboardInterrupt:  # Ctrl-C before the ranks started: nothing to save
@@ -167,13 +177,19 @@ def _verdict(records: Path, launcher_signal: int | None, failure: str = "") -> i
         print(f"lenet-dist launch: {signal.Signals(number).name}: every rank on this node ({len(ranks)}) stopped "
               f"after saving {newest['checkpoint']}; exit {128 + number}", file=sys.stderr, flush=True)
         return 128 + number
-    if ranks and all(record["outcome"] == "explained" for record in ranks.values()):
-        return 1  # each rank already said why, in its one line
+    explained = [record["status"] for record in ranks.values() if record["outcome"] == "explained"]
+    if explained and launcher_signal is None:  # a rank said why, in its one line; the others were stopped for it
+        return max(explained)
     running = sorted(name for name, record in ranks.items() if record["outcome"] != "stopped")
     reason = failure or (f"{signal.Signals(launcher_signal).name}, but {', '.join(running) or 'no rank'} did not "
                          "stop cleanly" if launcher_signal else "the job failed")
     print(f"lenet-dist launch: {reason}; exit 1", file=sys.stderr, flush=True)
     return 1
+
+
+def _ended(exit_code: int) -> str:
+    """`exited 2`, or `was killed by SIGTERM` for torchrun's negative exit codes."""
+    return f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited {exit_code}"
 
 
 def _wait_for_ranks(records: Path) -> dict[str, dict]:
