@@ -1,0 +1,162 @@
+"""Inputs and moments that once ended in a hang, a traceback or a wrong result, each now one line (or the right
+result): a batch larger than the data, a one-step warm-up, a corrupt download, another data set's files, a seed
+numpy refuses, Ctrl-C during start-up, a stop on the last step, a launch config that is not there."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+
+import pytest
+import torch
+
+from conftest import SHORT, TRAIN, call, one_line_error, read_metrics, write_split
+from lenet_dist import cli
+from lenet_dist.config import TrainConfig
+from lenet_dist.data import load_split
+from lenet_dist.errors import status_of
+from lenet_dist.recipe import build_scheduler, build_test_loader
+from lenet_dist.reporting import ProgressBar
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_and_leaves_nothing(mnist_sliver, tmp_path):
+    result = call([*TRAIN, "--batch-size", "70000", "--output-dir", str(tmp_path / "out")],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 2, "--batch-size 70000", "4,096 training images")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_warm_up_of_one_step_starts_at_the_peak():
+    config = TrainConfig(recipe="fast-to-98", anneal_images=320)  # 10 steps, 10 % of them warming up: one
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=1875)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(config.lr) and rates == sorted(rates, reverse=True)
+    assert rates[-1] == pytest.approx(config.lr * config.final_lr_factor)
+
+
+def test_the_in_memory_test_set_is_read_without_worker_processes(mnist_sliver):
+    test = load_split(mnist_sliver, "test", "mnist")
+    loader = build_test_loader(TrainConfig(workers=2), test, mnist_sliver, torch.device("cpu"), 1)
+    assert loader.num_workers == 0
+
+
+def test_a_truncated_gzip_file_is_named_in_one_line(mnist_sliver, tmp_path):
+    flat = tmp_path / "flat"
+    for path in (mnist_sliver / "MNIST" / "raw").iterdir():
+        (flat / f"{path.name}.gz").parent.mkdir(exist_ok=True)
+        (flat / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    broken = flat / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    result = call([*TRAIN, "--data-dir", str(flat), "--output-dir", str(tmp_path / "out")], timeout=60)
+    one_line_error(result, 1, str(broken), "not a whole gzip file", "lenet-dist download")
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_data_sets_files_are_refused_under_this_ones_name(fashion_dir, tmp_path):
+    result = call([*TRAIN, "--data-dir", str(fashion_dir / "FashionMNIST"), "--output-dir", str(tmp_path / "out")],
+                  timeout=60)
+    one_line_error(result, 2, "fashion-mnist's test labels, not mnist's", "--dataset fashion-mnist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_slice_of_a_data_set_is_not_taken_for_another(tmp_path, mnist_sliver):
+    split = load_split(mnist_sliver, "test", "mnist")  # the md5 is of the whole published file only
+    write_split(tmp_path / "MNIST" / "raw", "test", split.images[:10], split.labels[:10])
+    assert len(load_split(tmp_path, "test", "mnist").labels) == 10
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_a_usage_error(seed, capsys, tmp_path):
+    status = cli.command_status(["train", "--seed", seed, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "--seed must be in 0" in err, err
+
+
+def test_an_unexpected_exception_gets_its_traceback_and_a_status(capsys):
+    def broken() -> int:
+        raise RuntimeError("a bug")
+
+    assert status_of(broken) == 1 and "RuntimeError: a bug" in capsys.readouterr().err
+
+
+INTERRUPTED_IN_START_UP = """
+import sys
+from lenet_dist import recipe, train
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+recipe.build_optimizer = interrupted
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_output_dir(mnist_sliver, tmp_path):
+    result = call([sys.executable, "-c", INTERRUPTED_IN_START_UP, "--output-dir", str(tmp_path / "out")],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 130, "interrupted before training started")
+    assert not (tmp_path / "out").exists()
+
+
+STOPPED_AT_THE_LAST_STEP = """
+import dataclasses, signal, sys
+from lenet_dist import schedule, train
+due_after = schedule.Schedule.due_after
+def stop_at_the_end(self, progress, agreed):  # as if SIGTERM came during the very last step
+    due = due_after(self, progress, agreed)
+    last = progress.global_step == self.steps_per_epoch * self.config.epochs
+    return dataclasses.replace(due, stop=signal.SIGTERM, checkpoint=True) if last else due
+schedule.Schedule.due_after = stop_at_the_end
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_agreed_at_the_last_step_finishes_the_run(mnist_sliver, tmp_path):
+    result = call([sys.executable, "-c", STOPPED_AT_THE_LAST_STEP, *SHORT, "--output-dir", str(tmp_path)],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path)["epochs"] and (tmp_path / "model.safetensors").is_file()
+
+
+def test_plain_progress_lines_fall_on_each_quarter_even_after_a_pause(capsys):
+    shown = ProgressBar(enabled=True, fancy=False, epoch=1, epochs=1, steps=100, batch_size=8)
+    for done in range(10, 41, 10):
+        shown.update(done, loss=1.0)
+    shown = ProgressBar(enabled=True, fancy=False, epoch=1, epochs=1, steps=100, batch_size=8, done=40)  # resumed
+    for done in range(50, 101, 10):
+        shown.update(done, loss=1.0)
+    steps = [int(line.split()[3].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert steps == [30, 50, 80, 100]  # the first log point in each quarter (25, 50, 75, 100)
+
+
+def test_a_launch_config_that_is_not_there_is_one_line_naming_the_packaged_one(capsys):
+    status = cli.command_status(["launch", "--config_file", "launch/cpu-ddp.yaml", "-m", "lenet_dist.train"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--config_file launch/cpu-ddp.yaml: no such file" in err and "cpu_ddp.yaml" in err
+
+
+def test_benchmarks_compare_command_runs(tmp_path, capsys):
+    """BENCHMARKS.md's `bench compare` of its two saved results (an older schema with the same rows)."""
+    status = cli.command_status(["bench", "compare", "docs/bench-cpu.json", "docs/bench-cpu-1core.json", "--chart",
+                                 str(tmp_path / "compare.png")])
+    assert status == 0, capsys.readouterr().err
+    assert "[2] docs/bench-cpu-1core.json" in capsys.readouterr().out
+
+
+def test_a_lost_rank_is_named_only_when_a_rank_is_missing(monkeypatch):
+    from lenet_dist.processes import Ranks
+
+    ranks = Ranks.__new__(Ranks)
+    ranks.rank, ranks.members = 0, [(0, "here", 1), (1, "here", 1)]  # pid 1 is alive: nobody died here
+    monkeypatch.setattr(Ranks, "_unanswered", lambda self: [])
+    assert ranks.lost(RuntimeError("gloo: Timed out waiting"), "checkpoints: none") is None
+    monkeypatch.setattr(Ranks, "_unanswered", lambda self: [1])
+    lost = ranks.lost(RuntimeError("gloo: Timed out waiting"), "checkpoints: none")
+    assert lost is not None and "lost contact with rank 1 (node here)" in str(lost)
