@@ -26,7 +26,7 @@ train: install
 test: data
 	$(PYTHON) -m pytest -q
 
-# The everyday tier: lint, then the in-process tests and a few short training runs (under 3 minutes).
+# The everyday tier: lint, then the in-process tests and a few short training runs (under a minute).
 check: install lint
 	$(PYTHON) -m pytest -q -m "not slow and not ddp and not gpu"
 
