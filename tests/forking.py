@@ -32,6 +32,7 @@ _started_with = dict(os.environ)
 
 
 def _ensure_server() -> None:
+    """Start the forkserver on the first fork, in the environment the session started with."""
     if multiprocessing.forkserver._forkserver._forkserver_pid is not None:
         return
     current = dict(os.environ)
@@ -104,9 +105,6 @@ class ForkedProcess:
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
             os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the end (killing the process's session at `timeout`, as subprocess.run does), then its output."""
