@@ -407,7 +407,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             continue
         kind = _scalar_type(hints[config_field.name])
         # the default in the help, once: a help text that already says what the default is keeps its words
-        shown = "" if "(default" in meta["help"] or meta["required"] else \
+        shown = "" if "(default" in meta["help"] or meta["required"] or config_field.default == "" else \
             f" (default: {_shown_default(config_field.default, kind)})"
         text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %
         if meta["positional"]:

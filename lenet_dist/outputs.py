@@ -79,6 +79,8 @@ def _claim(path: Path, config: TrainConfig) -> OutputDir:
     if complete_checkpoints(path) and not config.resume and not config.overwrite:
         raise UsageError(f"--output-dir {path} holds the checkpoints of an unfinished run; continue it with --resume "
                          "(or --resume auto), or pass --overwrite to start again")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
     try:
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)

@@ -160,3 +160,16 @@ def test_a_lost_rank_is_named_only_when_a_rank_is_missing(monkeypatch):
     monkeypatch.setattr(Ranks, "_unanswered", lambda self: [1])
     lost = ranks.lost(RuntimeError("gloo: Timed out waiting"), "checkpoints: none")
     assert lost is not None and "lost contact with rank 1 (node here)" in str(lost)
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path, mnist_sliver):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = call([*TRAIN, "--output-dir", str(blocker)], env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 2, f"--output-dir {blocker} is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_launch_config_help_shows_no_empty_default(capsys):
+    assert cli.command_status(["launch-config", "--help"]) == 0
+    assert "(default: )" not in capsys.readouterr().out
