@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -174,6 +175,12 @@ def launch_ddp(*flags: str, processes: int = 2, extra: tuple[str, ...] = (), lau
     return [str(BIN / launcher), "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
             "--num_processes", str(processes), "--main_process_port", str(free_port()), *extra,
             "-m", "lenet_dist.train", *flags]
+
+
+def launch_table() -> dict[str, str]:
+    """README's table of ways to launch: where → command."""
+    rows = re.findall(r"^\| ([^|]+) \| `([^`]+)`", (ROOT / "README.md").read_text(), flags=re.M)
+    return {where.strip(): command for where, command in rows}
 
 
 def rank_pids(marker: str) -> dict[int, int]:

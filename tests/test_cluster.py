@@ -133,49 +133,6 @@ def one_process(tmp_path_factory, mnist_slice) -> dict:
     return read_metrics(output)
 
 
-def test_two_nodes_train_as_one_process_and_only_node_0_writes(cluster, one_process):
-    port = free_port()
-    nodes = [cluster.launch(node, *RECIPE, port=port) for node in cluster.nodes]
-    (status_a, out_a, err_a), (status_b, out_b, err_b) = (finish(node, 300) for node in nodes)
-    assert status_a == 0 and status_b == 0, (err_a[-2000:], err_b[-2000:])
-    a, b = cluster.nodes
-    metrics = read_metrics(a.disk / "run")
-    assert metrics["world_size"] == 2 and metrics["evaluations"][-1]["eval_samples"] == SLICE_TEST_IMAGES
-    assert abs(metrics["final_test_accuracy"] - one_process["final_test_accuracy"]) <= 0.003
-    assert "train loss" in out_a and "train loss" not in out_b  # rank 0 alone speaks
-    assert list(b.disk.iterdir()) == []  # and writes: nothing on node b's own disk
-
-
-def test_sigterm_on_both_nodes_then_resume_auto_finishes_the_run(cluster, one_process):
-    a, b = cluster.nodes
-    flags = [*RECIPE, "--checkpoint-every", "8", "--resume", "auto"]
-    port = free_port()
-    nodes = [cluster.launch(node, *flags, port=port) for node in cluster.nodes]
-    wait_for(lambda: (a.disk / "run" / "checkpoints" / "step-00000040" / "progress.json").exists(), 240, nodes[0])
-    for node in nodes:  # as a scheduler preempting the job does
-        node.send_signal(signal.SIGTERM)
-    stopped = [finish(node, 60) for node in nodes]
-    for status, _, stderr in stopped:
-        assert status == 128 + signal.SIGTERM, stderr[-2000:]
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        assert "Traceback" not in stderr and re.search(r"lenet-dist launch: SIGTERM: every rank on this node \(1\) "
-                                                       r"stopped after saving", lines[-1]), stderr[-2000:]
-    assert "stopped by SIGTERM after step" in stopped[0][2]
-    checkpoints = sorted(path.name for path in (a.disk / "run" / "checkpoints").iterdir())
-    assert checkpoints and not [name for name in checkpoints if name.startswith(".")]  # no partial folders
-    assert list(b.disk.iterdir()) == []  # nothing, not even a partial folder, on node b
-
-    port = free_port()
-    resumed = [cluster.launch(node, *flags, port=port) for node in cluster.nodes]
-    (status_a, out_a, err_a), (status_b, _, err_b) = (finish(node, 300) for node in resumed)
-    assert status_a == 0 and status_b == 0, (err_a[-2000:], err_b[-2000:])
-    assert re.search(r"resumed from .*step-\d{8}: epoch 2", out_a), out_a[-2000:]
-    metrics = read_metrics(a.disk / "run")
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert abs(metrics["final_test_accuracy"] - one_process["final_test_accuracy"]) <= 0.003
-    assert list(b.disk.iterdir()) == []
-
-
 def test_a_downed_link_ends_both_nodes_within_the_timeout_naming_the_lost_rank(cluster):
     a, b = cluster.nodes
     timeout = 10
@@ -201,22 +158,27 @@ REQUEUE = """#!/usr/bin/env bash
 # SLURM's --signal=B:USR1@60 with --requeue, as launch/README.md shows it: the batch script traps the warning,
 # passes it on as SIGTERM, and (here in a loop, as a requeued job would) runs the same command again.
 requeued=0
-trap 'kill -TERM "$child"; wait "$child"; requeued=1' USR1
+trap 'kill -TERM "$child"; wait "$child"; stopped=$?; requeued=1' USR1
 for attempt in 1 2 3; do
   requeued=0
   "$@" &
   child=$!
   wait "$child"
   status=$?
-  if [ "$requeued" = 1 ]; then echo "requeued after attempt $attempt"; continue; fi
+  if [ "$requeued" = 1 ]; then
+    echo "requeued after attempt $attempt (exit $stopped)"; echo "=== requeued" >&2; continue
+  fi
   exit "$status"
 done
 exit 1
 """
 
 
-def test_a_requeue_loop_that_traps_usr1_ends_with_a_finished_run(cluster, tmp_path, one_process):
-    a, _ = cluster.nodes
+def test_a_preempted_two_node_job_saves_requeues_and_finishes_as_one_process(cluster, tmp_path, one_process):
+    """A 2-node job whose batch script traps SLURM's warning (USR1), stops every rank with SIGTERM, and runs
+    again with --resume auto: both nodes stop after saving (exit 143, one line each), nothing partial is left,
+    the second attempt resumes and ends with one process's accuracy; rank 0 alone speaks and writes."""
+    a, b = cluster.nodes
     script = tmp_path / "requeue.sh"
     script.write_text(REQUEUE)
     script.chmod(0o755)
@@ -227,10 +189,23 @@ def test_a_requeue_loop_that_traps_usr1_ends_with_a_finished_run(cluster, tmp_pa
     wait_for(lambda: (a.disk / "run" / "checkpoints" / "step-00000040" / "progress.json").exists(), 240, nodes[0])
     for node in nodes:
         node.send_signal(signal.SIGUSR1)
-    (status_a, out_a, err_a), (status_b, _, err_b) = (finish(node, 400) for node in nodes)
-    assert status_a == 0 and status_b == 0, (err_a[-2000:], err_b[-2000:])
-    assert "requeued after attempt 1" in out_a and "resumed from" in out_a
+    ended = [finish(node, 400) for node in nodes]
+    for status, stdout, stderr in ended:
+        assert status == 0, stderr[-2000:]
+        assert f"requeued after attempt 1 (exit {128 + signal.SIGTERM})" in stdout, stdout[-2000:]
+        stopped = [line for line in stderr.split("=== requeued")[0].splitlines() if line.strip()]
+        assert "Traceback" not in stderr and re.search(r"lenet-dist launch: SIGTERM: every rank on this node \(1\) "
+                                                       r"stopped after saving", stopped[-1]), stderr[-2000:]
+    (_, out_a, err_a), (_, out_b, _) = ended
+    assert "stopped by SIGTERM after step" in err_a
+    assert re.search(r"resumed from .*step-\d{8}: epoch 2", out_a), out_a[-2000:]
+    assert "train loss" in out_a and "train loss" not in out_b  # rank 0 alone speaks
+    checkpoints = sorted(path.name for path in (a.disk / "run" / "checkpoints").iterdir())
+    assert checkpoints and not [name for name in checkpoints if name.startswith(".")]  # no partial folders
+    assert list(b.disk.iterdir()) == []  # nothing, not even a partial folder, on node b's own disk
     metrics = read_metrics(a.disk / "run")
+    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["evaluations"][-1]["eval_samples"] == SLICE_TEST_IMAGES
     assert abs(metrics["final_test_accuracy"] - one_process["final_test_accuracy"]) <= 0.003
     assert json.loads((a.disk / "run" / "config.json").read_text())["resume"] == "auto"
 

@@ -178,8 +178,24 @@ def test_two_runs_started_together_into_one_output_dir_run_once(tmp_path, mnist_
     (_, _, refusal), = [result for result in results if result[0] == 2]
     (line,) = refusal.strip().splitlines()
     assert line.startswith(f"error: --output-dir {tmp_path / 'run'} ") and (
-        "is in use by another run (pid " in line or "already holds a finished run" in line), line
+        "is in use by another run (" in line or "already holds a finished run" in line), line
     assert read_metrics(tmp_path / "run")["epochs"][0]["epoch"] == 1
+
+
+def test_an_output_dir_in_use_names_the_run_that_holds_it(tmp_path):
+    """Whoever holds the lock has written who it is (the race above may see the lock before that line)."""
+    import fcntl
+
+    from lenet_dist.config import TrainConfig
+    from lenet_dist.errors import UsageError
+    from lenet_dist.outputs import LOCK_FILE, _claim
+
+    (tmp_path / LOCK_FILE).write_text("pid 4242 on nodea")
+    with open(tmp_path / LOCK_FILE) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UsageError, match=r"is in use by another run \(pid 4242 on nodea\)"):
+            _claim(tmp_path, TrainConfig())
+    assert (tmp_path / LOCK_FILE).read_text() == "pid 4242 on nodea"
 
 
 def test_a_refused_run_creates_nothing(tmp_path):

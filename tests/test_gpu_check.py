@@ -44,7 +44,7 @@ def test_a_failing_and_a_hanging_stage_fail_alone(tmp_path, data_dir):
 def test_the_whole_check_keeps_to_its_budget(tmp_path, data_dir):
     """Stages that find the budget spent are reported as not run (a failure), and the check ends in time."""
     result = call([*GPU_CHECK, "--data-dir", str(data_dir), "--out", str(tmp_path), "--only",
-                  "environment,recipe,environment", "--inject", "recipe=hang", "--budget", "12"], timeout=120)
+                  "environment,recipe,environment", "--inject", "recipe=hang", "--budget", "8"], timeout=120)
     assert result.returncode == 1
     statuses = [stage["status"] for stage in json.loads((tmp_path / "verdict.json").read_text())["stages"]]
     assert statuses[0] == "passed" and statuses[1] == "timeout" and statuses[2] == "not run"

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BIN, ROOT, call, copy_checkout
+from conftest import BIN, ROOT, call, copy_checkout, launch_table
 
 # `make test` is this very suite (running it from inside itself would recurse); `make train` is the
 # default run that `python -m lenet_dist.train --output-dir runs/first` below makes too, in the venv
@@ -19,6 +23,7 @@ NOT_RUN_HERE = {"make test", "make train"}
 BLOCK = re.compile(r"```(bash|text)\n(.*?)```(\s*)", flags=re.S)
 BOX = re.compile(r"[┃│━┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇╈╋─═║┳┻]")
 NUMBER = re.compile(r"[+-−]?\d[\d,.]*")
+SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~{}\\[\]]")
 TRACE_HASH = re.compile(r"-[0-9a-f]{8}\b")  # profiles/<run>-<hash of the output dir's path>
 
 
@@ -81,28 +86,33 @@ def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist
         # on the MNIST slice, which prints the same lines with other numbers; a quoted target reached needs MNIST
         data = data_dir if quoted and "reached " in quoted else mnist_slice
         for command in commands:
-            result = call(["bash", "-c", command], env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
-                         cwd=checkout)
+            result = call(as_run(command, path), env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
+                          cwd=checkout)
             assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         if quoted:
             assert_quoted(quoted, result.stdout, command)
 
 
-def launch_table() -> dict[str, str]:
-    rows = re.findall(r"^\| ([^|]+) \| `([^`]+)`", (ROOT / "README.md").read_text(), flags=re.M)
-    return {where.strip(): command for where, command in rows}
+def as_run(command: str, path: str) -> list[str]:
+    """The command as bash would run it: a plain one (no shell syntax) as its words, the program found on `path`
+    as bash finds it, so that `call` can fork lenet-dist's own commands; anything else through bash itself."""
+    words = shlex.split(command)
+    program = shutil.which(words[0], path=path) if words and not SHELL_SYNTAX.search(command) else None
+    if program is None:
+        return ["bash", "-c", command]
+    return [sys.executable if Path(program) == BIN / "python" else program, *words[1:]]
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
-@pytest.mark.parametrize("where", ["1 CPU process", "2 CPU processes (gloo)", "torchrun"])
+@pytest.mark.parametrize("where", ["1 CPU process", "torchrun"])  # the gloo row: tests/test_ddp.py
 def test_the_launch_tables_cpu_rows_run_as_written(where, mnist_slice, tmp_path):
     """With a short run's flags appended (the launchers are what is tested) and torchrun's N as 2."""
     command = launch_table()[where].replace("--nproc-per-node N", "--nproc-per-node 2")
     flags = "--epochs 1 --batch-size 256 --no-progress --output-dir run"
-    result = call(["bash", "-c", f"{command} {flags}"], cwd=tmp_path, timeout=600,
-                 env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LENET_DATA_DIR": str(mnist_slice),
-                      "HF_HOME": str(tmp_path / "hf")})
+    path = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    result = call(as_run(f"{command} {flags}", path), cwd=tmp_path, timeout=600,
+                  env={"PATH": path, "LENET_DATA_DIR": str(mnist_slice), "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     assert result.stdout.count("epoch 1/1  train loss") == 1 and (tmp_path / "run" / "metrics.json").is_file()
 
