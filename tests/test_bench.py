@@ -201,3 +201,28 @@ def test_profiling_stays_out_of_the_timed_rounds(monkeypatch, data_dir, tmp_path
     timed, profiled = calls[:4], calls[4:]
     assert all(isinstance(profiler, NoProfiler) for _, profiler in timed)
     assert [(cell.batch_size, profiler) for cell, profiler in profiled] == [(128, "profiling")]
+
+
+def test_scaling_efficiency_is_each_count_against_one_process_of_its_own_mode(monkeypatch, tmp_path):
+    """Strong scaling splits the global batch 128; weak keeps 64 a process; efficiency is images/s over N times
+    the same mode's one process; each process gets `threads` cores."""
+    from lenet_dist.bench import runs
+
+    launched = []
+
+    def metrics_of(command, env):
+        processes, batch = int(command[command.index("--num_processes") + 1]), int(
+            command[command.index("--batch-size") + 1])
+        launched.append((processes, batch, env["OMP_NUM_THREADS"]))
+        rate = {(1, 128): 1000.0, (2, 128): 1500.0, (1, 64): 800.0}[(processes, batch)]
+        return 1.0, {"epochs": [{"train_images_per_second": rate}]}
+
+    monkeypatch.setattr(runs, "metrics_of", metrics_of)
+    rows = runs.scaling(tmp_path, "cpu", [1, 2], threads=1)["rows"]
+    assert launched == [(1, 128, "1"), (2, 128, "1"), (1, 64, "1"), (2, 128, "1")]
+    assert [(row["mode"], row["processes"], row["global_batch"]) for row in rows] == [
+        ("strong", 1, 128), ("strong", 2, 128), ("weak", 1, 64), ("weak", 2, 128)]
+    assert [row["efficiency"] for row in rows] == pytest.approx([1.0, 0.75, 1.0, 1500 / 1600])
+    assert rows[1]["step_ms"] == pytest.approx(1000 * 128 / 1500)
+    alone = runs.scaling(tmp_path, "cpu", [2], threads=1)["rows"]
+    assert [row["efficiency"] for row in alone] == [None, None]  # no one-process run to compare with

@@ -65,7 +65,7 @@ def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_sliver)
     or accuracy (the recipes' accuracy is tested on MNIST itself)."""
     result, folder = in_empty_folder(installed, tmp_path, "lenet-dist", "bench", "--quick", "--pipelines", "tuned",
                                      "--runs", "--repeats", "1", "--seeds", "1", "--recipe-processes", "1",
-                                     "--processes", "1,2", "--data-dir", str(mnist_sliver),
+                                     "--processes", "2", "--data-dir", str(mnist_sliver),
                                      "--json", "bench.json", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((folder / "bench.json").read_text())
@@ -81,8 +81,8 @@ def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_sliver)
     # --quick compares with the eager bare loop only: inductor's compile would be most of this test's time
     assert 0 < loop_row["ours_over_best_bare"] < 2 and "bare_compiled_images_per_second" not in loop_row
     assert loop_row["bare_images_per_second"] > 0 and "of it" in result.stdout and "missed" in result.stdout
+    # the sweep's 2-process launches (its arithmetic against one process: tests/test_bench.py)
     rows = report["scaling"]["rows"]
-    assert [(row["mode"], row["processes"]) for row in rows] == [("strong", 1), ("strong", 2), ("weak", 1),
-                                                                 ("weak", 2)]
-    assert all(0 < row["efficiency"] <= 1.2 for row in rows)
+    assert [(row["mode"], row["processes"]) for row in rows] == [("strong", 2), ("weak", 2)]
+    assert all(row["train_images_per_second"] > 0 and row["efficiency"] is None for row in rows)
     assert sorted(path.name for path in folder.iterdir()) == ["bench.json"]  # nothing else left behind
