@@ -262,6 +262,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     optimizer.load_state_dict(saved)
     for group, kept in zip(optimizer.param_groups, settings, strict=True):
         group.update(kept)
+        for parameter in group["params"]:  # fused Adam pairs a moment with its weight in memory order
+            state = optimizer.state.get(parameter, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape and \
+                        value.stride() != parameter.stride():  # saved by a run of the other --channels-last
+                    state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
         if group.get("capturable") or group.get("fused"):  # their step counts live beside the parameters
             for parameter in group["params"]:
                 step = optimizer.state.get(parameter, {}).get("step")

@@ -87,3 +87,32 @@ def test_moments_keep_the_channels_last_layout_of_their_weights():
     weight = fresh_model.conv2[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert fresh_optimizer.state[weight]["exp_avg"].stride() == weight.stride()
+
+
+def test_moments_saved_in_one_layout_step_right_in_the_other():
+    """A checkpoint of a --channels-last run resumed with --no-channels-last (and back): each moment is copied
+    into its weight's layout, so the next fused step is the one an unbroken run in that layout takes."""
+    for saving, loading in ((torch.channels_last, torch.contiguous_format),
+                            (torch.contiguous_format, torch.channels_last)):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(6, 4, 5, 5).to(memory_format=saving))
+        optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
+        weight.grad = torch.randn(6, 4, 5, 5).to(memory_format=saving)
+        optimizer.step()
+        saved = round_trip(optimizer.state_dict())
+        resumed = torch.nn.Parameter(weight.detach().clone().to(memory_format=loading))
+        resumed_optimizer = torch.optim.Adam([resumed], lr=0.1, fused=True)
+        load_optimizer_state(resumed_optimizer, round_trip(saved))
+        moments = {name: resumed_optimizer.state[resumed][name] for name in ("exp_avg", "exp_avg_sq")}
+        assert all(moment.stride() == resumed.stride() for moment in moments.values())
+        assert all(torch.equal(moments[name], saved["state"][0][name]) for name in moments)  # same values
+        reference = torch.nn.Parameter(resumed.detach().clone())  # the same state built in this layout
+        reference_optimizer = torch.optim.Adam([reference], lr=0.1, fused=True)
+        reference_optimizer.load_state_dict(round_trip(saved))  # tensors of its own: a step updates them in place
+        for name in moments:
+            reference_optimizer.state[reference][name] = torch.empty_like(reference).copy_(saved["state"][0][name])
+        gradient = torch.randn(6, 4, 5, 5)
+        resumed.grad, reference.grad = gradient.to(memory_format=loading), gradient.to(memory_format=loading)
+        resumed_optimizer.step()
+        reference_optimizer.step()
+        assert torch.equal(resumed, reference)
