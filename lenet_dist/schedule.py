@@ -86,7 +86,7 @@ class Schedule:
     by the model before the step that learns from it, over the last PROGRESSIVE_IMAGES images or more, at the
     target or above, and EVALUATION_GAP_IMAGES trained since the last evaluation). In the first epoch those
     images are new to the model, so this is an honest if lagging estimate of the test accuracy, for free: a
-    full test pass is kept for when it will likely succeed.
+    full test pass is kept for when it will likely succeed. Later, each miss doubles the gap.
     """
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, processes: int) -> None:
@@ -129,7 +129,11 @@ class Schedule:
         if config.target_accuracy is None or config.eval_every or progress.open_stretch[0]:
             return False
         last = progress.evaluations[-1]["step"] if progress.evaluations else 0
-        if (progress.global_step - last) * config.batch_size < EVALUATION_GAP_IMAGES:
+        # after the first epoch the batches were seen before and their accuracy runs ahead of the test set's:
+        # each evaluation there that missed the target doubles the wait for the next
+        misses = sum(evaluation["epoch"] > 1 and not self.meets_target(evaluation)
+                     for evaluation in progress.evaluations)
+        if (progress.global_step - last) * config.batch_size < EVALUATION_GAP_IMAGES * 2**misses:
             return False
         images = sum(count for count, _ in progress.recent)
         right = sum(correct for _, correct in progress.recent)

@@ -37,7 +37,8 @@ EVERYTHING = TrainConfig(epochs=2, checkpoint_every=468, eval_every=234, log_eve
     ("the batches say the target is in reach", TrainConfig(target_accuracy=0.98), at(300, recent=[(4096, 4020)]),
      None, True, Due(evaluate=True)),
     ("in reach, but too soon after the last evaluation", TrainConfig(target_accuracy=0.98),
-     at(300, recent=[(4096, 4020)], evaluations=[{"step": 290, "test_accuracy": 0.979}]), None, True, Due()),
+     at(300, recent=[(4096, 4020)], evaluations=[{"step": 290, "epoch": 1, "test_accuracy": 0.979}]), None, True,
+     Due()),
     ("not yet in reach", TrainConfig(target_accuracy=0.98), at(300, recent=[(4096, 4000)]), None, True, Due()),
     ("in reach, but no target", TrainConfig(), at(300, recent=[(4096, 4096)]), None, True, Due()),
 ])
@@ -57,14 +58,15 @@ def test_a_run_is_finished_after_its_last_epoch_or_at_its_target():
     schedule = Schedule(TrainConfig(epochs=2, target_accuracy=0.98), STEPS, processes=1)
     assert not schedule.finished(Progress(epoch=2))
     assert schedule.finished(Progress(epoch=3))
-    assert schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "test_accuracy": 0.9801}]))
-    assert not schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "test_accuracy": 0.9799}]))
+    assert schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9801}]))
+    assert not schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9799}]))
 
 
-def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None) -> list[int]:
+def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None, test_accuracy_at=None) -> list[int]:
     """The steps a run evaluates at when its training batches are right `accuracy_at(step)` of the time and so is
-    the test set, until the first evaluation at ≥ the target, logging as the loop does (with `stop_at`, also at a
-    stop or a checkpoint in between, as a resumed run's history has it)."""
+    the test set (or `test_accuracy_at(step)`), until the first evaluation at ≥ the target, logging as the loop
+    does (with `stop_at`, also at a stop or a checkpoint in between, as a resumed run's history has it)."""
+    test_accuracy_at = test_accuracy_at or accuracy_at
     schedule, progress, evaluated, logged = Schedule(config, STEPS, processes=1), Progress(), [], 0
     while not schedule.finished(progress):
         progress.global_step += 1
@@ -78,7 +80,8 @@ def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None) -> li
         due = schedule.due_after(progress, None)
         if due.evaluate:
             evaluated.append(step)
-            progress.evaluations.append({"step": step, "test_accuracy": accuracy_at(step)})
+            progress.evaluations.append({"step": step, "epoch": progress.epoch,
+                                         "test_accuracy": test_accuracy_at(step)})
         if due.epoch_end:
             progress.start_next_epoch()
     return evaluated
@@ -107,3 +110,13 @@ def test_a_resumed_run_evaluates_at_the_same_steps():
     config = TrainConfig(target_accuracy=0.98)
     uninterrupted = simulate(config, climbing)
     assert simulate(config, climbing, stop_at=735) == uninterrupted == simulate(config, climbing, stop_at=701)
+
+
+def test_after_the_first_epoch_each_miss_doubles_the_wait_for_the_next_evaluation():
+    """From epoch 2 the batches were seen before: they may be right 99.5 % of the time while the test set stays
+    at 97.5 %. A full evaluation every EVALUATION_GAP_IMAGES would be ~14 an epoch (+80 % of the run's time);
+    backing off after each miss, the whole test set is evaluated a handful of times in three epochs."""
+    config = TrainConfig(epochs=4, target_accuracy=0.98)
+    steps = simulate(config, lambda step: 0.975 if step <= STEPS else 0.995, test_accuracy_at=lambda step: 0.975)
+    triggered_after_epoch_1 = [step for step in steps if step > STEPS and step % STEPS]
+    assert steps[-1] == 4 * STEPS and 1 <= len(triggered_after_epoch_1) <= 5, steps
