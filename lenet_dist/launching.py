@@ -91,7 +91,12 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args(argv)
+    parser = launch_command_parser()
+    parser.prog = "lenet-dist launch"
+    parser.description = ("accelerate launch, ending in one line that says how the ranks ended (128 + N when every "
+                          "rank stopped on signal N after saving). All of accelerate launch's flags work.")
+    with accelerate_help_in_full(argv):
+        args = parser.parse_args(argv)
     if args.config_file and not Path(args.config_file).is_file():
         spelled = Path(args.config_file).name.removesuffix(".yaml").replace("_", "-")
         hint = (f"the packaged {spelled} config is {config_path(spelled)}" if spelled in CONFIG_NAMES else
@@ -124,6 +129,18 @@ def main(argv: list[str]) -> int:
         for record in records.iterdir():
             record.unlink()
         records.rmdir()
+
+
+@contextmanager
+def accelerate_help_in_full(argv: list[str]) -> Iterator[None]:
+    """accelerate's help formatter lists every group only when sys.argv reads `accelerate launch …`; otherwise
+    --help shows one group of its flags, without --config_file, --machine_rank or --max_restarts."""
+    ours = sys.argv
+    sys.argv = ["accelerate", "launch", *argv]
+    try:
+        yield
+    finally:
+        sys.argv = ours
 
 
 def quiet_torchrun_logs() -> None:

@@ -173,3 +173,16 @@ def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path, mnist_sliver):
 def test_launch_config_help_shows_no_empty_default(capsys):
     assert cli.command_status(["launch-config", "--help"]) == 0
     assert "(default: )" not in capsys.readouterr().out
+
+
+def test_launch_help_lists_the_flags_readme_uses(capsys):
+    from lenet_dist.launching import main
+
+    with pytest.raises(SystemExit) as exiting:
+        main(["--help"])
+    assert exiting.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: lenet-dist launch")
+    for flag in ("--config_file", "--num_processes", "--max_restarts", "--machine_rank", "--main_process_ip",
+                 "--main_process_port", "--num_machines"):
+        assert f"  {flag}" in shown, flag
