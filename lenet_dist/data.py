@@ -128,9 +128,10 @@ def _download_failure(error: Exception, narration: str) -> str:
 
 
 def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
-    """ensure_dataset on every rank: rank 0 first (one download per shared disk), then the others, each on its
-    own node's disk; a rank that cannot have the data stops every rank, with its one line."""
-    for turn in (state.is_main_process, not state.is_main_process):
+    """ensure_dataset once per disk: rank 0 first (one download where every node shares the disk), then each
+    other node's first rank on its node's own disk, never two ranks into one folder at once; a rank that cannot
+    have the data stops every rank, with its one line."""
+    for turn in (state.is_main_process, state.is_local_main_process and not state.is_main_process):
         problem = None
         if turn:
             try:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
@@ -16,6 +18,8 @@ from accelerate.utils import AutocastKwargs, ProjectConfiguration, TorchDynamoPl
 
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError, UserError
+
+T = TypeVar("T")
 
 
 def start_processes(collective_timeout: float) -> PartialState:
@@ -111,10 +115,28 @@ def announce(state: PartialState, message: str) -> None:
 
 
 def agree_on_any(problem: UserError | None) -> None:
-    """Raise on every rank if any rank met a problem (the first one's, by rank)."""
-    problems = [p for p in gather_object([problem]) if p is not None]
-    if problems:
-        raise problems[0]
+    """Raise on every rank if any rank met a problem (the first one's, by rank). Rank 0 prints it, so a problem
+    met elsewhere names the rank and node that met it."""
+    met = [(rank, host, p) for rank, (host, p) in enumerate(gather_object([(socket.gethostname(), problem)]))
+           if p is not None]
+    if met:
+        rank, host, first = met[0]
+        if rank:
+            first = copy.copy(first)
+            first.args = (f"rank {rank} (node {host}): {first}",)
+        raise first
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """`work` (reading this rank's own disk, say) on every rank, then agree_on_any: a UserError one rank met
+    stops every rank with its one line, instead of leaving the others to find a lost rank."""
+    problem, result = None, None
+    try:
+        result = work()
+    except UserError as error:
+        problem = error
+    agree_on_any(problem)
+    return result
 
 
 class Ranks:

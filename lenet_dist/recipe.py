@@ -22,6 +22,7 @@ from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, load_split, make_loader, torchvision_dataset
 from lenet_dist.errors import UsageError
 from lenet_dist.model import LeNet5
+from lenet_dist.processes import on_every_rank
 
 # Adam's second-moment decay: 0.95 instead of 0.999 lets the step size follow the one-cycle
 # schedule's learning rate instead of lagging behind it; with the peak lr 6e-3 the 2-epoch run ends
@@ -135,7 +136,8 @@ class Trainer:
 
 
 def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
-    train_split, test_split = (load_split(data_dir, split, config.dataset) for split in ("train", "test"))
+    train_split, test_split = on_every_rank(lambda: [load_split(data_dir, split, config.dataset)
+                                                     for split in ("train", "test")])
     batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
                                      accelerator.num_processes)
     if len(batches) == 0:  # whole batches only: an epoch would have no step, and the run would never end

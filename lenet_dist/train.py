@@ -39,7 +39,15 @@ from lenet_dist.files import write_json
 from lenet_dist.launching import launch_record, record_stop
 from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, versions, write_run_outputs
 from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
-from lenet_dist.processes import Ranks, announce, end_processes, make_accelerator, pin_cores, start_processes
+from lenet_dist.processes import (
+    Ranks,
+    announce,
+    end_processes,
+    make_accelerator,
+    on_every_rank,
+    pin_cores,
+    start_processes,
+)
 from lenet_dist.profiling import labelled, profiler_for, run_trace_dir
 from lenet_dist.recipe import Trainer, build_trainer, precision_label
 from lenet_dist.reporting import ProgressBar, print_summary
@@ -127,7 +135,7 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
     if checkpoint is not None:
         progress = restore_checkpoint(trainer, checkpoint, config)
     elif config.init_from:
-        initialize_from(trainer, Path(config.init_from))
+        on_every_rank(lambda: initialize_from(trainer, Path(config.init_from)))  # from each rank's own disk
     start_trackers(accelerator, config, claimed.path)
     if checkpoint is not None:
         announce(accelerator.state, f"resumed from {checkpoint.path}: epoch {progress.epoch}, step "

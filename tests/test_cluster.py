@@ -126,11 +126,16 @@ def cluster(tmp_path, mnist_slice, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, mnist_slice) -> dict:
+def one_process_run(tmp_path_factory, mnist_slice) -> Path:
     output = tmp_path_factory.mktemp("one-process")
     result = call([*TRAIN, *RECIPE, "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
-    return read_metrics(output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run) -> dict:
+    return read_metrics(one_process_run)
 
 
 def test_a_downed_link_ends_both_nodes_within_the_timeout_naming_the_lost_rank(cluster):
@@ -152,6 +157,24 @@ def test_a_downed_link_ends_both_nodes_within_the_timeout_naming_the_lost_rank(c
         assert "--resume auto" in lines[0]
     assert f"the newest checkpoint is {cluster.scratch}/run/checkpoints/step-" in ended[0][2]
     assert f"checkpoints are on node {a.name}, rank 0's node" in ended[1][2]
+
+
+def test_a_file_one_node_lacks_stops_both_with_rank_0_naming_that_node(cluster, one_process_run):
+    """--init-from reads each rank's own disk: where node b lacks the weights, every rank stops at once and rank 0
+    says which rank and node in one line (not a lost rank, not silence)."""
+    a, b = cluster.nodes
+    (a.disk / "init").mkdir()
+    shutil.copy(one_process_run / "model.safetensors", a.disk / "init")
+    port = free_port()
+    nodes = [cluster.launch(node, *RECIPE, "--init-from", str(cluster.scratch / "init"), port=port)
+             for node in cluster.nodes]
+    (status_a, _, err_a), (status_b, _, err_b) = (finish(node, 120) for node in nodes)
+    assert status_a == 1 and status_b == 1, (err_a[-2000:], err_b[-2000:])
+    lines = [line for line in err_a.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 (node {b.name}): no model.safetensors in "
+                                                   f"{cluster.scratch}/init"), err_a[-2000:]
+    assert "Traceback" not in err_b and "error:" not in err_b, err_b[-2000:]  # said once, by rank 0
+    assert not (a.disk / "run").exists() and list(b.disk.iterdir()) == []  # refused before training: nothing left
 
 
 REQUEUE = """#!/usr/bin/env bash

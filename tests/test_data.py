@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -142,3 +144,16 @@ def test_normalize_shape_and_scale():
     batch = normalize(torch.full((2, 28, 28), 255, dtype=torch.uint8), DATASETS["mnist"])
     assert batch.shape == (2, 1, 28, 28) and batch.dtype == torch.float32
     assert torch.allclose(batch, torch.full_like(batch, (1 - 0.1307) / 0.3081))
+
+
+def test_each_disk_is_provisioned_by_one_rank_only(monkeypatch, tmp_path):
+    """Rank 0 first, then the first rank of every other node: two ranks of a node never download into one folder."""
+    from lenet_dist import data
+
+    fetched = []
+    monkeypatch.setattr(data, "ensure_dataset", lambda folder, name: fetched.append(rank))
+    monkeypatch.setattr(data, "agree_on_any", lambda problem: None)  # each turn's agreement, for one rank alone
+    for rank, local_rank in [(0, 0), (1, 1), (2, 0), (3, 1)]:  # two nodes of two ranks
+        state = SimpleNamespace(is_main_process=rank == 0, is_local_main_process=local_rank == 0)
+        data.ensure_dataset_everywhere(state, tmp_path, "mnist")
+    assert fetched == [0, 2]
