@@ -166,6 +166,22 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> Path | None:
+    """After a resume from `step`, the run's checkpoints of later steps belong to the continuation it leaves:
+    moved to checkpoints/abandoned-after-step-N/, kept, but where neither --resume auto nor pruning looks
+    (they would win by their step numbers). The folder, or None when there were none."""
+    later = [path for path in complete_checkpoints(run_dir) if int(_STEP_DIR.match(path.name).group(1)) > step]
+    if not later:
+        return None
+    aside = run_dir / CHECKPOINTS_DIR / f"abandoned-after-step-{step:08d}"
+    aside.mkdir(exist_ok=True)
+    for path in later:
+        shutil.rmtree(aside / path.name, ignore_errors=True)
+        path.rename(aside / path.name)
+    fsync_folder(run_dir / CHECKPOINTS_DIR, files=False)
+    return aside
+
+
 @dataclass(frozen=True)
 class Choice:
     """The checkpoint the whole job resumes from, and the rank whose disk holds it."""

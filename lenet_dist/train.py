@@ -30,6 +30,7 @@ from lenet_dist.checkpoint import (
     newest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
+    set_aside_later_checkpoints,
     trajectory_of,
 )
 from lenet_dist.config import TrainConfig, parse_train_config
@@ -144,6 +145,9 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
                                                                  else ""))
     if accelerator.is_main_process:  # only now: a refused run leaves the folder's config.json as it was
         write_json(claimed.path / "config.json", asdict(config))
+        if checkpoint is not None and (moved := set_aside_later_checkpoints(claimed.path, progress.global_step)):
+            print(f"checkpoints after step {progress.global_step} (the continuation this resume leaves) moved to "
+                  f"{moved}/", flush=True)
     return progress, checkpoint is not None
 
 

@@ -4,6 +4,7 @@ what it learns and records, and a resume from one of its checkpoints that ends o
 from __future__ import annotations
 
 import json
+import shutil
 
 from conftest import SHORT, SLICE_TEST_IMAGES, TRAIN, call, numbers, read_metrics, same_weights
 
@@ -29,3 +30,19 @@ def test_a_resumed_checkpoint_ends_on_the_same_weights_and_numbers(short_run, mn
     assert f"resumed from {checkpoint}: epoch 1, step 32" in resumed.stdout
     assert same_weights(tmp_path, short_run)
     assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(short_run))
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(short_run, mnist_slice, tmp_path):
+    """The checkpoints after the resumed step belong to the continuation the resume leaves: kept, but out of the
+    way of pruning (with --keep-checkpoints 1 the old step 64 would delete each new checkpoint at once) and of
+    --resume auto, which goes by step number."""
+    shutil.copytree(short_run / "checkpoints", tmp_path / "checkpoints")
+    checkpoint = tmp_path / "checkpoints" / "step-00000032"
+    resumed = call([*TRAIN, *SHORT, "--checkpoint-every", "8", "--keep-checkpoints", "2", "--resume",
+                    str(checkpoint), "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert resumed.returncode == 0, resumed.stderr
+    aside = tmp_path / "checkpoints" / "abandoned-after-step-00000032"
+    assert f"checkpoints after step 32 (the continuation this resume leaves) moved to {aside}/" in resumed.stdout
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000048", "step-00000064"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        aside.name, "step-00000056", "step-00000064"]  # the new continuation's newest two, none deleted unwritten
