@@ -320,7 +320,7 @@ def resume(ctx: Context) -> dict[str, Any]:
     eager = ctx.train("resume-eager", *common, "--no-cuda-graph")
     graphed = ctx.train("resume-graphed", *common, "--resume", checkpoint(ctx, "resume-eager", sizes.resume_at))
     cpu = ctx.train("resume-cpu", *common, "--resume", checkpoint(ctx, "resume-graphed", sizes.cpu_resume_at),
-                    env=ctx.env(CUDA_VISIBLE_DEVICES=""))
+                    env=None if ctx.rehearse else ctx.env(CUDA_VISIBLE_DEVICES=""))  # on the CPU already
     assert cpu["device"] == "cpu", cpu["device"]
     if not ctx.rehearse:
         assert graphed["cuda_graph"] and not eager["cuda_graph"]

@@ -85,16 +85,17 @@ def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, m
     # dynamo logs every recompilation: the compiled run should make its training graph, then its evaluation
     # graph (one recompilation, both before the first step), and no more: no partial batch, no new shape
     result = call([*TRAIN, "--epochs", "1", "--batch-size", "256", "--target-accuracy", "0.9", *flags, "--output-dir",
-                  str(tmp_path)], env={"TORCH_LOGS": "recompiles", "LENET_DATA_DIR": str(mnist_slice)})
+                  str(tmp_path / "run")], env={"TORCH_LOGS": "recompiles", "LENET_DATA_DIR": str(mnist_slice),
+                                                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # cold, as CI
     assert result.returncode == 0, result.stderr
-    metrics = read_metrics(tmp_path)
+    metrics = read_metrics(tmp_path / "run")
     assert metrics["final_test_accuracy"] >= 0.9
     if "bf16" in flags:
         assert metrics["mixed_precision"] == "bf16"
     else:
         assert metrics["compile_seconds"] > 0 and "inductor's cache: " in result.stdout
         assert result.stderr.count("Recompiling function") == 1, result.stderr[-3000:]
-    model, metadata = load_model(tmp_path)
+    model, metadata = load_model(tmp_path / "run")
     plain = LeNet5()
     plain.load_state_dict(model.state_dict())  # the names a plain LeNet-5 has: no _orig_mod., no module.
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in model.state_dict())

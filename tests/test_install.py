@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import call, copy_checkout, free_port, read_metrics
+from conftest import call, copy_checkout, free_port, launch_table, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 SHORT = ["--target-accuracy", "0.95", "--no-progress"]
@@ -52,9 +53,13 @@ def test_the_installed_package_is_the_one_that_runs(installed, tmp_path):
 
 
 def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, mnist_slice):
-    result, folder = in_empty_folder(installed, tmp_path, "python", "-m", "torch.distributed.run", "--nproc-per-node",
-                                     "2", "--master-port", str(free_port()), "-m", "lenet_dist.train", *SHORT,
-                                     "--data-dir", str(mnist_slice), "--output-dir", "out")
+    """README's torchrun row as written, N as 2; `torchrun` is torch.distributed.run, run by the installed
+    package's own python (this venv's torchrun script would import the checkout's lenet_dist)."""
+    program, *flags = shlex.split(launch_table()["torchrun"].replace("--nproc-per-node N", "--nproc-per-node 2"))
+    assert program == "torchrun"
+    result, folder = in_empty_folder(installed, tmp_path, "python", "-m", "torch.distributed.run", "--master-port",
+                                     str(free_port()), *flags, *SHORT, "--data-dir", str(mnist_slice),
+                                     "--output-dir", "out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(folder / "out")["world_size"] == 2
 

@@ -181,12 +181,12 @@ def test_kernels_are_charged_to_the_operator_that_launched_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_profiles(tmp_path_factory, single_process_profile):
+def two_profiles(tmp_path_factory, single_process_profile, mnist_slice):
     """The default recipe (A, the shared profile's trace folder) and the same with --no-channels-last (B, named by
     its run's output folder, whose metrics.json records where its traces went)."""
     root = tmp_path_factory.mktemp("profiles")
-    result = call([*TRAIN, "--target-accuracy", "0.95", "--no-channels-last", "--profile", "--profile-dir",
-                  str(root), "--output-dir", str(root / "runs" / "b")])
+    result = call([*TRAIN, "--epochs", "1", "--no-channels-last", "--profile", "--profile-dir", str(root),
+                   "--output-dir", str(root / "runs" / "b")], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr[-2000:]
     return single_process_profile[0], root / "runs" / "b"
 
