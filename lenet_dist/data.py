@@ -127,6 +127,25 @@ def _download_failure(error: Exception, narration: str) -> str:
     return reasons[-1] if reasons else f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def remove_unreadable_downloads(data_dir: Path, dataset: str) -> list[tuple[Path, str]]:
+    """The IDX files in torchvision's download folder (<dir>/<DataSet>/raw/) that cannot be read whole, as a
+    download killed during its last file leaves them: removed, with their other form (gzipped or not), so
+    that the download fetches them again; each with what was wrong. Files elsewhere are the user's own."""
+    raw = data_dir / DATASETS[dataset].torchvision_class / "raw"
+    removed = []
+    for name in (name for pair in SPLIT_FILES.values() for name in pair):
+        forms = (raw / name, raw / f"{name}.gz")
+        for path in (form for form in forms if form.is_file()):
+            try:
+                read_idx(path)
+            except UserError as error:
+                for form in forms:
+                    form.unlink(missing_ok=True)
+                removed.append((path, str(error).split(";")[0].removeprefix(f"{path} ")))
+                break
+    return removed
+
+
 def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
     """ensure_dataset once per disk: rank 0 first (one download where every node shares the disk), then each
     other node's first rank on its node's own disk, never two ranks into one folder at once; a rank that cannot
@@ -142,8 +161,11 @@ def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str)
 
 
 def download(config: DownloadConfig) -> None:
-    """`lenet-dist download`: fetch a data set now, e.g. before training on a machine that is offline."""
+    """`lenet-dist download`: fetch a data set now, e.g. before training on a machine that is offline; files
+    a download left unreadable are fetched again."""
     data_dir = config.resolved_data_dir()
+    for path, problem in remove_unreadable_downloads(data_dir, config.dataset):
+        print(f"removed {path} to fetch it again: {problem}", flush=True)
     ensure_dataset(data_dir, config.dataset)
     print(f"{config.dataset}: {data_dir.resolve()}")
 

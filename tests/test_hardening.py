@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SHORT, TRAIN, call, one_line_error, read_metrics, write_split
+from conftest import BIN, SHORT, TRAIN, call, one_line_error, read_metrics, write_split
 from lenet_dist import cli
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import load_split
@@ -56,6 +56,22 @@ def test_a_truncated_gzip_file_is_named_in_one_line(mnist_sliver, tmp_path):
     result = call([*TRAIN, "--data-dir", str(flat), "--output-dir", str(tmp_path / "out")], timeout=60)
     one_line_error(result, 1, str(broken), "not a whole gzip file", "lenet-dist download")
     assert not (tmp_path / "out").exists()
+
+
+def test_download_fetches_again_what_a_cut_download_left(mnist_sliver, tmp_path):
+    """A file of torchvision's download folder that is not whole is removed so that it is fetched again (here
+    offline, the fetch fails in its one line); the whole files stay."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (mnist_sliver / "MNIST" / "raw").iterdir():
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    broken = raw / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    result = call([str(BIN / "lenet-dist"), "download", "--data-dir", str(tmp_path)], timeout=120)
+    assert result.stdout.startswith(f"removed {broken} to fetch it again: is not a whole gzip file"), result.stdout
+    one_line_error(result, 1, "downloading it failed")  # offline here; online, the file is fetched again
+    assert sorted(path.name for path in raw.iterdir()) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                                           "train-labels-idx1-ubyte.gz"]
 
 
 def test_another_data_sets_files_are_refused_under_this_ones_name(fashion_dir, tmp_path):
