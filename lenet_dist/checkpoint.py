@@ -22,8 +22,10 @@ import io
 import json
 import pickle
 import re
+import secrets
 import shutil
 import socket
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from lenet_dist.schedule import Progress
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
+RUN_CONFIG_FILE = "config.json"  # in the run dir: the flags and the run id, written when the run starts
 CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE)
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -190,20 +193,37 @@ class Choice:
     holder: int
 
 
+def new_run_id() -> str:
+    """A run's id: the start time first, so that a later run's id sorts after an earlier one's."""
+    return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The id in run_dir's config.json (written when a run starts or resumes there), or "" where there is none."""
+    try:
+        return str(json.loads((run_dir / RUN_CONFIG_FILE).read_text()).get("run_id") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
     """The checkpoint --resume names, decided once and the same on every rank: a folder, the newest in the
     run ("latest"), or the newest if any ("auto"). Every rank looks on its own disk; the newest that
-    any rank has wins, read by the lowest such rank, so a node whose disk lacks it still resumes."""
+    any rank has wins, read by the lowest such rank, so a node whose disk lacks it still resumes. With
+    latest and auto only the run's own checkpoints count: those of the newest run id any rank's config.json
+    names (where none does, any), so an earlier job's left on another node's disk never win."""
     if resume is None:
         return None
     if resume in ("latest", "auto"):
-        newest = complete_checkpoints(run_dir)[-1:]
-        mine = str(newest[0]) if newest else None
+        mine = [(str(path), _checkpoint_run_id(path)) for path in complete_checkpoints(run_dir)]
+        own_run = run_id_of(run_dir)
     else:
-        mine = resume if (Path(resume) / PROGRESS_FILE).is_file() else None
-    seen = gather_object([(mine, socket.gethostname())])
+        mine = [(resume, "")] if (Path(resume) / PROGRESS_FILE).is_file() else []
+        own_run = ""
+    seen = gather_object([(mine, own_run, socket.gethostname())])
+    current = max(run for _, run, _ in seen)
     held = [(int(_STEP_DIR.match(Path(path).name).group(1)) if _STEP_DIR.match(Path(path).name) else 0, -rank, path)
-            for rank, (path, _) in enumerate(seen) if path is not None]
+            for rank, (paths, _, _) in enumerate(seen) for path, run in paths if not current or run == current]
     if held:
         _, negative_rank, path = max(held)
         return Choice(Path(path), -negative_rank)
@@ -218,8 +238,15 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
     raise UsageError(f"--resume {resume}: not a checkpoint folder (no {PROGRESS_FILE})")
 
 
-def _hosts(seen: list[tuple[str | None, str]]) -> str:
-    hosts = sorted({host for _, host in seen})
+def _checkpoint_run_id(path: Path) -> str:
+    try:
+        return str(json.loads((path / PROGRESS_FILE).read_text()).get("run_id") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _hosts(seen: list[tuple[Any, str, str]]) -> str:
+    hosts = sorted({host for *_, host in seen})
     return f"node {hosts[0]}" if len(hosts) == 1 else "any node (" + ", ".join(hosts) + ")"
 
 
@@ -263,7 +290,10 @@ def initialize_from(trained: Trained, source: Path) -> None:
     """--init-from: another run's weights (its output dir or a checkpoint folder) into this run's model, on every
     rank from its own disk; the optimizer and the schedule start afresh."""
     model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
-    weights, metadata = load_model(source)
+    try:
+        weights, metadata = load_model(source)
+    except UserError as error:
+        raise type(error)(f"--init-from: {error}") from None
     if int(metadata.get("num_classes", 10)) != model.num_classes:
         raise UsageError(f"--init-from {source}: its model has {metadata.get('num_classes')} classes, this run's "
                          f"data set {model.num_classes}")
@@ -323,6 +353,10 @@ def load_model(run_dir_or_file: Path) -> tuple[LeNet5, dict[str, Any]]:
     """A LeNet-5 from a run directory (or its model.safetensors), with the metadata saved beside it."""
     path = run_dir_or_file / WEIGHTS_FILE if run_dir_or_file.is_dir() else run_dir_or_file
     if not path.is_file():
+        newest = complete_checkpoints(run_dir_or_file)[-1:] if run_dir_or_file.is_dir() else []
+        if newest:
+            raise UsageError(f"no {WEIGHTS_FILE} in {run_dir_or_file}: its run has not finished; its checkpoints "
+                             f"hold weights too, the newest: {newest[0]}")
         raise UsageError(f"no {WEIGHTS_FILE} in {run_dir_or_file}; pass a finished training run's output dir")
     try:
         tensors = load_file(str(path))

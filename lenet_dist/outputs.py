@@ -1,7 +1,7 @@
 """What a run writes into its output directory, by rank 0 alone and atomically.
 
     .lenet-dist.lock       held while the run runs: one run per output dir
-    config.json            the resolved flags, written once the run has started (or resumed)
+    config.json            the resolved flags and the run id, written once the run has started (or resumed)
     checkpoints/           see checkpoint.py
     trackers/              TensorBoard, wandb, … (see trackers.py)
     model.safetensors      the trained LeNet-5, plain names, config in its metadata

@@ -142,10 +142,12 @@ def on_every_rank(work: Callable[[], T]) -> T:
 class Ranks:
     """Who the other processes are, so that a lost one can be named rather than left to torchrun's log."""
 
-    PROBE_SECONDS = 10  # how long survivors wait for each other to answer through the rendezvous store
+    PROBE_SECONDS = 10  # at most, how long survivors wait for each other to answer through the rendezvous store
 
-    def __init__(self, state: PartialState) -> None:
+    def __init__(self, state: PartialState, collective_timeout: float) -> None:
         self.rank = state.process_index
+        # the survivors are stuck in the same collective and time out within moments of each other
+        self.probe_seconds = min(self.PROBE_SECONDS, max(1.0, collective_timeout / 2))
         self.members: list[tuple[int, str, int]] = gather_object([(state.process_index, socket.gethostname(),
                                                                     os.getpid())])
 
@@ -176,7 +178,7 @@ class Ranks:
         return lost
 
     def _unanswered(self) -> list[int]:
-        """The ranks that do not check in through the rendezvous store within PROBE_SECONDS: each survivor
+        """The ranks that do not check in through the rendezvous store within probe_seconds: each survivor
         writes its own key and looks for the others'. Unreachable, the store (on rank 0's node) is lost."""
         address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not address or not port:
@@ -186,11 +188,11 @@ class Ranks:
                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         try:
             # a plain connection first: torch's store client logs every failed attempt, stack traces included
-            socket.create_connection((address, int(port)), timeout=self.PROBE_SECONDS).close()
+            socket.create_connection((address, int(port)), timeout=self.probe_seconds).close()
             store = torch.distributed.TCPStore(address, int(port), is_master=False,
-                                               timeout=timedelta(seconds=self.PROBE_SECONDS))
+                                               timeout=timedelta(seconds=self.probe_seconds))
             store.set(prefix + str(self.rank), "1")
-            deadline = time.monotonic() + self.PROBE_SECONDS
+            deadline = time.monotonic() + self.probe_seconds
             while True:
                 missing = [rank for rank in others if not store.check([prefix + str(rank)])]
                 if not missing or time.monotonic() > deadline:

@@ -42,6 +42,7 @@ class Progress:
     open_stretch: list[int] = field(default_factory=lambda: [0, 0])  # the stretch since the last one closed
     trajectory: dict[str, Any] = field(default_factory=dict)
     processes: int = 1  # how many processes saved it (for the resume message only)
+    run_id: str = ""  # the run's, set when it starts afresh (new_run_id): --resume auto accepts only its own
 
     @property
     def elapsed_seconds(self) -> float:

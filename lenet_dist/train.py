@@ -22,11 +22,13 @@ from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from lenet_dist.checkpoint import (
+    RUN_CONFIG_FILE,
     checkpoint_to_resume,
     initialize_from,
+    new_run_id,
     newest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -71,7 +73,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     output_dir = claimed.path
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
-    ranks = Ranks(state)
+    ranks = Ranks(state, config.collective_timeout)
     try:
         trainer = build_trainer(config, accelerator, data_dir, output_dir)
         progress, resumed = start_or_resume(trainer, claimed)
@@ -131,7 +133,7 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
     """Where the run starts: the checkpoint --resume names (its state loaded on every rank), or afresh (from
     --init-from's weights, if given); then the trackers and config.json."""
     config, accelerator = trainer.config, trainer.accelerator
-    progress = Progress(trajectory=trajectory_of(config))
+    progress = Progress(trajectory=trajectory_of(config), run_id=broadcast_object_list([new_run_id()])[0])
     checkpoint = checkpoint_to_resume(config.resume, claimed.path)
     if checkpoint is not None:
         progress = restore_checkpoint(trainer, checkpoint, config)
@@ -144,7 +146,7 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
                                                                  if progress.processes != accelerator.num_processes
                                                                  else ""))
     if accelerator.is_main_process:  # only now: a refused run leaves the folder's config.json as it was
-        write_json(claimed.path / "config.json", asdict(config))
+        write_json(claimed.path / RUN_CONFIG_FILE, {"run_id": progress.run_id, **asdict(config)})
         if checkpoint is not None and (moved := set_aside_later_checkpoints(claimed.path, progress.global_step)):
             print(f"checkpoints after step {progress.global_step} (the continuation this resume leaves) moved to "
                   f"{moved}/", flush=True)

@@ -169,12 +169,36 @@ def test_a_file_one_node_lacks_stops_both_with_rank_0_naming_that_node(cluster, 
     nodes = [cluster.launch(node, *RECIPE, "--init-from", str(cluster.scratch / "init"), port=port)
              for node in cluster.nodes]
     (status_a, _, err_a), (status_b, _, err_b) = (finish(node, 120) for node in nodes)
-    assert status_a == 1 and status_b == 1, (err_a[-2000:], err_b[-2000:])
+    assert status_a == 2 and status_b == 2, (err_a[-2000:], err_b[-2000:])  # a command line that cannot work
     lines = [line for line in err_a.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 (node {b.name}): no model.safetensors in "
-                                                   f"{cluster.scratch}/init"), err_a[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: rank 1 (node {b.name}): --init-from: no model.safetensors in {cluster.scratch}/init"), err_a[-2000:]
     assert "Traceback" not in err_b and "error:" not in err_b, err_b[-2000:]  # said once, by rank 0
     assert not (a.disk / "run").exists() and list(b.disk.iterdir()) == []  # refused before training: nothing left
+
+
+def test_resume_auto_takes_only_this_runs_checkpoints_not_an_earlier_jobs_on_another_node(cluster, tmp_path,
+                                                                                          mnist_slice):
+    """Node b's disk holds a later checkpoint of an earlier run into the same path (its rank 0 ran there); node
+    a holds this run's config.json and checkpoints up to step 24. --resume auto resumes this run's step 24."""
+    a, b = cluster.nodes
+    flags = [*RECIPE, "--checkpoint-every", "8", "--keep-checkpoints", "10"]
+    for name in ("earlier", "this"):  # two real runs of the same config: two run ids, the second the newer
+        result = call([*TRAIN, *flags, "--output-dir", str(tmp_path / name)], env={"LENET_DATA_DIR": str(mnist_slice)})
+        assert result.returncode == 0, result.stderr
+    (b.disk / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "earlier" / "checkpoints" / "step-00000056", b.disk / "run" / "checkpoints" /
+                    "step-00000056")
+    (a.disk / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "this" / "config.json", a.disk / "run")
+    for step in (8, 16, 24):  # this run, as a job stopped after step 24 left it
+        name = f"step-{step:08d}"
+        shutil.copytree(tmp_path / "this" / "checkpoints" / name, a.disk / "run" / "checkpoints" / name)
+    port = free_port()
+    nodes = [cluster.launch(node, *RECIPE, "--resume", "auto", port=port) for node in cluster.nodes]
+    (status_a, out_a, err_a), (status_b, _, err_b) = (finish(node, 300) for node in nodes)
+    assert status_a == 0 and status_b == 0, (err_a[-2000:], err_b[-2000:])
+    assert f"resumed from {cluster.scratch}/run/checkpoints/step-00000024: epoch 1, step 24" in out_a, out_a[-2000:]
 
 
 REQUEUE = """#!/usr/bin/env bash

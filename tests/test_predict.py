@@ -468,6 +468,16 @@ def test_a_checkpoint_folder_is_read_with_its_run_s_data_set(tmp_path, capsys):
         assert status == 0 and json.loads(capsys.readouterr().out)["prediction"] in DATASETS["fashion-mnist"].classes
 
 
+def test_an_unfinished_run_as_the_model_names_its_newest_checkpoint(tmp_path, capsys):
+    for step in (8, 16):
+        checkpoint_folder(tmp_path / "run" / "checkpoints" / f"step-{step:08d}", "mnist")
+    image = tmp_path / "seven.png"
+    Image.fromarray(seven()).save(image)
+    status, err = main(["predict", "--model", str(tmp_path / "run"), str(image)], capsys)
+    assert status == 2 and len(err) == 1 and "its run has not finished" in err[0], err
+    assert err[0].endswith(f"the newest: {tmp_path / 'run' / 'checkpoints' / 'step-00000016'}")
+
+
 def test_a_checkpoint_with_a_corrupt_progress_file_is_one_line(tmp_path, capsys):
     checkpoint = checkpoint_folder(tmp_path / "step-00000008", "mnist", progress="{not json")
     image = tmp_path / "seven.png"
