@@ -39,6 +39,9 @@ WORK_SIDE = 1024
 SHADING_CELLS = 16
 ROBUST_SIGMAS = 3  # paper pixels within this many (MAD-estimated) standard deviations of the paper's level are paper
 MIN_CONTRAST = 0.05  # the least ink counted as ink: 5 % darker than the paper around it (or lighter, on dark paper)
+# A sheet on a desk (_sheet): this share of the photo at least, this much of it light, read this far inside its
+# edges, and this much lighter than the desk (of 0..1)
+SHEET_AREA, SHEET_FILL, SHEET_INSET, SHEET_CONTRAST = 0.15, 0.8, 0.03, 0.3
 MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normally distributed noise, times this, is its σ
 # Checked from the header, before any pixel is decoded (Image.open reads only the header). 40 megapixels
 # is over three times a 12-megapixel phone photo and far more than a digit needs, yet reading one adds
@@ -73,6 +76,7 @@ def to_frame(path: Path, dataset: str = "mnist") -> torch.Tensor:
     """An image file as the uint8 28×28 tensor a model trained on `dataset` takes; a UserError says what is wrong
     with it. How a photo or scan is read:
 
+    0. A light sheet on a darker desk is cut out of the photo (_sheet), so that its border is the sheet's paper.
     1. Polarity from the image itself: the paper is what its border shows. If the image's darkest pixels stand
        further out of the border's range of values than its brightest do, the ink is dark and the image is inverted
        to the data sets' light ink on black: dark ink on grey, under-exposed paper too, whatever its median. (Where
@@ -141,6 +145,8 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
     low, high = float(gray.min()), float(gray.max())
     if high - low < 1e-6:
         raise UserError(f"{path}: the image is blank (one flat colour); nothing to classify")
+    gray = _sheet(gray)
+    low, high = float(gray.min()), float(gray.max())
     if _dark_ink(_border(gray), low, high):
         gray = 1 - gray
     paper = np.minimum(_shading(gray), _paper_plane(gray))
@@ -155,6 +161,40 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
     if ink.max() < max(MIN_CONTRAST, ROBUST_SIGMAS * spread):
         raise UserError(f"{path}: the image is blank (only paper, no ink stands out); nothing to classify")
     return ink
+
+
+def _sheet(gray: np.ndarray) -> np.ndarray:
+    """A light sheet photographed on a darker desk: the sheet alone, a little inside its edges, so that the
+    border that step 1 reads is paper, not desk; else the whole image. A desk: three of the photo's four edges
+    mostly dark (below Otsu's threshold) and SHEET_CONTRAST darker than the light part, where a shadow across a
+    page is a gradient. The sheet: the span of rows and of columns that are more than half light, filled with
+    light at SHEET_FILL at least and SHEET_AREA of the photo at least; light strokes on a blackboard, a digit on
+    black, fill neither."""
+    light = gray > _otsu_threshold(gray)
+    sides = (light[0], light[-1], light[:, 0], light[:, -1])
+    if sum(side.mean() < 0.5 for side in sides) < 3 or not light.any() or light.all():
+        return gray
+    if float(np.median(gray[light]) - np.median(gray[~light])) < SHEET_CONTRAST:  # a shadow's gradient, not a desk
+        return gray
+    rows, cols = np.flatnonzero(light.mean(axis=1) > 0.5), np.flatnonzero(light.mean(axis=0) > 0.5)
+    if not rows.size or not cols.size:
+        return gray
+    inset = math.ceil(SHEET_INSET * max(rows[-1] - rows[0], cols[-1] - cols[0]))
+    box = (slice(rows[0] + inset, rows[-1] + 1 - inset), slice(cols[0] + inset, cols[-1] + 1 - inset))
+    sheet = light[box]
+    if sheet.size < SHEET_AREA * gray.size or sheet.mean() < SHEET_FILL:
+        return gray
+    return gray[box]
+
+
+def _otsu_threshold(gray: np.ndarray) -> float:
+    """The level that best splits the image's values into a dark and a light class (Otsu, on 256 bins)."""
+    counts, edges = np.histogram(gray, bins=256)
+    weights = np.cumsum(counts)
+    means = np.cumsum(counts * edges[:-1])
+    dark, total = weights[:-1], weights[-1]
+    between = (means[-1] * dark / total - means[:-1]) ** 2 / np.maximum(dark * (total - dark), 1)
+    return float(edges[1:-1][np.argmax(between)])
 
 
 def _dark_ink(paper: np.ndarray, low: float, high: float) -> bool:
