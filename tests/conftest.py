@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +38,16 @@ TRAIN = [sys.executable, "-m", "lenet_dist.train"]
 # processes from other folders too, which read LENET_DATA_DIR the way a user's runs do.
 os.environ["LENET_DATA_DIR"] = str((ROOT / os.environ.get("LENET_DATA_DIR", "data")).resolve())
 FASHION_DIR = (ROOT / (os.environ.get("LENET_FASHION_DIR") or os.environ["LENET_DATA_DIR"])).resolve()
+# The processes the tests start keep their temporary files (torchrun's log folders among them) in a folder of
+# this session's, removed at its end; this process and pytest's own tmp_path go on using the system's.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="lenet-dist-tests-"))
+os.environ["TMPDIR"] = str(SESSION_TMP)
 FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
 RUN_FILES = (".lenet-dist.lock", "checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -24,7 +24,7 @@ PRELOAD = ["torch", "torch._dynamo", "accelerate", "lenet_dist.train", "lenet_di
            "lenet_dist.predict", "lenet_dist.traces", "lenet_dist.bench.suite", "torch.utils.tensorboard"]
 # what a forked command may set differently from the forkserver: read at run time, never at import time
 RUN_TIME_VARIABLES = {"LENET_DATA_DIR", "LENET_TEST_LAUNCH", "HF_HOME", "COLUMNS", "WANDB_MODE", "WANDB_DIR",
-                      "PATH", "HOME", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+                      "PATH", "HOME", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"}
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(PRELOAD)
 # the environment the forkserver imports PRELOAD in: the test session's as it starts, whenever the server starts
