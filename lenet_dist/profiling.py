@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -76,16 +77,39 @@ class SettledProfiler:
 
     def __init__(self, profiler: profile) -> None:
         self.profiler = profiler
+        # Freed first once memory is recorded: c10 logs "Memory block of unknown size was allocated before the
+        # profiling started" at the 1st (and every 1000th) free of a block made earlier, a C++ line per rank
+        # that no setting turns off; that first free is this block's, with stderr closed for the moment.
+        self.made_before = {ProfilerAction.WARMUP: torch.empty(1), ProfilerAction.RECORD: torch.empty(1)}
 
     def step(self) -> None:
         if self.profiler.current_action == ProfilerAction.RECORD_AND_SAVE:  # this step stops the recording
             self.settle()
         self.profiler.step()
+        phase = self.profiler.current_action
+        phase = ProfilerAction.RECORD if phase == ProfilerAction.RECORD_AND_SAVE else phase
+        if phase in self.made_before:  # the first warm-up step (memory may be recorded from it), the first recorded
+            with stderr_closed():
+                del self.made_before[phase]
 
     @staticmethod
     def settle() -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+
+
+@contextlib.contextmanager
+def stderr_closed() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null, for what C++ code writes there directly."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class NoProfiler:
