@@ -39,6 +39,10 @@ WORK_SIDE = 1024
 SHADING_CELLS = 16
 ROBUST_SIGMAS = 3  # paper pixels within this many (MAD-estimated) standard deviations of the paper's level are paper
 MIN_CONTRAST = 0.05  # the least ink counted as ink: 5 % darker than the paper around it (or lighter, on dark paper)
+# A hard-edged shadow (_shadow_step): the border's two paper levels this far apart (of 0..1), explaining this share of
+# its variance (a linear gradient: 0.75), the lesser level this share of the border at least; a pixel reaches a
+# paper level within STEP_TOLERANCE
+MIN_STEP, STEP_SEPARATION, STEP_SHARE, STEP_TOLERANCE = 0.15, 0.9, 0.05, 0.05
 # A sheet on a desk (_sheet): this share of the photo at least, this much of it light, read this far inside its
 # edges, and this much lighter than the desk (of 0..1)
 SHEET_AREA, SHEET_FILL, SHEET_INSET, SHEET_CONTRAST = 0.15, 0.8, 0.03, 0.3
@@ -83,7 +87,8 @@ def to_frame(path: Path, dataset: str = "mnist") -> torch.Tensor:
        ink covers the border, the border's median decides: nearer the brightest value than the darkest, dark ink.)
     2. Shading: the paper's brightness (a shadow across the page, uneven light) is estimated on a coarse grid, where
        no stroke fills the cells looked across, capped by a plane fitted to the border (so a thick blob of ink is not
-       taken for paper), and divided out: the ink is measured relative to the paper around it.
+       taken for paper), and divided out: the ink is measured relative to the paper around it. A hard-edged shadow
+       (the border's paper at two levels) is followed pixel by pixel instead (_stepped_paper).
     3. Noise: what stays within ROBUST_SIGMAS of the border's level is paper, set to black; an image where nothing
        stands out further, and by MIN_CONTRAST at least, is blank.
     4. The item's bounding box is found (_item_box), scaled and placed as `dataset`'s items were (LAYOUTS).
@@ -149,7 +154,7 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
     low, high = float(gray.min()), float(gray.max())
     if _dark_ink(_border(gray), low, high):
         gray = 1 - gray
-    paper = np.minimum(_shading(gray), _paper_plane(gray))
+    paper = _stepped_paper(gray) if _shadow_step(_border(gray)) else np.minimum(_shading(gray), _paper_plane(gray))
     # The ink relative to the paper's brightness, so that a shadow is divided out; in a shadow darker than half the
     # paper's usual brightness, by no more than twice as much, or the sensor's noise there would outshine the ink.
     lit = np.maximum(1 - paper, max(1 - float(np.median(_border(paper))), 1e-3) / 2)
@@ -229,19 +234,54 @@ def _paper_plane(gray: np.ndarray) -> np.ndarray:
     return offset + per_row * rows + per_col * cols + scatter[0] + ROBUST_SIGMAS * scatter[1]
 
 
-def _shading(gray: np.ndarray) -> np.ndarray:
-    """The paper's brightness under light ink: each cell's median on a coarse grid, then a grey-scale opening over
-    3×3 cells (min, then max), which keeps the paper's slow changes and drops the cells that strokes fill."""
-    from PIL import Image
+def _shadow_step(border: np.ndarray) -> bool:
+    """Whether the border's paper falls into two tight levels (a hard-edged shadow across the page), where a
+    gradient spreads it evenly: Otsu's split explains more than STEP_SEPARATION of the border's variance, and
+    its two levels are MIN_STEP apart."""
+    threshold = _otsu_threshold(border)
+    low, high = border[border <= threshold], border[border > threshold]
+    if not low.size or not high.size or min(low.size, high.size) < STEP_SHARE * border.size:
+        return False
+    between = low.size * high.size / border.size**2 * (high.mean() - low.mean()) ** 2
+    return bool(high.mean() - low.mean() > MIN_STEP and between > STEP_SEPARATION * border.var())
 
+
+def _stepped_paper(gray: np.ndarray) -> np.ndarray:
+    """The paper under a hard-edged shadow: each pixel's level is the brightest of the coarse grid's levels around
+    it (the opened cells, see _shading) that the pixel reaches, so that the step stays sharp instead of blurring
+    over a cell; ink, brighter than either level, is measured from the brighter."""
+    typical, cell = _cell_medians(gray)
+    opened = _neighbourhood(_neighbourhood(typical, np.min), np.max)
+    rows, cols = (np.arange(n) // cell for n in gray.shape)
+    padded = np.pad(opened, 1, mode="edge")
+    paper = np.full(gray.shape, -np.inf, dtype=np.float32)
+    for dr in range(3):
+        for dc in range(3):
+            level = padded[rows[:, None] + dr, cols[None, :] + dc]
+            reached = level <= gray + STEP_TOLERANCE
+            paper = np.where(reached & (level > paper), level, paper)
+    return np.where(np.isfinite(paper), paper, opened[rows[:, None], cols[None, :]])
+
+
+def _cell_medians(gray: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each cell's median on a grid of SHADING_CELLS along the longer side (the edges repeated), and the cell's side."""
     cell = math.ceil(max(gray.shape) / SHADING_CELLS)
     grid_shape = (math.ceil(gray.shape[0] / cell), math.ceil(gray.shape[1] / cell))
     padded = np.pad(gray, [(0, grid_shape[0] * cell - gray.shape[0]), (0, grid_shape[1] * cell - gray.shape[1])],
                     mode="edge")
     cells = padded.reshape(grid_shape[0], cell, grid_shape[1], cell).swapaxes(1, 2).reshape(*grid_shape, -1)
-    typical = np.median(cells, axis=2)
+    return np.median(cells, axis=2), cell
+
+
+def _shading(gray: np.ndarray) -> np.ndarray:
+    """The paper's brightness under light ink: each cell's median on a coarse grid, then a grey-scale opening over
+    3×3 cells (min, then max), which keeps the paper's slow changes and drops the cells that strokes fill."""
+    from PIL import Image
+
+    typical, cell = _cell_medians(gray)
     opened = _neighbourhood(_neighbourhood(typical, np.min), np.max)
-    smooth = Image.fromarray(opened.astype(np.float32)).resize(padded.shape[::-1], Image.Resampling.BILINEAR)
+    grid_size = (typical.shape[1] * cell, typical.shape[0] * cell)
+    smooth = Image.fromarray(opened.astype(np.float32)).resize(grid_size, Image.Resampling.BILINEAR)
     return np.asarray(smooth)[: gray.shape[0], : gray.shape[1]]
 
 

@@ -302,14 +302,17 @@ PAGES: dict[str, dict] = {
     "chalk-on-a-blackboard": {"paper": 45, "ink": 200, "shadow": 0.3},  # light ink on dark
     "cropped-close": {"paper": 180, "ink": 50, "size": (140, 150), "height": 112, "corner": (14, 20)},
     "a-white-sheet-on-a-dark-desk": {"paper": 225, "ink": 40, "desk": 45},  # the desk, not the sheet, at the border
+    "a-hard-edged-shadow-across-the-digit": {"paper": 225, "ink": 40, "shadow": 0.1, "shadow_edge": 290},
 }
 
 
 def photographed(digit: np.ndarray, rng: np.random.Generator, paper: float, ink: float, size=(400, 300),
-                 height: int = 120, corner=(230, 40), shadow: float = 0.4, desk: float | None = None) -> bytes:
+                 height: int = 120, corner=(230, 40), shadow: float = 0.4, desk: float | None = None,
+                 shadow_edge: int | None = None) -> bytes:
     """A 28×28 MNIST digit photographed on a page: scaled up and off-centre in a larger frame, the paper grey and
     blotchy, darkening across the page (a shadow darkens paper and ink alike), sensor noise, saved as JPEG 60;
-    with `desk`, the page lies on a desk of that brightness, which fills a margin around it."""
+    with `desk`, the page lies on a desk of that brightness, which fills a margin around it; with `shadow_edge`,
+    a hard-edged shadow halves the light right of that column, across the digit."""
     width, page_height = size
     coverage = np.zeros((page_height, width), np.float32)
     scaled = Image.fromarray(digit).resize((height, height), Image.Resampling.BICUBIC)
@@ -318,6 +321,8 @@ def photographed(digit: np.ndarray, rng: np.random.Generator, paper: float, ink:
     blotches = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC))
     reflected = (paper + blotches) * (1 - coverage) + ink * coverage
     light = np.linspace(1, 1 - shadow, width)[None, :] * np.linspace(1, 1 - shadow / 2, page_height)[:, None]
+    if shadow_edge is not None:
+        light[:, shadow_edge:] /= 2
     if desk is not None:  # the sheet a little askew of the photo's middle, the desk all round
         margins = ((70, 50), (40, 90))
         reflected = np.pad(reflected, margins, constant_values=desk)
