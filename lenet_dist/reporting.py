@@ -12,8 +12,8 @@ from rich.table import Table
 
 
 class ProgressBar:
-    """Training's progress through an epoch on the main process, from where it (re)starts to the next pause (an
-    evaluation, a checkpoint, the epoch's end); silent on the other ranks.
+    """Training's progress through an epoch on the main process, from where it starts (or resumes) to the epoch's
+    end, paused while the loop evaluates or saves; silent on the other ranks.
 
     On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
     --no-progress: a plain line each quarter epoch, so logs stay readable.
@@ -55,6 +55,17 @@ class ProgressBar:
                 f"{self.images_per_second(done):,.0f} images/s",
                 flush=True,
             )
+
+    def pause(self) -> None:
+        """Off the screen while the loop evaluates or saves; `resume` puts it back with its count, rate and ETA."""
+        self.paused_at = time.perf_counter()
+        if self.bar is not None:
+            self.bar.stop()
+
+    def resume(self) -> None:
+        self.started += time.perf_counter() - self.paused_at  # the rate is of training time only
+        if self.bar is not None:
+            self.bar.start()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -218,10 +218,15 @@ def training(trainer: Trainer, step: Step, progress: Progress, schedule: Schedul
             if due == Due():
                 continue
             progress.add_training_time(time.perf_counter() - clock)
-            shown.close()
+            shown.pause()
             yield due
-            trainer.model.train()  # after an evaluation: on with training, a new bar and its own rate
-            shown, clock = bar(), time.perf_counter()
+            trainer.model.train()  # after an evaluation: on with training
+            if progress.epoch == shown.epoch:
+                shown.resume()  # its rate and ETA carry on from before the pause
+            else:
+                shown.close()
+                shown = bar()
+            clock = time.perf_counter()
     finally:  # a failure (a NaN loss, a lost rank) leaves no live bar behind
         shown.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import sys
+import time
 
 import pytest
 import torch
@@ -138,6 +139,22 @@ def test_a_stop_agreed_at_the_last_step_finishes_the_run(mnist_sliver, tmp_path)
                   env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert read_metrics(tmp_path)["epochs"] and (tmp_path / "model.safetensors").is_file()
+
+
+def test_the_bar_keeps_its_rate_and_eta_over_a_checkpoints_pause(capsys):
+    """The loop pauses the bar to evaluate or save, then resumes the same bar: its steps, its images/s and the
+    speed rich's ETA is computed from carry on (a new bar showed no rate and '-:--:--' after every checkpoint)."""
+    shown = ProgressBar(enabled=True, fancy=True, epoch=1, epochs=1, steps=100, batch_size=8)
+    started = shown.started
+    for done in range(1, 21):
+        shown.update(done, loss=1.0 if done % 10 == 0 else None)
+    shown.pause()
+    time.sleep(0.05)  # the time the checkpoint took
+    shown.resume()
+    (task,) = shown.bar.tasks
+    assert task.completed == 20 and task.speed and "img/s" in task.fields["rate"]
+    assert shown.started >= started + 0.05  # images/s counts training time, not the pause
+    shown.close()
 
 
 def test_plain_progress_lines_fall_on_each_quarter_even_after_a_pause(capsys):
