@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, record_function, schedule
 
+from lenet_dist.errors import UserError
 from lenet_dist.files import write_atomically
 
 TRACE_SUFFIX = ".pt.trace.json"
@@ -34,10 +35,19 @@ def run_trace_dir(profile_dir: str, output_dir: Path) -> Path:
 
 
 def trace_writer(folder: Path, worker: str):
+    """Each recording cycle's trace, written by the rank that made it onto its own disk. One that cannot be
+    written is said in one line by that rank (no other rank knows of it); training and the checkpoints go on."""
     def write(profiler: profile) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{worker}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
-        write_atomically(final, lambda partial: profiler.export_chrome_trace(str(partial)))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(final, lambda partial: profiler.export_chrome_trace(str(partial)))
+        except UserError as error:  # a failed write: write_atomically's one line
+            print(f"warning: {worker}: {error}; its profiler trace is lost, training goes on", file=sys.stderr,
+                  flush=True)
+        except OSError as error:  # the folder
+            print(f"warning: {worker}: cannot make {folder} for its profiler trace ({error.strerror}); training goes "
+                  "on", file=sys.stderr, flush=True)
 
     return write
 

@@ -68,3 +68,26 @@ def test_inspect_truncated_trace_fails_in_one_line(single_process_profile, tmp_p
     broken = tmp_path / trace.name
     broken.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
     one_line_error(call([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(broken))
+
+
+def test_a_trace_that_cannot_be_written_is_one_warning_and_training_goes_on(tmp_path, capsys):
+    """Written by each rank onto its own disk, so only that rank knows: it says so in one line, and the run (its
+    checkpoints, the other ranks) is not stopped for a lost trace."""
+    from types import SimpleNamespace
+
+    from lenet_dist.profiling import trace_writer
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    trace_writer(blocked / "traces", "rank1")(SimpleNamespace(export_chrome_trace=lambda path: None))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: rank1: cannot make {blocked / 'traces'} for its profiler trace") and \
+        line.endswith("training goes on")
+
+    def no_space(path: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    trace_writer(tmp_path / "traces", "rank0")(SimpleNamespace(export_chrome_trace=no_space))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: rank0: ") and "No space left on device" in line, line
+    assert list((tmp_path / "traces").iterdir()) == []  # no partial file left
