@@ -41,7 +41,7 @@ from lenet_dist.config import option
 from lenet_dist.errors import UsageError, UserError
 from lenet_dist.files import fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.model import LeNet5
-from lenet_dist.processes import agree_on_any
+from lenet_dist.processes import on_every_rank
 from lenet_dist.schedule import Progress
 
 WEIGHTS_FILE = "model.safetensors"
@@ -84,14 +84,10 @@ def save_checkpoint(trained: Trained, run_dir: Path, state: Progress, keep: int)
     accelerator = trained.accelerator
     folder = run_dir / CHECKPOINTS_DIR
     final = folder / f"step-{state.global_step:08d}"
-    problem = None
     if accelerator.is_main_process:
         state.processes = accelerator.num_processes
-        try:
-            _write_checkpoint(trained, folder, final, state, keep)
-        except UserError as error:
-            problem = error
-    agree_on_any(problem)
+    on_every_rank(lambda: _write_checkpoint(trained, folder, final, state, keep) if accelerator.is_main_process
+                  else None)
     return final
 
 
@@ -198,10 +194,10 @@ def new_run_id() -> str:
     return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
 
 
-def run_id_of(run_dir: Path) -> str:
-    """The id in run_dir's config.json (written when a run starts or resumes there), or "" where there is none."""
+def run_id_in(path: Path) -> str:
+    """The run id a run dir's config.json or a checkpoint's progress.json holds, or "" where there is none."""
     try:
-        return str(json.loads((run_dir / RUN_CONFIG_FILE).read_text()).get("run_id") or "")
+        return str(json.loads(path.read_text()).get("run_id") or "")
     except (OSError, ValueError, AttributeError):
         return ""
 
@@ -215,8 +211,8 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
     if resume is None:
         return None
     if resume in ("latest", "auto"):
-        mine = [(str(path), _checkpoint_run_id(path)) for path in complete_checkpoints(run_dir)]
-        own_run = run_id_of(run_dir)
+        mine = [(str(path), run_id_in(path / PROGRESS_FILE)) for path in complete_checkpoints(run_dir)]
+        own_run = run_id_in(run_dir / RUN_CONFIG_FILE)
     else:
         mine = [(resume, "")] if (Path(resume) / PROGRESS_FILE).is_file() else []
         own_run = ""
@@ -236,13 +232,6 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
         raise UsageError(f"--resume {resume}: no checkpoint there on {_hosts(seen)}; pass a checkpoint folder "
                          f"(…/{CHECKPOINTS_DIR}/step-N) that one of them holds")
     raise UsageError(f"--resume {resume}: not a checkpoint folder (no {PROGRESS_FILE})")
-
-
-def _checkpoint_run_id(path: Path) -> str:
-    try:
-        return str(json.loads((path / PROGRESS_FILE).read_text()).get("run_id") or "")
-    except (OSError, ValueError, AttributeError):
-        return ""
 
 
 def _hosts(seen: list[tuple[Any, str, str]]) -> str:

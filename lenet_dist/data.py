@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lenet_dist.config import DownloadConfig
 from lenet_dist.errors import UsageError, UserError
 from lenet_dist.files import read_maybe_gzipped
-from lenet_dist.processes import agree_on_any
+from lenet_dist.processes import on_every_rank
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,11 @@ def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str)
     """ensure_dataset once per disk: rank 0 first (one download where every node shares the disk), then each
     other node's first rank on its node's own disk, never two ranks into one folder at once; a rank that cannot
     have the data stops every rank, with its one line."""
+    def here() -> None:
+        ensure_dataset(data_dir, dataset)
+
     for turn in (state.is_main_process, state.is_local_main_process and not state.is_main_process):
-        problem = None
-        if turn:
-            try:
-                ensure_dataset(data_dir, dataset)
-            except UserError as error:
-                problem = error
-        agree_on_any(problem)
+        on_every_rank(here if turn else lambda: None)
 
 
 def download(config: DownloadConfig) -> None:

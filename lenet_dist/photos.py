@@ -248,10 +248,9 @@ def _shadow_step(border: np.ndarray) -> bool:
 
 def _stepped_paper(gray: np.ndarray) -> np.ndarray:
     """The paper under a hard-edged shadow: each pixel's level is the brightest of the coarse grid's levels around
-    it (the opened cells, see _shading) that the pixel reaches, so that the step stays sharp instead of blurring
+    it (_opened_cells) that the pixel reaches, so that the step stays sharp instead of blurring
     over a cell; ink, brighter than either level, is measured from the brighter."""
-    typical, cell = _cell_medians(gray)
-    opened = _neighbourhood(_neighbourhood(typical, np.min), np.max)
+    opened, cell = _opened_cells(gray)
     rows, cols = (np.arange(n) // cell for n in gray.shape)
     padded = np.pad(opened, 1, mode="edge")
     paper = np.full(gray.shape, -np.inf, dtype=np.float32)
@@ -263,24 +262,24 @@ def _stepped_paper(gray: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(paper), paper, opened[rows[:, None], cols[None, :]])
 
 
-def _cell_medians(gray: np.ndarray) -> tuple[np.ndarray, int]:
-    """Each cell's median on a grid of SHADING_CELLS along the longer side (the edges repeated), and the cell's side."""
+def _opened_cells(gray: np.ndarray) -> tuple[np.ndarray, int]:
+    """The paper's level per cell of a grid of SHADING_CELLS along the longer side (the edges repeated): each cell's
+    median, then a grey-scale opening over 3×3 cells (min, then max), which keeps the paper's slow changes and drops
+    the cells that strokes fill; and the cell's side."""
     cell = math.ceil(max(gray.shape) / SHADING_CELLS)
     grid_shape = (math.ceil(gray.shape[0] / cell), math.ceil(gray.shape[1] / cell))
     padded = np.pad(gray, [(0, grid_shape[0] * cell - gray.shape[0]), (0, grid_shape[1] * cell - gray.shape[1])],
                     mode="edge")
     cells = padded.reshape(grid_shape[0], cell, grid_shape[1], cell).swapaxes(1, 2).reshape(*grid_shape, -1)
-    return np.median(cells, axis=2), cell
+    return _neighbourhood(_neighbourhood(np.median(cells, axis=2), np.min), np.max), cell
 
 
 def _shading(gray: np.ndarray) -> np.ndarray:
-    """The paper's brightness under light ink: each cell's median on a coarse grid, then a grey-scale opening over
-    3×3 cells (min, then max), which keeps the paper's slow changes and drops the cells that strokes fill."""
+    """The paper's brightness under light ink: the opened cells (_opened_cells), smoothly upsampled."""
     from PIL import Image
 
-    typical, cell = _cell_medians(gray)
-    opened = _neighbourhood(_neighbourhood(typical, np.min), np.max)
-    grid_size = (typical.shape[1] * cell, typical.shape[0] * cell)
+    opened, cell = _opened_cells(gray)
+    grid_size = (opened.shape[1] * cell, opened.shape[0] * cell)
     smooth = Image.fromarray(opened.astype(np.float32)).resize(grid_size, Image.Resampling.BILINEAR)
     return np.asarray(smooth)[: gray.shape[0], : gray.shape[1]]
 
