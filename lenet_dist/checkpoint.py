@@ -22,10 +22,7 @@ import io
 import json
 import pickle
 import re
-import secrets
 import shutil
-import socket
-import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,16 +30,15 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file, save_file
 
-from lenet_dist.config import option
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.cadence import Progress
+from lenet_dist.errors import UsageError, UserError, on_every_rank
 from lenet_dist.files import fsync_folder, is_write_failure, write_atomically, write_failure
+from lenet_dist.flags import option
 from lenet_dist.model import LeNet5
-from lenet_dist.processes import on_every_rank
-from lenet_dist.schedule import Progress
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -50,7 +46,7 @@ PROGRESS_FILE = "progress.json"
 RUN_CONFIG_FILE = "config.json"  # in the run dir: the flags and the run id, written when the run starts
 CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE)
 CHECKPOINTS_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "anneal_images", "final_lr_factor", "init",
@@ -66,7 +62,7 @@ class Trained(Protocol):
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
 def trajectory_of(config: Any) -> dict[str, Any]:
@@ -124,7 +120,7 @@ def _training_state(trained: Trained) -> dict[str, Any]:
     # in memory order, so a channels-last weight's moments must stay channels-last
     optimizer["state"] = {key: {name: tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
                                 for name, tensor in value.items()} for key, value in optimizer["state"].items()}
-    training_state = {"optimizer": optimizer, "scheduler": _plain_numbers(trained.scheduler.state_dict())}
+    training_state = {"optimizer": optimizer, "scheduler": _plain_numbers(trained.lr_scheduler.state_dict())}
     scaler = trained.accelerator.scaler
     if scaler is not None:
         training_state["scaler"] = _plain_numbers(scaler.state_dict())
@@ -161,24 +157,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = run_dir / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / PROGRESS_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def set_aside_later_checkpoints(run_dir: Path, step: int) -> Path | None:
-    """After a resume from `step`, the run's checkpoints of later steps belong to the continuation it leaves:
-    moved to checkpoints/abandoned-after-step-N/, kept, but where neither --resume auto nor pruning looks
-    (they would win by their step numbers). The folder, or None when there were none."""
-    later = [path for path in complete_checkpoints(run_dir) if int(_STEP_DIR.match(path.name).group(1)) > step]
-    if not later:
-        return None
-    aside = run_dir / CHECKPOINTS_DIR / f"abandoned-after-step-{step:08d}"
-    aside.mkdir(exist_ok=True)
-    for path in later:
-        shutil.rmtree(aside / path.name, ignore_errors=True)
-        path.rename(aside / path.name)
-    fsync_folder(run_dir / CHECKPOINTS_DIR, files=False)
-    return aside
+    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 @dataclass(frozen=True)
@@ -187,56 +167,6 @@ class Choice:
 
     path: Path
     holder: int
-
-
-def new_run_id() -> str:
-    """A run's id: the start time first, so that a later run's id sorts after an earlier one's."""
-    return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
-
-
-def run_id_in(path: Path) -> str:
-    """The run id a run dir's config.json or a checkpoint's progress.json holds, or "" where there is none."""
-    try:
-        return str(json.loads(path.read_text()).get("run_id") or "")
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
-def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
-    """The checkpoint --resume names, decided once and the same on every rank: a folder, the newest in the
-    run ("latest"), or the newest if any ("auto"). Every rank looks on its own disk; the newest that
-    any rank has wins, read by the lowest such rank, so a node whose disk lacks it still resumes. With
-    latest and auto only the run's own checkpoints count: those of the newest run id any rank's config.json
-    names (where none does, any), so an earlier job's left on another node's disk never win."""
-    if resume is None:
-        return None
-    if resume in ("latest", "auto"):
-        mine = [(str(path), run_id_in(path / PROGRESS_FILE)) for path in complete_checkpoints(run_dir)]
-        own_run = run_id_in(run_dir / RUN_CONFIG_FILE)
-    else:
-        mine = [(resume, "")] if (Path(resume) / PROGRESS_FILE).is_file() else []
-        own_run = ""
-    seen = gather_object([(mine, own_run, socket.gethostname())])
-    current = max(run for _, run, _ in seen)
-    held = [(int(_STEP_DIR.match(Path(path).name).group(1)) if _STEP_DIR.match(Path(path).name) else 0, -rank, path)
-            for rank, (paths, _, _) in enumerate(seen) for path, run in paths if not current or run == current]
-    if held:
-        _, negative_rank, path = max(held)
-        return Choice(Path(path), -negative_rank)
-    if resume == "auto":
-        return None
-    if resume == "latest":
-        raise UsageError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} (looked on "
-                         f"{_hosts(seen)}); pass --resume PATH, --resume auto, or drop --resume")
-    if not Path(resume).exists() or len(seen) > 1:
-        raise UsageError(f"--resume {resume}: no checkpoint there on {_hosts(seen)}; pass a checkpoint folder "
-                         f"(…/{CHECKPOINTS_DIR}/step-N) that one of them holds")
-    raise UsageError(f"--resume {resume}: not a checkpoint folder (no {PROGRESS_FILE})")
-
-
-def _hosts(seen: list[tuple[Any, str, str]]) -> str:
-    hosts = sorted({host for *_, host in seen})
-    return f"node {hosts[0]}" if len(hosts) == 1 else "any node (" + ", ".join(hosts) + ")"
 
 
 def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> Progress:
@@ -266,7 +196,7 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> Progres
     try:
         accelerator.unwrap_model(trained.model, keep_torch_compile=False).load_state_dict(weights)
         load_optimizer_state(trained.optimizer, training_state["optimizer"])
-        trained.scheduler.load_state_dict(training_state["scheduler"])
+        trained.lr_scheduler.load_state_dict(training_state["scheduler"])
         if accelerator.scaler is not None and "scaler" in training_state:
             accelerator.scaler.load_state_dict(training_state["scaler"])
     except (KeyError, ValueError, RuntimeError) as error:

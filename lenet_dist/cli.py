@@ -1,4 +1,4 @@
-"""The `lenet-dist` command: one subcommand per job, each parsed from its dataclass in config.py.
+"""The `lenet-dist` command: one subcommand per job, its flags generated from its dataclass in config.py.
 
 A subcommand's module is imported only when that subcommand runs, so `lenet-dist --help`,
 `lenet-dist inspect` and `lenet-dist predict --help` never load torch or accelerate.
@@ -12,7 +12,6 @@ import sys
 from typing import NoReturn
 
 from lenet_dist.config import (
-    ArgumentParser,
     BenchConfig,
     CompareConfig,
     DownloadConfig,
@@ -20,11 +19,9 @@ from lenet_dist.config import (
     LaunchConfigConfig,
     PredictConfig,
     TrainConfig,
-    add_config_arguments,
-    config_from_args,
-    version_text,
 )
 from lenet_dist.errors import exit_on_user_error, exit_quickly, status_of
+from lenet_dist.flags import ArgumentParser, add_config_arguments, config_from_args, version_text
 
 # name: (help, config class, "module:function" that runs it and returns an exit status or None)
 COMMANDS = {
@@ -34,12 +31,12 @@ COMMANDS = {
               "lenet_dist.bench.suite:run"),
     "bench compare": ("bench --json results side by side, matched row by row, with ratios", CompareConfig,
                       "lenet_dist.bench.compare:run"),
-    "inspect": ("where a profiled step's time goes, per rank", InspectConfig, "lenet_dist.traces:run"),
-    "predict": ("classify your own images with a trained run", PredictConfig, "lenet_dist.predict:run"),
+    "inspect": ("where a profiled step's time goes, per rank", InspectConfig, "lenet_dist.profiling.inspection:run"),
+    "predict": ("classify your own images with a trained run", PredictConfig, "lenet_dist.predict.classify:run"),
     "download": ("fetch a data set into the data folder (for machines that train offline)", DownloadConfig,
                  "lenet_dist.data:download"),
     "launch-config": ("print the path of a packaged accelerate config: accelerate launch --config_file PATH",
-                      LaunchConfigConfig, "lenet_dist.launching:print_config_path"),
+                      LaunchConfigConfig, "lenet_dist.distributed.launcher:print_config_path"),
 }
 
 
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def command_status(argv: list[str]) -> int:
     """What `lenet-dist ARGV` prints and its exit status, in this process."""
     if argv[:1] == ["launch"]:  # accelerate's own flags, parsed by accelerate's own parser
-        from lenet_dist.launching import main as launch
+        from lenet_dist.distributed.launcher import main as launch
 
         def launched() -> int:
             with exit_on_user_error():

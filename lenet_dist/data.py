@@ -21,9 +21,8 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
 from lenet_dist.config import DownloadConfig
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.errors import UsageError, UserError, on_every_rank
 from lenet_dist.files import read_maybe_gzipped
-from lenet_dist.processes import on_every_rank
 
 
 @dataclass(frozen=True)

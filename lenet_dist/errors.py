@@ -1,30 +1,38 @@
-"""User-facing errors: one line on stderr, a non-zero exit, no traceback.
+"""The one error model: a failure the user can fix is one line on stderr, a non-zero exit, no traceback.
 
-Exit statuses follow the shell's conventions: 2 for a command line that cannot work (argparse's own
-status), 1 for a run that failed on the way (missing data, a full disk, a NaN loss, a corrupt
-checkpoint), and 128 + N for a run stopped by signal N after saving its checkpoint (see train).
+Who raises what, and who prints it:
+
+- `UserError` (`UsageError` for a command line that cannot work, `NothingToDo` for a job already done) is
+  raised alike on every rank: it follows from the command line or from what the ranks agreed on. Rank 0
+  prints it.
+- A check that depends on one rank's own disk or environment (reading the data or a checkpoint, a tracker's
+  package, rank 0 writing a file) runs inside `on_every_rank`: the first rank's error, by rank, is raised on
+  every rank, and rank 0 prints it with the rank and node that met it.
+- `RankError` is what one rank alone saw (a peer it lost). Every rank that raises it prints it.
+
+Exit statuses: 2 for the command line (argparse's own), 1 for a run that failed on the way, 0 for
+NothingToDo, 128 + N for a run stopped by signal N after saving (distributed/signals.py).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
-    """A failure the user can fix: missing data, an unwritable path, a corrupt file. The message says how.
-
-    Under DDP the ranks agree on such errors before raising them, so rank 0 alone prints them, unless
-    `every_rank` is set (a rank reporting what it alone saw).
-    """
+    """A failure the user can fix; the message says how. Raised alike on every rank: rank 0 prints it."""
 
     exit_status = 1
-    every_rank = False
 
 
 class UsageError(UserError):
@@ -34,9 +42,38 @@ class UsageError(UserError):
 
 
 class NothingToDo(UserError):
-    """Nothing is wrong and nothing is left to do (`--resume auto` on a finished run): said in one line, exit 0."""
+    """Nothing is wrong and nothing is left to do (`--resume auto` on a finished run): one line, exit 0."""
 
     exit_status = 0
+
+
+class RankError(UserError):
+    """What this rank alone saw: it prints the line itself."""
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """Run `work` on every rank, then agree: if any rank met a UserError, every rank raises the first one's."""
+    problem, result = None, None
+    try:
+        result = work()
+    except UserError as error:
+        problem = error
+    agree_on_any(problem)
+    return result
+
+
+def agree_on_any(problem: UserError | None) -> None:
+    """Raise on every rank the first problem any rank met, naming that rank and its node when it is not rank 0."""
+    from accelerate.utils import gather_object
+
+    met = [(rank, host, p) for rank, (host, p) in enumerate(gather_object([(socket.gethostname(), problem)]))
+           if p is not None]
+    if met:
+        rank, host, first = met[0]
+        if rank:
+            first = copy.copy(first)
+            first.args = (f"rank {rank} (node {host}): {first}",)
+        raise first
 
 
 def launched_as_rank_zero() -> bool:
@@ -46,14 +83,14 @@ def launched_as_rank_zero() -> bool:
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn a UserError into `error: <message>` and its exit status instead of a traceback."""
+    """A UserError becomes `error: <message>`, printed as the module's docstring says, and its exit status."""
     try:
         yield
     except UserError as error:
         if isinstance(error, NothingToDo):
             if launched_as_rank_zero():
                 print(error, flush=True)
-        elif error.every_rank or launched_as_rank_zero():
+        elif isinstance(error, RankError) or launched_as_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None
 
@@ -64,7 +101,7 @@ def status_of(command: Callable[[], int]) -> int:
         return command()
     except SystemExit as exiting:  # exit_on_user_error's, argparse's
         return exiting.code if isinstance(exiting.code, int) else int(exiting.code is not None)
-    except KeyboardInterrupt:  # Ctrl-C before training started (in training it stops at a step, see train)
+    except KeyboardInterrupt:  # before training started; in training a signal stops it at a step
         if launched_as_rank_zero():
             print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
@@ -74,11 +111,8 @@ def status_of(command: Callable[[], int]) -> int:
 
 
 def exit_quickly(status: int) -> NoReturn:
-    """End the process with `status` once the atexit handlers (trackers, logging) have run, without the
-    interpreter's teardown. That teardown spends ~0.7 s collecting the object graphs of torch and dynamo, and in
-    a process that was in a gloo process group the C++ destructors it runs afterwards end now and then in
-    `terminate called without an active exception` (SIGABRT, with no Python frame on the stack): 1 run in 4 of
-    two processes on a small data set, after the run had finished and written everything."""
+    """End the process once the atexit handlers (trackers, logging) have run, skipping the interpreter's teardown:
+    it costs ~0.7 s, and after a gloo process group its C++ destructors sometimes abort (SIGABRT)."""
     import atexit
 
     atexit._run_exitfuncs()

@@ -32,7 +32,7 @@ from lenet_dist.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, complete_checkp
 from lenet_dist.config import TrainConfig, default_run_dir
 from lenet_dist.errors import NothingToDo, UsageError, UserError
 from lenet_dist.files import write_json
-from lenet_dist.profiling import run_trace_dir
+from lenet_dist.profiling.capture import run_trace_dir
 from lenet_dist.trackers import TRACKERS_DIR
 
 METRICS_FILE = "metrics.json"

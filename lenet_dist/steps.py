@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.profiler import record_function
 
-from lenet_dist.processes import announce
-from lenet_dist.recipe import Trainer, compiles, wants_cuda_graph
+from lenet_dist.distributed.processes import announce
+from lenet_dist.recipe.build import Trainer, compiles, wants_cuda_graph
 
 
 def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
@@ -32,9 +32,9 @@ def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
         announce(accelerator.state, f"compiled the training and evaluation graphs in {seconds:.1f} s "
                                     f"(inductor's cache: {inductor_cache_dir()})")
     if wants_cuda_graph(config, accelerator):
-        step = GraphedStep(trainer.model, trainer.optimizer, trainer.scheduler, local_batch, accelerator.device)
+        step = GraphedStep(trainer.model, trainer.optimizer, trainer.lr_scheduler, local_batch, accelerator.device)
     else:
-        step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
+        step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.lr_scheduler)
     return step, seconds
 
 
@@ -70,8 +70,8 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class EagerStep:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss and how many of its images the model got right before learning from them."""
@@ -81,7 +81,7 @@ class EagerStep:
         self.accelerator.backward(loss)
         with record_function("optimizer_step"):
             self.optimizer.step()
-        self.scheduler.step()
+        self.lr_scheduler.step()
         return loss.detach(), correct(logits, labels)
 
 
@@ -100,9 +100,9 @@ class GraphedStep:
     WARMUP_STEPS = 3
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, batch: int, device: torch.device,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, batch: int, device: torch.device,
                  capture: bool = True) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         for group in optimizer.param_groups:  # a checkpoint's lr comes back as a float or a tensor on the CPU
             if not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -160,7 +160,7 @@ class GraphedStep:
             self.graph.replay()
         else:
             self.outputs = self._step()
-        self.scheduler.step()  # writes the next learning rate into the tensor the graph reads
+        self.lr_scheduler.step()  # writes the next learning rate into the tensor the graph reads
         loss, right = self.outputs
         return loss.clone(), right.clone()
 

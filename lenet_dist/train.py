@@ -5,9 +5,8 @@
     torchrun --nproc-per-node N -m lenet_dist.train [flags]
     python lenet_dist/train.py [flags]              # from a checkout, the same as the first
 
-Only the main process (rank 0) prints and writes into the output directory. `train()` is the story; `fit`
-is its loop, which does after each step what the schedule (schedule.py) says is due; `evaluate` the test
-pass.
+Only rank 0 prints and writes into the output directory. `train()` is the story, `fit` its loop: after each
+step it does what the cadence (cadence.py) says is due. `evaluate` is the test pass.
 """
 
 from __future__ import annotations
@@ -24,37 +23,36 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
+from lenet_dist.cadence import Cadence, Due, Progress
 from lenet_dist.checkpoint import (
     RUN_CONFIG_FILE,
-    checkpoint_to_resume,
     initialize_from,
-    new_run_id,
     newest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-    set_aside_later_checkpoints,
     trajectory_of,
 )
 from lenet_dist.config import TrainConfig, parse_train_config
+from lenet_dist.console import ProgressBar, print_summary
 from lenet_dist.data import ShuffledBatches, ensure_dataset_everywhere
-from lenet_dist.errors import UsageError, UserError, exit_on_user_error, exit_quickly, launched_as_rank_zero, status_of
-from lenet_dist.files import write_json
-from lenet_dist.launching import launch_record, record_stop
-from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, versions, write_run_outputs
-from lenet_dist.preemption import Stopped, StopRequest, stop_on_signals
-from lenet_dist.processes import (
-    Ranks,
-    announce,
-    end_processes,
-    make_accelerator,
+from lenet_dist.distributed.launcher import launch_record, record_stop
+from lenet_dist.distributed.lost_ranks import Ranks
+from lenet_dist.distributed.processes import announce, end_processes, make_accelerator, pin_cores, start_processes
+from lenet_dist.distributed.signals import Stopped, StopRequest, stop_on_signals
+from lenet_dist.errors import (
+    UsageError,
+    UserError,
+    exit_on_user_error,
+    exit_quickly,
+    launched_as_rank_zero,
     on_every_rank,
-    pin_cores,
-    start_processes,
+    status_of,
 )
-from lenet_dist.profiling import labelled, profiler_for, run_trace_dir
-from lenet_dist.recipe import Trainer, build_trainer, precision_label
-from lenet_dist.reporting import ProgressBar, print_summary
-from lenet_dist.schedule import Due, Progress, Schedule
+from lenet_dist.files import write_json
+from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, versions, write_run_outputs
+from lenet_dist.profiling.capture import labelled, profiler_for, run_trace_dir
+from lenet_dist.recipe.build import Trainer, build_trainer, precision_label
+from lenet_dist.resume import checkpoint_to_resume, new_run_id, set_aside_later_checkpoints
 from lenet_dist.steps import GraphedStep, make_step
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
 
@@ -85,7 +83,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
     step, compiling_seconds = make_step(trainer)
     progress.compile_seconds += compiling_seconds
-    schedule = Schedule(config, len(trainer.batches), accelerator.num_processes)
+    cadence = Cadence(config, len(trainer.batches), accelerator.num_processes)
 
     profile_dir = run_trace_dir(config.profile_dir, output_dir)
     if config.profile and not resumed:  # a run started afresh: no traces of an earlier one mixed in
@@ -93,7 +91,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             stale.unlink()
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
-            predictions = fit(trainer, schedule, step, progress, stop, profiler)
+            predictions = fit(trainer, cadence, step, progress, stop, profiler)
     except RuntimeError as error:  # a collective that failed because a rank is gone: name it
         lost = ranks.lost(error, newest_checkpoint(output_dir, ranks.rank, ranks.host(0)))
         if lost is None or state.num_processes == 1:
@@ -102,7 +100,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.profile:
         announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {output_dir}")
 
-    metrics = run_metrics(trainer, schedule, step, progress) | {
+    metrics = run_metrics(trainer, cadence, step, progress) | {
         "profile_dir": str(profile_dir.resolve()) if config.profile else None}
     if accelerator.is_main_process:
         network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
@@ -120,7 +118,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def check_run(config: TrainConfig, processes: int) -> None:
     """What can be refused before any work: flags that cannot work together or with this launch."""
-    require_installed(config.trackers())
+    on_every_rank(lambda: require_installed(config.trackers()))  # each node's own packages
     if config.batch_size % processes:
         raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly across "
                          f"{processes} processes")
@@ -131,7 +129,7 @@ def check_run(config: TrainConfig, processes: int) -> None:
 
 def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, bool]:
     """Where the run starts: the checkpoint --resume names (its state loaded on every rank), or afresh (from
-    --init-from's weights, if given); then the trackers and config.json."""
+    --init-from's weights, if given); then the trackers and config.json. Whether it resumed."""
     config, accelerator = trainer.config, trainer.accelerator
     progress = Progress(trajectory=trajectory_of(config), run_id=broadcast_object_list([new_run_id()])[0])
     checkpoint = checkpoint_to_resume(config.resume, claimed.path)
@@ -145,103 +143,120 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
                                     f"{progress.global_step}" + (f" (saved by {progress.processes} processes)"
                                                                  if progress.processes != accelerator.num_processes
                                                                  else ""))
-    if accelerator.is_main_process:  # only now: a refused run leaves the folder's config.json as it was
+
+    def record_start() -> None:  # only now: a refused run leaves the folder's config.json as it was
         write_json(claimed.path / RUN_CONFIG_FILE, {"run_id": progress.run_id, **asdict(config)})
         if checkpoint is not None and (moved := set_aside_later_checkpoints(claimed.path, progress.global_step)):
             print(f"checkpoints after step {progress.global_step} (the continuation this resume leaves) moved to "
                   f"{moved}/", flush=True)
+
+    on_every_rank(record_start if accelerator.is_main_process else lambda: None)
     return progress, checkpoint is not None
 
 
-def fit(trainer: Trainer, schedule: Schedule, step: Step, progress: Progress, stop: StopRequest,
+def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop: StopRequest,
         profiler: Any) -> dict[str, torch.Tensor]:
-    """Train, doing what the schedule says is due at each log point, until the last epoch ends or an evaluation
-    reaches the target (the last evaluation's predictions are returned) or the ranks agree to stop (Stopped)."""
-    config = trainer.config
+    """Train until the last epoch ends or an evaluation reaches the target; the last evaluation's predictions.
+
+    After each step the cadence says whether this is a log point; there the ranks synchronise once (the sums
+    and the stop signal) and the cadence says what is due, which is done right here, in order. A stop the ranks
+    agreed on saves a checkpoint at that step and raises Stopped.
+    """
+    config, accelerator = trainer.config, trainer.accelerator
     warm_up_evaluation(trainer)
-    predictions, due = None, None
-    while not schedule.finished(progress):  # an epoch, from where progress stands in it
-        for due in training(trainer, step, progress, schedule, stop, profiler):
+    predictions = None
+    sums = StepSums(accelerator.device, progress.loss_sum)
+    bar = progress_bar(trainer, progress)
+    trainer.model.train()
+    clock = time.perf_counter()
+    try:
+        for images, labels in labelled(remaining_batches(trainer, progress), "data_loading"):
+            loss, right = step(images, labels)
+            profiler.step()
+            sums.add(loss, right)
+            progress.step_done()
+            if not cadence.is_log_point(progress, stop.signal):
+                bar.update(progress.batches_done)
+                continue
+            mean_loss = log_training(trainer, progress, sums)
+            bar.update(progress.batches_done, mean_loss)
+            due = cadence.due(progress, stop.agreed(accelerator.device))
+            if due == Due():
+                continue
+
+            progress.add_training_time(time.perf_counter() - clock)
+            bar.pause()
             if due.evaluate:
                 predictions = evaluate_and_record(trainer, progress, due.epoch_end)
             if due.epoch_end:
                 progress.start_next_epoch()
-            finished = schedule.finished(progress)
-            if due.checkpoint or finished:  # the one place a checkpoint is saved
+                sums.start_epoch()
+            finished = cadence.finished(progress)
+            if due.checkpoint or finished:
                 checkpoint = save_checkpoint(trainer, trainer.output_dir, progress, config.keep_checkpoints)
-            if due.stop is not None or finished or due.epoch_end:
+                if due.stop is not None and not finished:
+                    raise Stopped(due.stop, progress.global_step, checkpoint)
+            if finished:
                 break
-        if due is not None and due.stop is not None and not schedule.finished(progress):  # the one early stop
-            raise Stopped(due.stop, progress.global_step, checkpoint)
+            if due.epoch_end:
+                bar.close()
+                bar = progress_bar(trainer, progress)
+            else:
+                bar.resume()
+            trainer.model.train()
+            clock = time.perf_counter()
+    finally:  # a failure (a NaN loss, a lost rank) leaves no live bar behind
+        bar.close()
     if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
-        predictions = evaluate(trainer.accelerator, trainer.model, trainer.test_loader)
+        predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
     return predictions
 
 
-def training(trainer: Trainer, step: Step, progress: Progress, schedule: Schedule, stop: StopRequest,
-             profiler: Any) -> Iterator[Due]:
-    """Train the rest of the epoch, yielding at each log point where something is due. At a log point the ranks
-    synchronise once: the loss, the batches' right answers and the epoch's loss summed over them, the stop
-    signal agreed. The time between yields is the training time; the bar pauses while `fit` acts."""
-    config, accelerator = trainer.config, trainer.accelerator
+class StepSums:
+    """Kept on the device and summed over the ranks once per log point (an .item() per step would stall a GPU):
+    since the last log point, the losses and the images right before learning; the epoch's losses so far."""
 
-    def bar() -> ProgressBar:
-        return ProgressBar(enabled=accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
-                           epoch=progress.epoch, epochs=config.epochs, steps=len(trainer.batches),
-                           batch_size=config.batch_size, done=progress.batches_done)
+    def __init__(self, device: torch.device, epoch_loss: float) -> None:
+        self.values = torch.tensor([0.0, 0.0, epoch_loss], device=device)
+        self.steps = 0
 
-    # since the last log point: the loss summed and the images right before learning; the epoch's loss so far
-    sums = torch.tensor([0.0, 0.0, progress.loss_sum], device=accelerator.device)
-    trainer.model.train()
-    shown, steps, clock = bar(), 0, time.perf_counter()
-    try:
-        for images, labels in labelled(epoch_batches(trainer, progress), "data_loading"):
-            loss, right = step(images, labels)
-            profiler.step()
-            sums += torch.stack((loss, right.to(loss.dtype), loss))  # no .item() per step: it would stall a GPU
-            steps += 1
-            progress.batches_done += 1
-            progress.global_step += 1
-            if not schedule.logs_after(progress, stop.signal):
-                shown.update(progress.batches_done)
-                continue
-            window_loss, window_right, epoch_loss = accelerator.reduce(sums, reduction="sum").tolist()
-            mean_loss = window_loss / accelerator.num_processes / steps
-            progress.loss_sum = epoch_loss / accelerator.num_processes  # the sum of the steps' mean losses
-            progress.note_recent(steps * config.batch_size, window_right,
-                                 closing=progress.global_step % config.log_every == 0)
-            log_training(trainer, progress, mean_loss)
-            shown.update(progress.batches_done, mean_loss)
-            sums[:2] = 0
-            steps = 0
-            due = schedule.due_after(progress, stop.agreed(accelerator.device))
-            if due == Due():
-                continue
-            progress.add_training_time(time.perf_counter() - clock)
-            shown.pause()
-            yield due
-            trainer.model.train()  # after an evaluation: on with training
-            if progress.epoch == shown.epoch:
-                shown.resume()  # its rate and ETA carry on from before the pause
-            else:
-                shown.close()
-                shown = bar()
-            clock = time.perf_counter()
-    finally:  # a failure (a NaN loss, a lost rank) leaves no live bar behind
-        shown.close()
+    def add(self, loss: torch.Tensor, right: torch.Tensor) -> None:
+        self.values += torch.stack((loss, right.to(loss.dtype), loss))
+        self.steps += 1
+
+    def reduce(self, accelerator: Accelerator) -> tuple[float, float, float]:
+        """The window's mean loss and right answers, and the epoch's summed mean losses; the window restarts."""
+        window_loss, window_right, epoch_loss = accelerator.reduce(self.values, reduction="sum").tolist()
+        processes, steps = accelerator.num_processes, self.steps
+        self.values[:2] = 0
+        self.steps = 0
+        return window_loss / processes / steps, window_right, epoch_loss / processes
+
+    def start_epoch(self) -> None:
+        self.values[2] = 0
 
 
-def log_training(trainer: Trainer, progress: Progress, mean_loss: float) -> None:
-    """The training loss since the last log point (the mean over every process) and the schedule's learning
-    rate after this step: into the run's series (metrics.json, checkpoints) and the trackers."""
+def progress_bar(trainer: Trainer, progress: Progress) -> ProgressBar:
+    config = trainer.config
+    return ProgressBar(enabled=trainer.accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
+                       epoch=progress.epoch, epochs=config.epochs, steps=len(trainer.batches),
+                       batch_size=config.batch_size, done=progress.batches_done)
+
+
+def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
+    """At a log point: the mean training loss over every rank since the last one and the learning rate into the
+    run's series and the trackers; the batches' right answers into `progress.recent`. The mean loss."""
+    batch_size, steps = trainer.config.batch_size, sums.steps
+    mean_loss, right, progress.loss_sum = sums.reduce(trainer.accelerator)
     if not math.isfinite(mean_loss):
         raise UserError(f"training loss became {mean_loss} by step {progress.global_step} (epoch {progress.epoch}); "
                         f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr")
-    lr = float(trainer.scheduler.get_last_lr()[0])
+    progress.note_recent(steps * batch_size, right, closing=progress.global_step % trainer.config.log_every == 0)
+    lr = float(trainer.lr_scheduler.get_last_lr()[0])
     progress.train_log.append({"step": progress.global_step, "epoch": progress.epoch,
-                               "images": progress.global_step * trainer.config.batch_size, "loss": mean_loss,
-                               "lr": lr})
+                               "images": progress.global_step * batch_size, "loss": mean_loss, "lr": lr})
     trainer.accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=progress.global_step)
+    return mean_loss
 
 
 def warm_up_evaluation(trainer: Trainer) -> None:
@@ -251,6 +266,12 @@ def warm_up_evaluation(trainer: Trainer) -> None:
     trainer.model.eval()
     with torch.no_grad():
         trainer.model(torch.zeros(batch, 1, 28, 28, device=trainer.accelerator.device))
+
+
+def remaining_batches(trainer: Trainer, progress: Progress) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch still to train, epoch after epoch, from where `progress` stands (the loop moves it on)."""
+    while progress.epoch <= trainer.config.epochs:
+        yield from epoch_batches(trainer, progress)
 
 
 def epoch_batches(trainer: Trainer, progress: Progress) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -323,9 +344,9 @@ def evaluate_and_record(trainer: Trainer, progress: Progress, epoch_ended: bool)
     return predictions
 
 
-def run_metrics(trainer: Trainer, schedule: Schedule, step: Step, progress: Progress) -> dict[str, Any]:
+def run_metrics(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress) -> dict[str, Any]:
     config, accelerator = trainer.config, trainer.accelerator
-    reached = [e for e in progress.evaluations if schedule.meets_target(e)]
+    reached = [e for e in progress.evaluations if cadence.meets_target(e)]
     return {
         "config": asdict(config),
         "world_size": accelerator.num_processes,

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lenet_dist.cadence import Progress  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.files import fsync_folder  # noqa: E402
-from lenet_dist.recipe import build_model, build_optimizer  # noqa: E402
-from lenet_dist.schedule import Progress  # noqa: E402
+from lenet_dist.recipe.build import build_model, build_optimizer  # noqa: E402
 
 ROUNDS = 15
 

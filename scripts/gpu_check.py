@@ -181,7 +181,8 @@ def graph_equals_eager(ctx: Context) -> dict[str, Any]:
 
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import InMemoryDataset, ShuffledBatches, load_split
-    from lenet_dist.recipe import AUTOCAST_DTYPES, build_model, build_optimizer, build_scheduler
+    from lenet_dist.recipe.build import AUTOCAST_DTYPES, build_model, build_optimizer
+    from lenet_dist.recipe.lr_schedule import build_lr_scheduler
     from lenet_dist.steps import EagerStep, GraphedStep
 
     device = torch.device(ctx.device)
@@ -199,7 +200,7 @@ def graph_equals_eager(ctx: Context) -> dict[str, Any]:
             model = build_model(config, num_classes=10).to(device)
             network = Autocast(model, AUTOCAST_DTYPES.get(precision))
             optimizer = build_optimizer(config, model, graph=graphed)
-            scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
+            scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=len(batches))
             step = (GraphedStep(network, optimizer, scheduler, batch, device, capture=not ctx.rehearse) if graphed
                     else EagerStep(accelerator, network, optimizer, scheduler))
             assert not graphed or ctx.rehearse or step.graph is not None
@@ -238,7 +239,8 @@ def throughput(ctx: Context) -> dict[str, Any]:
 
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import InMemoryDataset, ShuffledBatches, load_split
-    from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+    from lenet_dist.recipe.build import build_model, build_optimizer
+    from lenet_dist.recipe.lr_schedule import build_lr_scheduler
     from lenet_dist.steps import EagerStep, GraphedStep
 
     device = torch.device(ctx.device)
@@ -253,7 +255,7 @@ def throughput(ctx: Context) -> dict[str, Any]:
             config = TrainConfig(batch_size=batch)
             model = build_model(config, num_classes=10).to(device)
             optimizer = build_optimizer(config, model, graph=graphed)
-            scheduler = build_scheduler(config, optimizer, steps_per_epoch=10**6)
+            scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=10**6)
             step = (GraphedStep(model, optimizer, scheduler, batch, device, capture=not ctx.rehearse) if graphed
                     else EagerStep(accelerator, model, optimizer, scheduler))
             rates["graph" if graphed else "eager"] = images_per_second(step, data, batch, device,

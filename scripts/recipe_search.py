@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.data import InMemoryDataset, ShuffledBatches, load_split  # noqa: E402
-from lenet_dist.recipe import build_model  # noqa: E402
+from lenet_dist.recipe.build import build_model  # noqa: E402
 from lenet_dist.steps import GraphedStep  # noqa: E402
 
 TARGET = 0.98

@@ -28,8 +28,9 @@ from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.runs import free_port
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import SPLIT_FILES
-from lenet_dist.profiling import run_trace_dir
-from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+from lenet_dist.profiling.capture import run_trace_dir
+from lenet_dist.recipe.build import build_model, build_optimizer
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -275,7 +276,7 @@ def pieces(graph: bool):
     config = TrainConfig()
     model = build_model(config, num_classes=10)
     optimizer = build_optimizer(config, model, graph=graph)
-    return model, optimizer, build_scheduler(config, optimizer, steps_per_epoch=20)
+    return model, optimizer, build_lr_scheduler(config, optimizer, steps_per_epoch=20)
 
 
 def batches(count: int):

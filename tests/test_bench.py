@@ -189,7 +189,7 @@ def test_profiling_stays_out_of_the_timed_rounds(monkeypatch, data_dir, tmp_path
     """--profile records the default row in a pass of its own, after every timed round."""
     from lenet_dist.bench import measure, suite
     from lenet_dist.config import BenchConfig
-    from lenet_dist.profiling import NoProfiler
+    from lenet_dist.profiling.capture import NoProfiler
 
     calls = []
     monkeypatch.setattr(measure, "measure", lambda cell, *args: calls.append((cell, args[-1])) or

@@ -14,7 +14,7 @@ from lenet_dist.steps import EagerStep, GraphedStep
 
 
 def trained(model, optimizer, scheduler) -> SimpleNamespace:
-    return SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, optimizer=optimizer, scheduler=scheduler)
+    return SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, optimizer=optimizer, lr_scheduler=scheduler)
 
 
 def round_trip(state: dict) -> dict:

@@ -112,7 +112,7 @@ def test_help_inspect_and_predict_start_without_torch():
 def test_flags_are_generated_from_a_dataclass():
     from dataclasses import dataclass
 
-    from lenet_dist.config import ArgumentParser, add_config_arguments, config_from_args, flag
+    from lenet_dist.flags import ArgumentParser, add_config_arguments, config_from_args, flag
 
     @dataclass
     class Example:
@@ -157,7 +157,7 @@ def test_help_shows_each_default_once_and_the_default_of_on_off_flags(capsys):
 
 
 def test_a_launch_config_is_found_by_its_file_name_too():
-    from lenet_dist.launching import config_path
+    from lenet_dist.distributed.launcher import config_path
 
     assert config_path("cpu_ddp") == config_path("cpu-ddp") == config_path("cpu_ddp.yaml")
     assert config_path("cpu-ddp").name == "cpu_ddp.yaml"

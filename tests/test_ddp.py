@@ -19,7 +19,7 @@ from conftest import (
     launch_table,
     read_metrics,
 )
-from lenet_dist.profiling import run_trace_dir
+from lenet_dist.profiling.capture import run_trace_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 

@@ -10,7 +10,8 @@ import torch
 from conftest import BATCH, TRAIN, batches, call, pieces, read_metrics
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import DATASETS, InMemoryDataset, ShuffledBatches, Split
-from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+from lenet_dist.recipe.build import build_model, build_optimizer
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 from lenet_dist.steps import EagerStep, GraphedStep
 
 pytestmark = pytest.mark.gpu
@@ -26,7 +27,7 @@ def test_the_captured_graph_trains_exactly_as_the_eager_step():
     torch.manual_seed(0)
     graph_model = build_model(TrainConfig(), num_classes=10).to(CUDA)
     graph_optimizer = build_optimizer(TrainConfig(), graph_model, graph=True)  # GraphedStep puts its lr on the GPU
-    graph_scheduler = build_scheduler(TrainConfig(), graph_optimizer, steps_per_epoch=20)
+    graph_scheduler = build_lr_scheduler(TrainConfig(), graph_optimizer, steps_per_epoch=20)
     graphed = GraphedStep(graph_model, graph_optimizer, graph_scheduler, BATCH, CUDA)
     assert graphed.graph is not None
     for images, labels in data:
@@ -41,7 +42,7 @@ def test_a_resumed_optimizer_follows_the_schedule_inside_the_graph():
     torch.manual_seed(0)
     model = build_model(TrainConfig(), num_classes=10).to(CUDA)
     optimizer = build_optimizer(TrainConfig(), model, graph=True)
-    scheduler = build_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
+    scheduler = build_lr_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
     optimizer.param_groups[0]["lr"] = float(optimizer.param_groups[0]["lr"])  # as load_state_dict leaves it
     graphed = GraphedStep(model, optimizer, scheduler, BATCH, CUDA)
     before = [p.detach().clone() for p in model.parameters()]
@@ -67,7 +68,7 @@ def test_capturing_the_step_warns_about_nothing():
     torch.manual_seed(0)
     model = build_model(TrainConfig(), num_classes=10).to(CUDA)
     optimizer = build_optimizer(TrainConfig(), model, graph=True)
-    scheduler = build_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
+    scheduler = build_lr_scheduler(TrainConfig(), optimizer, steps_per_epoch=20)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         graphed = GraphedStep(model, optimizer, scheduler, BATCH, CUDA)

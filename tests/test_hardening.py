@@ -14,10 +14,11 @@ import torch
 from conftest import BIN, SHORT, TRAIN, call, one_line_error, read_metrics, write_split
 from lenet_dist import cli
 from lenet_dist.config import TrainConfig
+from lenet_dist.console import ProgressBar
 from lenet_dist.data import load_split
 from lenet_dist.errors import status_of
-from lenet_dist.recipe import build_scheduler, build_test_loader
-from lenet_dist.reporting import ProgressBar
+from lenet_dist.recipe.build import build_test_loader
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_and_leaves_nothing(mnist_sliver, tmp_path):
@@ -31,7 +32,7 @@ def test_a_warm_up_of_one_step_starts_at_the_peak():
     config = TrainConfig(recipe="fast-to-98", anneal_images=320)  # 10 steps, 10 % of them warming up: one
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=1875)
+    scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=1875)
     rates = []
     for _ in range(12):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -104,7 +105,8 @@ def test_an_unexpected_exception_gets_its_traceback_and_a_status(capsys):
 
 INTERRUPTED_IN_START_UP = """
 import sys
-from lenet_dist import recipe, train
+from lenet_dist import train
+from lenet_dist.recipe import build as recipe
 def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 recipe.build_optimizer = interrupted
@@ -122,13 +124,13 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_output_dir(mn
 
 STOPPED_AT_THE_LAST_STEP = """
 import dataclasses, signal, sys
-from lenet_dist import schedule, train
-due_after = schedule.Schedule.due_after
+from lenet_dist import cadence, train
+original_due = cadence.Cadence.due
 def stop_at_the_end(self, progress, agreed):  # as if SIGTERM came during the very last step
-    due = due_after(self, progress, agreed)
+    due = original_due(self, progress, agreed)
     last = progress.global_step == self.steps_per_epoch * self.config.epochs
     return dataclasses.replace(due, stop=signal.SIGTERM, checkpoint=True) if last else due
-schedule.Schedule.due_after = stop_at_the_end
+cadence.Cadence.due = stop_at_the_end
 train.main(sys.argv[1:])
 """
 
@@ -184,7 +186,7 @@ def test_benchmarks_compare_command_runs(tmp_path, capsys):
 
 
 def test_a_lost_rank_is_named_only_when_a_rank_is_missing(monkeypatch):
-    from lenet_dist.processes import Ranks
+    from lenet_dist.distributed.lost_ranks import Ranks
 
     ranks = Ranks.__new__(Ranks)
     ranks.rank, ranks.members = 0, [(0, "here", 1), (1, "here", 1)]  # pid 1 is alive: nobody died here
@@ -209,7 +211,7 @@ def test_launch_config_help_shows_no_empty_default(capsys):
 
 
 def test_launch_help_lists_the_flags_readme_uses(capsys):
-    from lenet_dist.launching import main
+    from lenet_dist.distributed.launcher import main
 
     with pytest.raises(SystemExit) as exiting:
         main(["--help"])

@@ -22,13 +22,14 @@ from safetensors.torch import save_file
 
 from conftest import BIN, ROOT
 from lenet_dist import cli
+from lenet_dist.cadence import Progress
 from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
 from lenet_dist.config import PredictConfig, TrainConfig
 from lenet_dist.data import DATASETS, load_split, normalize
 from lenet_dist.model import LeNet5
-from lenet_dist.photos import FRAME, MAX_MEGAPIXELS, MNIST_CENTRE, to_frame
-from lenet_dist.predict import SIGPIPE_STATUS, run
-from lenet_dist.schedule import Progress
+from lenet_dist.predict.classify import SIGPIPE_STATUS, run
+from lenet_dist.predict.frames import FRAME, MNIST_CENTRE, to_frame
+from lenet_dist.predict.photos import MAX_MEGAPIXELS
 
 
 def export_run(folder: Path, dataset: str = "mnist", model: torch.nn.Module | None = None) -> Path:
@@ -378,7 +379,8 @@ def test_photographed_digits_give_mnist_s_frames(page, photos, digits):
 def trained_model_dir(data_dir, tmp_path_factory) -> Path:
     """LeNet-5 after one pass of the recipe over 16,384 MNIST digits (~96 % on the test set; a few seconds on one
     core), exported as a run is."""
-    from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+    from lenet_dist.recipe.build import build_model, build_optimizer
+    from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
     train, images, batch = load_split(data_dir, "train", "mnist"), 16_384, 64
     threads = torch.get_num_threads()
@@ -388,7 +390,7 @@ def trained_model_dir(data_dir, tmp_path_factory) -> Path:
         config = TrainConfig()
         model = build_model(config, num_classes=10)
         optimizer = build_optimizer(config, model)
-        schedule = build_scheduler(config, optimizer, steps_per_epoch=images // batch)
+        schedule = build_lr_scheduler(config, optimizer, steps_per_epoch=images // batch)
         inputs, labels = normalize(train.images[:images], train.info), train.labels[:images]
         for start in range(0, images, batch):
             batch_slice = slice(start, start + batch)

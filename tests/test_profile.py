@@ -75,7 +75,7 @@ def test_a_trace_that_cannot_be_written_is_one_warning_and_training_goes_on(tmp_
     checkpoints, the other ranks) is not stopped for a lost trace."""
     from types import SimpleNamespace
 
-    from lenet_dist.profiling import trace_writer
+    from lenet_dist.profiling.capture import trace_writer
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from lenet_dist.config import RECIPES, TrainConfig
+from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import build_model, build_scheduler
+from lenet_dist.recipe import RECIPES
+from lenet_dist.recipe.build import build_model
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
 
 def test_a_recipe_fills_what_no_flag_set_and_a_flag_overrides_it():
@@ -40,11 +42,11 @@ def test_the_schedule_is_one_cycle_over_the_run_and_holds_after_its_span():
     theirs = optimizer()
     reference = torch.optim.lr_scheduler.OneCycleLR(theirs, 6e-3, total_steps=2 * 50, pct_start=0.3,
                                                     cycle_momentum=False)
-    assert rates(build_scheduler(config, ours, steps_per_epoch=50), ours, 100) == pytest.approx(
+    assert rates(build_lr_scheduler(config, ours, steps_per_epoch=50), ours, 100) == pytest.approx(
         rates(reference, theirs, 100), rel=1e-12)
     short = TrainConfig(anneal_images=20 * 128, final_lr_factor=1 / 50)  # 20 steps of 128 images, then 1/50 of 6e-3
     held = optimizer()
-    seen = rates(build_scheduler(short, held, steps_per_epoch=50), held, 100)
+    seen = rates(build_lr_scheduler(short, held, steps_per_epoch=50), held, 100)
     assert seen[19] == pytest.approx(6e-3 / 50) and set(seen[19:]) == {seen[19]} and max(seen) == 6e-3
 
 

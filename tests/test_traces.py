@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TRAIN, call, one_line_error
-from lenet_dist import traces
 from lenet_dist.config import InspectConfig
 from lenet_dist.errors import UserError
+from lenet_dist.profiling import compare, inspection, traces
+from lenet_dist.profiling.host import analyse_worker
 
 # Two real Kineto traces of a 128-rank NCCL job on A100s (see their README); gzipped, as torch writes them.
 GPU_TRACES = Path(__file__).parent / "data" / "gpu-traces"
@@ -95,7 +96,7 @@ def close(a: float, b: float) -> bool:
 
 
 def test_gpu_section_matches_a_computation_from_the_raw_events(gpu_traces):
-    report = traces.inspect_run(gpu_traces)
+    report = inspection.inspect_run(gpu_traces)
     assert list(report["workers"]) == ["rank0", "rank1"]
     for worker, result in report["workers"].items():
         (path,) = result["files"]
@@ -141,15 +142,15 @@ def write_trace(folder: Path, events: list[dict], gz: bool = False, name: str = 
 def test_a_trace_without_step_markers_is_one_window_and_gzip_reads_the_same(tmp_path, capsys):
     events = [host("outer", 1000, 100), host("inner", 1010, 30), host("inner", 1050, 20),
               host("backward", 1150, 60, tid=2)]
-    plain = traces.analyse_worker([write_trace(tmp_path / "plain", events)])
+    plain = analyse_worker([write_trace(tmp_path / "plain", events)])
     assert plain["window"] == traces.WHOLE_TRACE and plain["steps"] == 1
     assert plain["step_ms"]["median"] == pytest.approx(0.21)  # first event's start to last event's end
     assert plain["self_ms_per_step"] == pytest.approx({"outer": 0.05, "inner": 0.05, "backward": 0.06})
     assert "gpu" not in plain  # a CPU trace keeps today's report
-    zipped = traces.analyse_worker([write_trace(tmp_path / "gz", events, gz=True)])
+    zipped = analyse_worker([write_trace(tmp_path / "gz", events, gz=True)])
     assert {**zipped, "files": []} == {**plain, "files": []}
 
-    traces.print_report(traces.inspect_run(tmp_path / "gz"), top=5)
+    inspection.print_report(inspection.inspect_run(tmp_path / "gz"), top=5)
     out = capsys.readouterr().out
     assert traces.WHOLE_TRACE in out and "outer" in out and "GPU busy" not in out
 
@@ -168,7 +169,7 @@ def test_kernels_are_charged_to_the_operator_that_launched_them(tmp_path):
         gpu_work("orphan_kernel", 900, 20, None),
         gpu_work("late_kernel", 1100, 100, 1),  # starts after the step: not counted
     ]
-    gpu = traces.analyse_worker([write_trace(tmp_path, events)])["gpu"]
+    gpu = analyse_worker([write_trace(tmp_path, events)])["gpu"]
     assert gpu["kernel_ms_per_step_by_operator"] == pytest.approx({
         "aten::mm": 0.2, "c10d::allreduce_": 0.15, "## optimizer ##": 0.05, "<unattributed>": 0.07,
     })
@@ -193,8 +194,8 @@ def two_profiles(tmp_path_factory, single_process_profile, mnist_slice):
 
 @pytest.mark.slow
 def test_inspect_compares_two_runs(two_profiles, capsys):
-    a, b = (traces.inspect_run(folder)["workers"]["rank0"] for folder in two_profiles)
-    comparison = traces.run(InspectConfig(run_dirs=[str(p) for p in two_profiles], json="-", top=8))
+    a, b = (inspection.inspect_run(folder)["workers"]["rank0"] for folder in two_profiles)
+    comparison = inspection.run(InspectConfig(run_dirs=[str(p) for p in two_profiles], json="-", top=8))
     assert json.loads(capsys.readouterr().out) == comparison
     rows = comparison["self_ms_per_step"]
     assert {row["name"] for row in rows} == a["self_ms_per_step"].keys() | b["self_ms_per_step"].keys()
@@ -216,7 +217,7 @@ def test_inspect_compares_two_runs(two_profiles, capsys):
                                           {"min": b["step_ms"]["min"], "max": b["step_ms"]["max"]})
     assert comparison["mixed_runs"] == [{}, {}]  # a real run's cycles are not taken for several runs
 
-    traces.run(InspectConfig(run_dirs=[str(p) for p in two_profiles], top=8))
+    inspection.run(InspectConfig(run_dirs=[str(p) for p in two_profiles], top=8))
     table = capsys.readouterr().out
     assert "B−A" in table and rows[0]["name"] in table and "conv fwd+bwd share" in table
     assert "step ms (min / max, all ranks)" in table and "step time: " in table
@@ -240,7 +241,7 @@ def test_inspect_reads_a_run_folder_a_trace_folder_or_one_trace_file(tmp_path, g
     run_a = tmp_path / "runs" / "a"
     run_a.mkdir(parents=True)
     (run_a / "metrics.json").write_text(json.dumps({"profile_dir": str(elsewhere)}))
-    report = traces.inspect_run(run_a)
+    report = inspection.inspect_run(run_a)
     assert (report["run_dir"], report["traces"]) == (str(run_a), str(elsewhere))
     assert report["workers"]["rank0"]["steps"] == 3
 
@@ -248,7 +249,7 @@ def test_inspect_reads_a_run_folder_a_trace_folder_or_one_trace_file(tmp_path, g
     run_c = tmp_path / "runs" / "c"
     stepped_trace(run_c, [1])
     (run_c / "metrics.json").write_text(json.dumps({"epochs": []}))
-    assert traces.inspect_run(run_c)["traces"] == str(run_c)
+    assert inspection.inspect_run(run_c)["traces"] == str(run_c)
 
     one_file = gpu_traces / "rank1.1.pt.trace.json.gz"  # its folder also holds rank0's, which are left out
     shown = call([*INSPECT, str(one_file), "--json", "-"], timeout=120)
@@ -263,20 +264,20 @@ def test_inspect_says_in_one_line_what_it_cannot_read(tmp_path):
     not_a_trace.write_text("hello")
     one_line_error(call([*INSPECT, str(not_a_trace)], timeout=60), 1, str(not_a_trace), "*.pt.trace.json")
     with pytest.raises(UserError, match="does not exist"):
-        traces.inspect_run(tmp_path / "missing")
+        inspection.inspect_run(tmp_path / "missing")
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "metrics.json").write_text(json.dumps({"profile_dir": str(tmp_path / "gone")}))
     with pytest.raises(UserError, match=f"{moved / 'metrics.json'} records profile_dir {tmp_path / 'gone'}"):
-        traces.inspect_run(moved)
+        inspection.inspect_run(moved)
     unprofiled = tmp_path / "unprofiled"
     unprofiled.mkdir()
     (unprofiled / "metrics.json").write_text(json.dumps({"profile_dir": None}))
     with pytest.raises(UserError, match=r"no \*\.pt\.trace\.json\[\.gz\] files in .*unprofiled"):
-        traces.inspect_run(unprofiled)
+        inspection.inspect_run(unprofiled)
     (unprofiled / "metrics.json").write_text('{"profile_dir": ')
     with pytest.raises(UserError, match="metrics.json is not readable JSON"):
-        traces.inspect_run(unprofiled)
+        inspection.inspect_run(unprofiled)
 
 
 def stepped_trace(folder: Path, step_ms: list[float], name: str = "rank0.1") -> Path:
@@ -296,22 +297,22 @@ def test_inspect_a_b_says_whether_the_step_time_change_is_within_noise(tmp_path,
     stepped_trace(overlapping, [20, 21, 22])
     stepped_trace(overlapping, [11.5, 12, 13], name="rank1.1")  # one rank's steps overlap A's: the spread is all ranks'
 
-    comparison = traces.run(InspectConfig(run_dirs=[str(a), str(apart)], json="-"))
+    comparison = inspection.run(InspectConfig(run_dirs=[str(a), str(apart)], json="-"))
     assert json.loads(capsys.readouterr().out) == comparison
     assert comparison["step_ms_range"] == {
         "a": {"min": pytest.approx(10), "max": pytest.approx(12)},
         "b": {"min": pytest.approx(20), "max": pytest.approx(22)},
         "within_noise": False,
     }
-    traces.print_comparison(comparison, top=3)
+    compare.print_comparison(comparison, top=3)
     table = capsys.readouterr().out
     assert "step ms (min / max, all ranks)" in table and "10.00 / 12.00" in table and "20.00 / 22.00" in table
     assert "apart" in table and "step time: B−A +10.00 ms, beyond noise: the step-time ranges do not overlap" in table
 
-    comparison = traces.compare_runs(traces.inspect_run(a), traces.inspect_run(overlapping))
+    comparison = compare.compare_runs(inspection.inspect_run(a), inspection.inspect_run(overlapping))
     assert comparison["step_ms_range"]["b"] == {"min": pytest.approx(11.5), "max": pytest.approx(22)}
     assert comparison["step_ms_range"]["within_noise"] is True
-    traces.print_comparison(comparison, top=3)
+    compare.print_comparison(comparison, top=3)
     table = capsys.readouterr().out
     assert "overlap" in table and "step time: within noise: the step-time ranges overlap" in table
 
@@ -324,7 +325,7 @@ from pathlib import Path
 
 import torch
 
-from lenet_dist.profiling import step_profiler
+from lenet_dist.profiling.capture import step_profiler
 
 with step_profiler(Path(sys.argv[1]), "rank0", wait=1, warmup=1, active=2, repeat=2, with_flops=False) as profiler:
     for _ in range(8):
@@ -349,9 +350,9 @@ def rerun_folder(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_one_run_with_two_recording_cycles_is_not_mixed(rerun_folder):
     _, first = rerun_folder
-    report = traces.inspect_run(first)
+    report = inspection.inspect_run(first)
     assert len(report["workers"]["rank0"]["files"]) == 2 and report["workers"]["rank0"]["recordings"] == 1
-    assert report["mixed_runs"] == {} and traces.mixed_runs_warning(report) is None
+    assert report["mixed_runs"] == {} and inspection.mixed_runs_warning(report) is None
 
 
 def test_inspect_warns_when_a_folder_mixes_runs(rerun_folder):
@@ -381,7 +382,7 @@ def test_either_sign_alone_tells_two_runs_apart(rerun_folder, tmp_path):
             trace = json.loads((folder / file).read_text())
             trace["traceEvents"] = [edit(event) for event in trace["traceEvents"]]
             (folder / file).write_text(json.dumps(trace))
-        return traces.inspect_run(folder)["mixed_runs"]["rank0"]
+        return inspection.inspect_run(folder)["mixed_runs"]["rank0"]
 
     def pid(text: str) -> int:
         return int(text.split()[1])
@@ -419,7 +420,7 @@ def lenet_dist_imports() -> dict[str, set[str]]:
                 for _ in range(node.level - 1):
                     package = package.rpartition(".")[0]
                 base = ".".join(filter(None, (package, node.module))) if node.level else node.module
-                # `from lenet_dist import traces` imports a module; `from lenet_dist.traces import run` its module
+                # `from lenet_dist.profiling import traces` is a module; `from lenet_dist.data import X` its module
                 imported |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                              for alias in node.names}
         graph[name] = (imported & modules.keys()) - {name}
@@ -450,8 +451,8 @@ def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_lenet_dist_modules_import_without_a_cycle():
     assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     graph = lenet_dist_imports()
-    assert {"lenet_dist.traces", "lenet_dist.gpu_trace", "lenet_dist.bench.suite"} <= graph.keys()
-    assert "lenet_dist.gpu_trace" in graph["lenet_dist.traces"]
+    assert {"lenet_dist.profiling.traces", "lenet_dist.profiling.gpu", "lenet_dist.bench.suite"} <= graph.keys()
+    assert "lenet_dist.profiling.gpu" in graph["lenet_dist.profiling.host"]
     cycle = import_cycle(graph)
     assert cycle is None, " → ".join(cycle)
     for module in sorted(set(graph) - {"lenet_dist.__main__"}):  # __main__ runs the command

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, ShuffledBatches, load_split
-from lenet_dist.recipe import build_model, build_optimizer, build_scheduler
+from lenet_dist.recipe.build import build_model, build_optimizer
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
                               config.batch_size, config.seed, 0, 1)
     model = build_model(config, num_classes=10)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
+    scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=len(batches))
     network = torch.compile(model, dynamic=False) if args.compile else model
     if args.compile:  # compiled before the clock starts, as train's --compile does
         F.cross_entropy(network(torch.zeros(args.batch_size, 1, 28, 28)), torch.zeros(args.batch_size,

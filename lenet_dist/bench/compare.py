@@ -73,7 +73,7 @@ def run(config: CompareConfig) -> dict[str, Any]:
 def show(comparison: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from lenet_dist.reporting import wide_console
+    from lenet_dist.console import wide_console
 
     out = wide_console(200)
     for index, (path, machine) in enumerate(zip(comparison["files"], comparison["machines"], strict=True)):

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, Split, make_loader, torchvision_dataset
 from lenet_dist.model import LeNet5
-from lenet_dist.recipe import AUTOCAST_DTYPES, autocast, build_model, build_optimizer, build_training_batches
+from lenet_dist.recipe.build import AUTOCAST_DTYPES, autocast, build_model, build_optimizer, build_training_batches
 
 # The original script's loader: batch 64, no worker processes, the model and Adam as PyTorch makes them.
 ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 0

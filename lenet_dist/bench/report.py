@@ -20,7 +20,7 @@ def row_line(cell: Cell, measured: Throughput) -> str:
 def show(result: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from lenet_dist.reporting import wide_console
+    from lenet_dist.console import wide_console
 
     out = wide_console(160)
     table = Table(title=f"lenet-dist bench: {label(result['machine'])}")

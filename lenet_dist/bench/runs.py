@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lenet_dist.distributed.launcher import config_path
 from lenet_dist.errors import UserError
-from lenet_dist.launching import config_path
 
 TRAIN = [sys.executable, "-m", "lenet_dist.train", "--no-progress"]
 ORIGINAL = [sys.executable, "-m", "lenet_dist.bench.original"]

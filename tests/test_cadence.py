@@ -1,4 +1,4 @@
-"""What the training loop does after each step (schedule.py), tested directly: which steps log, what is due at
+"""What the training loop does after each step (cadence.py), tested directly: which steps log, what is due at
 each, and that every rank and a resumed run get the same answers."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from lenet_dist.cadence import EVALUATION_GAP_IMAGES, PROGRESSIVE_IMAGES, Cadence, Due, Progress
 from lenet_dist.config import TrainConfig
-from lenet_dist.schedule import EVALUATION_GAP_IMAGES, PROGRESSIVE_IMAGES, Due, Progress, Schedule
 
 STEPS = 468  # steps per epoch: MNIST at batch 128
 SIGTERM = 15
@@ -43,23 +43,23 @@ EVERYTHING = TrainConfig(epochs=2, checkpoint_every=468, eval_every=234, log_eve
     ("in reach, but no target", TrainConfig(), at(300, recent=[(4096, 4096)]), None, True, Due()),
 ])
 def test_what_is_due_after_a_step(name, config, progress, signal, logs, due):
-    schedule = Schedule(config, STEPS, processes=2)
-    assert schedule.logs_after(progress, signal) is logs, name
+    cadence = Cadence(config, STEPS, processes=2)
+    assert cadence.is_log_point(progress, signal) is logs, name
     if logs:
-        assert schedule.due_after(progress, signal) == due, name
+        assert cadence.due(progress, signal) == due, name
 
 
 def test_one_process_stops_at_the_very_step_it_was_signalled_at():
-    assert Schedule(TrainConfig(), STEPS, processes=1).logs_after(at(13), SIGTERM)
-    assert Schedule(TrainConfig(), STEPS, processes=1).due_after(at(13), SIGTERM) == Due(checkpoint=True, stop=SIGTERM)
+    assert Cadence(TrainConfig(), STEPS, processes=1).is_log_point(at(13), SIGTERM)
+    assert Cadence(TrainConfig(), STEPS, processes=1).due(at(13), SIGTERM) == Due(checkpoint=True, stop=SIGTERM)
 
 
 def test_a_run_is_finished_after_its_last_epoch_or_at_its_target():
-    schedule = Schedule(TrainConfig(epochs=2, target_accuracy=0.98), STEPS, processes=1)
-    assert not schedule.finished(Progress(epoch=2))
-    assert schedule.finished(Progress(epoch=3))
-    assert schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9801}]))
-    assert not schedule.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9799}]))
+    cadence = Cadence(TrainConfig(epochs=2, target_accuracy=0.98), STEPS, processes=1)
+    assert not cadence.finished(Progress(epoch=2))
+    assert cadence.finished(Progress(epoch=3))
+    assert cadence.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9801}]))
+    assert not cadence.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9799}]))
 
 
 def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None, test_accuracy_at=None) -> list[int]:
@@ -67,17 +67,17 @@ def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None, test_
     the test set (or `test_accuracy_at(step)`), until the first evaluation at ≥ the target, logging as the loop
     does (with `stop_at`, also at a stop or a checkpoint in between, as a resumed run's history has it)."""
     test_accuracy_at = test_accuracy_at or accuracy_at
-    schedule, progress, evaluated, logged = Schedule(config, STEPS, processes=1), Progress(), [], 0
-    while not schedule.finished(progress):
+    cadence, progress, evaluated, logged = Cadence(config, STEPS, processes=1), Progress(), [], 0
+    while not cadence.finished(progress):
         progress.global_step += 1
         progress.batches_done += 1
         step = progress.global_step
-        if not (schedule.logs_after(progress, None) or step == stop_at):
+        if not (cadence.is_log_point(progress, None) or step == stop_at):
             continue
         right = sum(round(config.batch_size * accuracy_at(s)) for s in range(logged + 1, step + 1))
         progress.note_recent((step - logged) * config.batch_size, right, closing=step % config.log_every == 0)
         logged = step
-        due = schedule.due_after(progress, None)
+        due = cadence.due(progress, None)
         if due.evaluate:
             evaluated.append(step)
             progress.evaluations.append({"step": step, "epoch": progress.epoch,

@@ -1,11 +1,9 @@
-"""The training loop's schedule: where a run stands (`Progress`) and what is due after each step (`Due`).
+"""The loop's cadence: where a run stands (`Progress`) and what is due after a step (`Due`).
 
-After every training step the loop asks `Schedule` two things. Whether to log here (`logs_after`): the
-loss and the batches' right answers are summed over every rank, the one synchronisation a step may need.
-And then, at such a step, what is due (`due_after`), which the loop acts on in this order: log, evaluate on
-the whole test set, close the epoch, save a checkpoint, stop. Every answer is a function of the progress
-counters, the config and the stop signal the ranks agreed on, never of a clock: every rank, and a run
-resumed from a checkpoint, does the same things at the same steps.
+After every step the loop asks `Cadence` whether this is a log point (`is_log_point`), where the ranks
+synchronise once; and there, what is due (`due`): evaluate, end the epoch, checkpoint, stop. The answers
+depend on the progress counters, the config and the agreed stop signal, never on a clock, so every rank,
+and a run resumed from a checkpoint, does the same things at the same steps.
 """
 
 from __future__ import annotations
@@ -15,11 +13,10 @@ from typing import Any
 
 from lenet_dist.config import TrainConfig
 
-# With --target-accuracy (and no --eval-every), the whole test set is evaluated when the training batches
-# say the target is in reach: the accuracy of each batch before the step that learns from it (in the first
-# epoch, images the model has never seen) over at least this many recent images...
+# With --target-accuracy and no --eval-every, the test set is evaluated when the training batches' accuracy
+# (each scored before the step that learns from it) over this many recent images reaches the target...
 PROGRESSIVE_IMAGES = 4096
-# ...at the target or above, and at least this many training images after the last evaluation.
+# ...and at least this many images were trained since the last evaluation.
 EVALUATION_GAP_IMAGES = 4096
 
 
@@ -52,14 +49,17 @@ class Progress:
         self.train_seconds += seconds
         self.epoch_train_seconds += seconds
 
+    def step_done(self) -> None:
+        self.batches_done += 1
+        self.global_step += 1
+
     def start_next_epoch(self) -> None:
         self.epoch, self.batches_done, self.loss_sum, self.epoch_train_seconds = self.epoch + 1, 0, 0.0, 0.0
 
     def note_recent(self, images: int, right: float, closing: bool) -> None:
-        """The training batches' accuracy before each step, in stretches of --log-every steps (`closing` at each
-        multiple: a log point a checkpoint, a stop or an epoch's end makes in between only adds to the open
-        stretch, so a resumed run's stretches are the uninterrupted one's), kept over just enough of them to
-        cover PROGRESSIVE_IMAGES images."""
+        """The batches' accuracy before learning, in stretches of --log-every steps, kept over just enough of them
+        to cover PROGRESSIVE_IMAGES. Other log points add to the open stretch (`closing` False), so that a resumed
+        run's stretches are the uninterrupted run's."""
         self.open_stretch = [self.open_stretch[0] + images, self.open_stretch[1] + round(right)]
         if not closing:
             return
@@ -79,29 +79,23 @@ class Due:
     stop: int | None = None  # the signal to stop for, after saving
 
 
-class Schedule:
-    """The answers, for one run's config; see the module's docstring.
-
-    Evaluations: at each epoch's end; every --eval-every steps when given; with --target-accuracy and no
-    --eval-every also when the training batches say the target is in reach (their accuracy, each batch scored
-    by the model before the step that learns from it, over the last PROGRESSIVE_IMAGES images or more, at the
-    target or above, and EVALUATION_GAP_IMAGES trained since the last evaluation). In the first epoch those
-    images are new to the model, so this is an honest if lagging estimate of the test accuracy, for free: a
-    full test pass is kept for when it will likely succeed. Later, each miss doubles the gap.
-    """
+class Cadence:
+    """One run's answers. Evaluations come at each epoch's end, every --eval-every steps, and with
+    --target-accuracy alone when the training batches say the target is in reach (`_in_reach`): in the first
+    epoch those images are new to the model, a free if lagging estimate of the test accuracy."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, processes: int) -> None:
         self.config, self.steps_per_epoch, self.processes = config, steps_per_epoch, processes
 
-    def logs_after(self, progress: Progress, signal: int | None) -> bool:
-        """Whether this step is a log point. `signal` is this process's own; one process alone stops at the very
-        step it was signalled at, several agree on a signal at their next log point."""
+    def is_log_point(self, progress: Progress, signal: int | None) -> bool:
+        """`signal` is this process's own: one process stops at the step it was signalled at, several agree on
+        it at their next log point."""
         step, config = progress.global_step, self.config
         return (step % config.log_every == 0 or self._epoch_ends(progress) or self._checkpoint_due(step)
                 or self._scheduled_evaluation(step) or (self.processes == 1 and signal is not None))
 
-    def due_after(self, progress: Progress, signal: int | None) -> Due:
-        """What is due at this log point; `signal` the one every rank agreed on (None: no stop asked)."""
+    def due(self, progress: Progress, signal: int | None) -> Due:
+        """What is due at this log point; `signal` is the one every rank agreed on (None: no stop asked)."""
         epoch_end = self._epoch_ends(progress)
         evaluate = epoch_end or self._scheduled_evaluation(progress.global_step) or self._in_reach(progress)
         return Due(evaluate=evaluate, epoch_end=epoch_end, stop=signal,
@@ -125,13 +119,13 @@ class Schedule:
         return bool(self.config.eval_every) and step % self.config.eval_every == 0
 
     def _in_reach(self, progress: Progress) -> bool:
-        """The target, by the training batches' recent accuracy (progress.recent), at a stretch's close."""
+        """The target, by the training batches' recent accuracy, at a stretch's close; after the first epoch the
+        batches were seen before and run ahead of the test set, so each evaluation there that missed doubles the
+        wait for the next."""
         config = self.config
         if config.target_accuracy is None or config.eval_every or progress.open_stretch[0]:
             return False
         last = progress.evaluations[-1]["step"] if progress.evaluations else 0
-        # after the first epoch the batches were seen before and their accuracy runs ahead of the test set's:
-        # each evaluation there that missed the target doubles the wait for the next
         misses = sum(evaluation["epoch"] > 1 and not self.meets_target(evaluation)
                      for evaluation in progress.evaluations)
         if (progress.global_step - last) * config.batch_size < EVALUATION_GAP_IMAGES * 2**misses:

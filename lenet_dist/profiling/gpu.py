@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from lenet_dist.trace_events import (
+from lenet_dist.profiling.events import (
     GPU_WORK,
     LAUNCHES,
     STEP_MARKER,

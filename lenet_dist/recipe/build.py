@@ -9,7 +9,6 @@ live here, with why they are what they are.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +19,14 @@ from torch.utils.data import DataLoader
 
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, load_split, make_loader, torchvision_dataset
-from lenet_dist.errors import UsageError
+from lenet_dist.errors import UsageError, on_every_rank
 from lenet_dist.model import LeNet5
-from lenet_dist.processes import on_every_rank
+from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
 # Adam's second-moment decay: 0.95 instead of 0.999 lets the step size follow the one-cycle
 # schedule's learning rate instead of lagging behind it; with the peak lr 6e-3 the 2-epoch run ends
 # at ≥ 98.6 % for seeds 0-2 (3e-3 and 0.999 before: 98.35-98.63 %).
 ADAM_BETAS = (0.9, 0.95)
-# Where the one-cycle schedule starts, as OneCycleLR has it: at a 25th of its peak.
-ONE_CYCLE_START = 1 / 25
 # Evaluation batches: bigger than training's (no activations kept for a backward pass), small enough
 # that a batch's activations stay in the CPU's caches (2,000 took ~1.6× as long per pass here); 500
 # divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of the
@@ -67,36 +64,6 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, graph: bool = F
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, fused=True, capturable=graph)
 
 
-def build_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle over the run, or over its first --anneal-images images and then holding its last learning rate;
-    Adam's betas stay fixed (no momentum cycling): a graph could not follow a per-step beta1, and the fixed one
-    ended as high or higher (seeds 0-2: 98.68/98.97/98.78 % against 98.65/98.85/98.72 %)."""
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    steps = config.epochs * steps_per_epoch
-    if config.anneal_images:
-        steps = min(steps, max(2, config.anneal_images // config.batch_size))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(steps, config.warmup, config.final_lr_factor))
-
-
-def one_cycle(steps: int, warmup: float, final: float):
-    """OneCycleLR's learning rate (cosine up from ONE_CYCLE_START to 1, then down to `final`, as a factor of the
-    peak) over `steps` steps, then its last value for good: a LambdaLR, unlike OneCycleLR, may go on."""
-    peak_step = warmup * steps - 1
-
-    def factor(step: int) -> float:
-        step = min(step, steps - 1)
-        if step <= peak_step:  # peak_step 0: a warm-up of one step starts at the peak
-            start, end, done = ONE_CYCLE_START, 1.0, step / peak_step if peak_step > 0 else 1.0
-        else:
-            start, end, done = 1.0, final, (step - peak_step) / (steps - 1 - peak_step)
-        return end + (start - end) / 2 * (math.cos(math.pi * done) + 1)
-
-    return factor
-
-
 def build_training_batches(
     config: TrainConfig, train: Split, data_dir: Path, device: torch.device, rank: int, world_size: int
 ) -> ShuffledBatches | DataLoader:
@@ -127,7 +94,7 @@ class Trainer:
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: ShuffledBatches | DataLoader  # accelerate's DataLoader for the torchvision pipeline
     test_loader: DataLoader
     test: Split
@@ -145,7 +112,7 @@ def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path,
                          f"images of {data_dir}; choose at most {len(train_split.labels):,}")
     model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
     optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=len(batches))
+    scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=len(batches))
     test_loader = build_test_loader(config, test_split, data_dir, accelerator.device, accelerator.num_processes)
     model, optimizer, scheduler, test_loader = accelerator.prepare(model, optimizer, scheduler, test_loader)
     if not isinstance(batches, ShuffledBatches):

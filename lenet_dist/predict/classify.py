@@ -23,7 +23,7 @@ from lenet_dist.data import DATASETS, normalize
 from lenet_dist.errors import UserError
 from lenet_dist.files import write_atomically
 from lenet_dist.model import LeNet5
-from lenet_dist.photos import to_frame
+from lenet_dist.predict.frames import to_frame
 
 SAVED_INPUT_SUFFIX = ".28x28.png"  # --save-inputs: digit.jpg → digit.jpg.28x28.png, never an input's own name
 SIGPIPE_STATUS = 128 + signal.SIGPIPE  # what a shell reports for a tool a closed pipe stopped

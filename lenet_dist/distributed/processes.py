@@ -1,0 +1,107 @@
+"""A run's processes: joining them (one, or those a launcher started), the accelerator, core pinning, rank 0's voice."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, TorchDynamoPlugin
+
+from lenet_dist.config import TrainConfig
+from lenet_dist.errors import UsageError
+
+
+def start_processes(collective_timeout: float) -> PartialState:
+    """Join the run's processes (one, or the ones torchrun / accelerate launch started).
+
+    Every collective waits at most `collective_timeout` seconds for the other ranks, so a lost node or
+    link ends the job in bounded time (torch's default is 10 to 30 minutes). The timeout goes to
+    PartialState, the first to form the process group: the Accelerator made later shares that group.
+    """
+    timeout = timedelta(seconds=collective_timeout)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _join_as_restarted(restarts, timeout)
+    return PartialState(cpu=_cpu_processes(), timeout=timeout)
+
+
+def end_processes() -> None:
+    """Leave the process group, on every way out (NCCL otherwise adds its own warning to the last line)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _join_as_restarted(restarts: int, timeout: timedelta) -> None:
+    """Form the process group under a prefix of this attempt's own.
+
+    torchrun's static rendezvous (accelerate launch's default) hands restarted workers the first
+    attempt's store, whose keys still hold the dead processes' addresses: the new group would try to
+    connect to them until it timed out. accelerate then finds the group formed and uses it.
+    """
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=5))
+    backend = "gloo" if _cpu_processes() else "nccl"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"lenet-dist-attempt-{restarts}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+def _cpu_processes() -> bool:
+    """accelerate's multi-process launcher on a machine without GPUs leaves the processes with no
+    backend unless cpu=True, which selects MULTI_CPU over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path, logging_dir: Path) -> Accelerator:
+    options: dict[str, Any] = {}
+    if config.mixed_precision is not None:  # otherwise accelerate's launch config decides
+        options["mixed_precision"] = config.mixed_precision
+    if config.compile:
+        # static shapes: every training batch has the same shape, so one graph serves them all
+        options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", dynamic=False)
+    if config.log_with:
+        options["log_with"] = config.trackers()
+    try:
+        return Accelerator(
+            cpu=_cpu_processes(),
+            # autocast's cache of low-precision weight copies must be off for CUDA-graph capture (PyTorch's
+            # CUDA-graph notes: the cache is cleared when the autocast region ends, inside the graph); LeNet
+            # uses each weight once per pass, so the cache saved nothing anyway
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+            # split_batches: --batch-size is the global batch, so the recipe does not change with the
+            # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
+            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+            **options,
+        )
+    except ValueError as error:  # e.g. fp16 on a device that cannot do it
+        raise UsageError(f"accelerate refused the configuration: {error}") from None
+
+
+def pin_cores(state: PartialState) -> None:
+    """Give each local CPU process a disjoint slice of the cores it may run on.
+
+    Left alone, the OS migrates single-threaded ranks between cores and they sometimes share one;
+    pinned, each rank keeps its core's caches. --no-pin-cores turns it off.
+    """
+    if state.device.type != "cpu" or state.num_processes == 1 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    share = len(cores) // local_processes
+    if share:
+        index = state.local_process_index
+        os.sched_setaffinity(0, cores[index * share : (index + 1) * share])
+
+
+def announce(state: PartialState, message: str) -> None:
+    """Print on global rank 0 only: accelerator.print prints once per machine, not once per job."""
+    if state.is_main_process:
+        print(message, flush=True)

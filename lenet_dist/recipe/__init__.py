@@ -1,0 +1,22 @@
+"""The recipes `--recipe` names: every field a recipe sets, which a flag given on its own overrides.
+
+    default     ends highest: 2 epochs, the one-cycle learning rate over both, 98.6 % and more (BENCHMARKS.md)
+    fast-to-98  the shortest time to 98 %: LeCun's initialisation, batch 32, the learning rate annealed over the
+                first 45,056 images down to a fiftieth of its peak, which it then holds (so that a slow seed
+                still learns), stopping at the first evaluation ≥ 98 % (BENCHMARKS.md has the search)
+
+What the recipe builds from them (model, optimizer, learning rate, batches) is in build.py and lr_schedule.py;
+this table imports nothing heavy, for the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"epochs": 2, "batch_size": 128, "lr": 6e-3, "warmup": 0.3, "anneal_images": None,
+                "final_lr_factor": 1 / 25 / 1e4, "init": "pytorch", "target_accuracy": None},
+    "fast-to-98": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "warmup": 0.1, "anneal_images": 45_056,
+                   "final_lr_factor": 1 / 50, "init": "lecun", "target_accuracy": 0.98},
+}
+FROM_RECIPE = "(default: the --recipe's)"
