@@ -3,17 +3,12 @@
 A checkpoint is a folder `checkpoints/step-<N>/` that rank 0 alone writes:
 
     model.safetensors    the plain LeNet-5, as exported (predict reads it too)
-    training_state.pt    the optimizer's and the schedule's states (and fp16's gradient scaler), CPU tensors only
-    progress.json        where training stands (schedule.Progress); written last, it marks the folder complete
+    training_state.pt    optimizer, schedule (and fp16 scaler) states, CPU tensors only
+    progress.json        where training stands (cadence.Progress); written last, it marks the folder complete
 
-On resume, the checkpoint is chosen once for the whole job, and the rank that holds it reads it and
-sends it to every other rank. So the other nodes need no copy (node-local disks work as a shared disk
-does), a run saved on a GPU resumes on a CPU, and N processes resume on M: the global batch and each
-epoch's data order depend on neither, the model and optimizer are the same on every rank, and no
-random numbers are drawn after start-up, so there are no per-rank random states to keep.
-
-Loading never unpickles arbitrary objects: safetensors for the weights, torch.load(weights_only=True)
-for the rest.
+On resume the rank holding the chosen checkpoint sends it to every rank, so other nodes need no copy and
+N processes resume on M (no per-rank random state exists after start-up). Loading never unpickles
+arbitrary objects: safetensors for the weights, torch.load(weights_only=True) for the rest.
 """
 
 from __future__ import annotations
@@ -51,8 +46,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 # continue the same run. The number of processes is not one of them.
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup", "anneal_images", "final_lr_factor", "init",
                      "seed", "dataset", "data_pipeline", "init_from")
-# Optimizer settings that say how this run steps, not where the trajectory stands: a checkpoint
-# saved with another setting (an eager run's capturable=False, say) must not replace this run's.
+# Optimizer settings that say how this run steps, not where it stands: a checkpoint's must not replace them.
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
 
 
@@ -70,12 +64,10 @@ def trajectory_of(config: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(trained: Trained, run_dir: Path, state: Progress, keep: int) -> Path:
-    """Rank 0 writes the checkpoint into a hidden folder, syncs it to disk and renames it into place.
+    """Rank 0 writes the checkpoint into a hidden folder, fsyncs it and renames it into place.
 
-    A SIGKILL or a lost host at any instant leaves either the previous checkpoints alone or the new one
-    complete: the files and the folder are fsynced before the rename, rename is atomic, and
-    progress.json, written last, marks a folder as complete. A write that fails (a full disk, a
-    file-size limit) is one error on every rank, and the partial folder goes.
+    A kill at any instant leaves the previous checkpoints or the new one complete. A failed write is one
+    error on every rank, and the partial folder goes.
     """
     accelerator = trained.accelerator
     folder = run_dir / CHECKPOINTS_DIR
@@ -112,12 +104,11 @@ def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: Progre
 
 
 def _training_state(trained: Trained) -> dict[str, Any]:
-    """The optimizer's and the schedule's states with every tensor on the CPU, and the learning rates as
-    numbers: a CUDA graph keeps them as GPU tensors, which a machine without that GPU could not load."""
+    """The optimizer's and schedule's states on the CPU, learning rates as numbers: a CUDA graph keeps them
+    as GPU tensors, which a machine without that GPU could not load."""
     optimizer = trained.optimizer.state_dict()
     optimizer["param_groups"] = [_plain_numbers(group) for group in optimizer["param_groups"]]
-    # on the CPU with their strides kept: fused Adam pairs each moment with its parameter element by element
-    # in memory order, so a channels-last weight's moments must stay channels-last
+    # strides kept: fused Adam pairs moments with parameters in memory order (channels-last stays so)
     optimizer["state"] = {key: {name: tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
                                 for name, tensor in value.items()} for key, value in optimizer["state"].items()}
     training_state = {"optimizer": optimizer, "scheduler": _plain_numbers(trained.lr_scheduler.state_dict())}
@@ -220,9 +211,8 @@ def initialize_from(trained: Trained, source: Path) -> None:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Optimizer.load_state_dict, keeping how this optimizer steps (STEPPING_SETTINGS): load_state_dict
-    takes the saved param groups whole, so an eager run's checkpoint would turn off the capturable Adam
-    a CUDA graph needs."""
+    """Optimizer.load_state_dict, keeping this optimizer's STEPPING_SETTINGS: otherwise an eager run's
+    checkpoint would turn off the capturable Adam a CUDA graph needs."""
     settings = [{key: group[key] for key in STEPPING_SETTINGS if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     for group, kept in zip(optimizer.param_groups, settings, strict=True):

@@ -1,8 +1,4 @@
-"""Every command's flags, one dataclass per command; the command line is generated from them.
-
-This module imports nothing heavy (no torch, no accelerate), so `lenet-dist --help` and the commands
-that need no training stack start at once.
-"""
+"""Every command's flags, one dataclass each, the command line generated from them; no heavy imports, for --help."""
 
 from __future__ import annotations
 
@@ -17,16 +13,13 @@ from lenet_dist.flags import flag, option, parse_config, require_at_least, requi
 from lenet_dist.recipe import FROM_RECIPE, RECIPES
 
 DATA_DIR_ENV = "LENET_DATA_DIR"
-# the MNIST-format data sets (their files and statistics: data.DATASETS)
-DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
+DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")  # their files and statistics: data.DATASETS
 TEST_IMAGES = 10_000  # the test split of each of them
-# accelerate's tracker names (accelerate.utils.LoggerType), spelled here so that building the
-# command line does not import accelerate; a test keeps the two lists equal.
+# accelerate.utils.LoggerType's names, spelled here to keep accelerate out; a test keeps the two equal.
 TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
-    """--data-dir, else $LENET_DATA_DIR, else ./data."""
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
 
 

@@ -12,11 +12,10 @@ from rich.table import Table
 
 
 class ProgressBar:
-    """Training's progress through an epoch on the main process, from where it starts (or resumes) to the epoch's
-    end, paused while the loop evaluates or saves; silent on the other ranks.
+    """An epoch's progress on the main process (silent on the others), paused while the loop evaluates or saves.
 
-    On a terminal: a rich bar with images/s, loss and ETA. Otherwise (CI logs, pipes) or with
-    --no-progress: a plain line each quarter epoch, so logs stay readable.
+    On a terminal a rich bar with images/s, loss and ETA; in logs, pipes or with --no-progress, a plain line each
+    quarter epoch.
     """
 
     PLAIN_LINES_PER_EPOCH = 4
@@ -33,7 +32,7 @@ class ProgressBar:
                 TextColumn("{task.fields[rate]}  {task.fields[loss]}"), TimeRemainingColumn(),
                 console=Console(file=sys.stdout), transient=True,
             )
-            # blank until measured: a bar that starts (or restarts after an evaluation) has no rate or loss yet
+            # blank until measured: a bar that starts or restarts has no rate or loss yet
             self.task = self.bar.add_task("train", total=steps, completed=done, rate="", loss="")
             self.bar.start()
 

@@ -1,8 +1,7 @@
 """MNIST-format data sets from IDX files into memory, and the two pipelines that feed training.
 
-The IDX reader is ours rather than torchvision's because it also reads a flat folder of gzipped
-files and turns every malformed file into a one-line error that names the file. torchvision is
-imported only to download and for its per-image pipeline.
+Our own IDX reader also reads a flat folder of gzipped files and makes each malformed file a one-line error
+naming it; torchvision is imported only to download and for its per-image pipeline.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ SPLIT_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_UBYTE = 0x08
-# md5 of the published test labels (the IDX payload after its header): recognises a data set trained under
-# another's name, whose normalisation, class names and predict frame would all be wrong
+# md5 of the published test labels (the IDX payload after its header): catches a data set passed under another's name
 KNOWN_TEST_LABELS = {"073c3904dfbd3e141ff8aa01cfde6b15": "mnist", "8dea97a4e78c1bd1b5a6e8efbb870b6e": "fashion-mnist"}
 
 
@@ -80,8 +78,7 @@ def read_idx(path: Path) -> torch.Tensor:
 
 
 def _find_file(folder: Path, name: str, dataset: str) -> Path | None:
-    """torchvision's layout (<folder>/MNIST/raw/), or the data set's own folder (<folder>/raw/: --data-dir
-    data/MNIST), then a flat folder of IDX files, gzipped or not."""
+    """IDX file `name`, gzipped or not, in torchvision's layout (<folder>/MNIST/raw/), <folder>/raw/ or <folder>."""
     own = DATASETS[dataset].torchvision_class
     for candidate in (folder / own / "raw" / name, folder / "raw" / name, folder / name):
         for path in (candidate, candidate.with_name(candidate.name + ".gz")):
@@ -119,17 +116,15 @@ def ensure_dataset(data_dir: Path, dataset: str) -> None:
 
 
 def _download_failure(error: Exception, narration: str) -> str:
-    """The cause, not torchvision's summary: the last mirror's reason (`<urlopen error [Errno -2] Name or service
-    not known>`), from its error or what it printed, else the error's first line."""
+    """The cause, not torchvision's summary: the last mirror's `<urlopen error ...>`, else the error's first line."""
     lines = [line.strip() for line in f"{error}\n{narration}".splitlines() if line.strip()]
     reasons = [line for line in lines if line.startswith("<")]
     return reasons[-1] if reasons else f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def remove_unreadable_downloads(data_dir: Path, dataset: str) -> list[tuple[Path, str]]:
-    """The IDX files in torchvision's download folder (<dir>/<DataSet>/raw/) that cannot be read whole, as a
-    download killed during its last file leaves them: removed, with their other form (gzipped or not), so
-    that the download fetches them again; each with what was wrong. Files elsewhere are the user's own."""
+    """Remove the unreadable IDX files (a killed download's) in torchvision's download folder, in both forms, so that
+    they are fetched again; returns each with what was wrong. Files elsewhere are the user's own and left alone."""
     raw = data_dir / DATASETS[dataset].torchvision_class / "raw"
     removed = []
     for name in (name for pair in SPLIT_FILES.values() for name in pair):
@@ -146,9 +141,8 @@ def remove_unreadable_downloads(data_dir: Path, dataset: str) -> list[tuple[Path
 
 
 def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str) -> None:
-    """ensure_dataset once per disk: rank 0 first (one download where every node shares the disk), then each
-    other node's first rank on its node's own disk, never two ranks into one folder at once; a rank that cannot
-    have the data stops every rank, with its one line."""
+    """`ensure_dataset` once per disk, never two ranks into one folder at once: rank 0 first (one download on a shared
+    disk), then each other node's first rank. A rank that cannot get the data stops every rank with its one line."""
     def here() -> None:
         ensure_dataset(data_dir, dataset)
 
@@ -157,8 +151,7 @@ def ensure_dataset_everywhere(state: PartialState, data_dir: Path, dataset: str)
 
 
 def download(config: DownloadConfig) -> None:
-    """`lenet-dist download`: fetch a data set now, e.g. before training on a machine that is offline; files
-    a download left unreadable are fetched again."""
+    """`lenet-dist download`: fetch a data set now (e.g. for an offline machine), refetching unreadable downloads."""
     data_dir = config.resolved_data_dir()
     for path, problem in remove_unreadable_downloads(data_dir, config.dataset):
         print(f"removed {path} to fetch it again: {problem}", flush=True)
@@ -222,22 +215,17 @@ class InMemoryDataset(Dataset):
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
-    """Epoch `epoch`'s (0-based) shuffle of `size` images: drawn on the CPU from (seed, epoch) alone.
-
-    Always on the CPU: CUDA's randperm gives another order for the same seed, so drawing it on the
-    data's device would make a run's data order, and what its seed was tuned on, depend on the device.
-    """
+    """Epoch `epoch`'s (0-based) shuffle of `size` images, from (seed, epoch) alone and always on the CPU: CUDA's
+    randperm gives another order for the same seed, which would make the data order depend on the device."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(size, generator=generator)
 
 
 class ShuffledBatches:
-    """An in-memory training set's batches, whole batches only, gathered on the data's device.
+    """An in-memory training set's whole batches, gathered on the data's device.
 
-    The order of epoch e is `epoch_order(seed, e)`, the same for any number of processes, on any
-    device and after a resume; each rank takes its slice of every global batch (as accelerate's
-    split_batches does). Dropping the last partial batch gives every step the same shape, which
-    compiled kernels and CUDA graphs need; a new shuffle each epoch still shows every image.
+    Epoch e's order is `epoch_order(seed, e)` for any process count, device or resume; each rank takes its slice of
+    every global batch (as accelerate's split_batches). Whole batches: one shape for compiled kernels and CUDA graphs.
     """
 
     def __init__(self, dataset: InMemoryDataset, global_batch: int, seed: int, rank: int, world_size: int) -> None:

@@ -1,4 +1,4 @@
-"""Figures rendered headless to PNG (a bare `Figure` needs no GUI backend); `show` opens a window."""
+"""Run figures, drawn headless to PNG; placed by hand, few ticks, text keys: layout, ticks and legends cost most."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ FRAMED = TILE + 2 * BORDER
 CELL_WIDTH, CAPTION_HEIGHT = 44, 14  # in image pixels: room for a caption above each framed tile
 CELL_HEIGHT = CAPTION_HEIGHT + FRAMED + 2
 RED, WHITE = (0.85, 0.1, 0.1), (1.0, 1.0, 1.0)
-# training curves
 PANEL_HEIGHTS = {"loss": 2.6, "learning rate": 1.2, "accuracy": 2.6}  # inches
 TOP_MARGIN, BOTTOM_MARGIN, PANEL_GAP = 0.75, 0.55, 0.15  # inches: the title and epoch names; the x-axis's labels
 LOSS_SMOOTHING_SHARE = 50  # the smoothing spans 1/50 of the logged steps: 0.4 epoch in a 20-epoch run
@@ -32,8 +31,6 @@ MAX_EPOCH_LABELS = 10  # beyond, every 2nd (3rd...) epoch is named, so that the 
 
 
 def show_png(path: Path) -> None:
-    """Open a saved figure in a window, as the original script's plt.show() did; where there is no display,
-    say so in one line rather than show nothing."""
     import matplotlib.pyplot as plt
 
     backend = plt.get_backend()
@@ -59,7 +56,6 @@ def image_mosaic(images: np.ndarray, wrong: list[bool], columns: int) -> np.ndar
 
 
 def _tile_origin(index: int, columns: int) -> tuple[int, int]:
-    """Top-left pixel of the framed tile `index` in the mosaic."""
     row, column = divmod(index, columns)
     return row * CELL_HEIGHT + CAPTION_HEIGHT, column * CELL_WIDTH + (CELL_WIDTH - FRAMED) // 2
 
@@ -67,11 +63,7 @@ def _tile_origin(index: int, columns: int) -> tuple[int, int]:
 def save_image_grid(
     images: torch.Tensor, captions: list[str], wrong: list[bool], title: str, path: Path, *, columns: int = 8
 ) -> Path:
-    """A grid of 28×28 images with a caption each, the wrong ones framed and captioned in red.
-
-    One mosaic in one `imshow` with the captions as text: a subplot per image made the two grids of a
-    run cost seconds to draw.
-    """
+    """Captioned 28×28 images, the wrong ones in red: one mosaic in one `imshow`, as a subplot each took seconds."""
     rows = max(1, -(-len(images) // columns))
     height = rows * 1.55 + 0.5
     figure = Figure(figsize=(columns * 1.4, height))
@@ -90,7 +82,6 @@ def save_image_grid(
 def save_predictions_grid(
     images: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str], path: Path
 ) -> Path:
-    """The first test images captioned `pred P / true T`, mistakes in red, as the original script's figure."""
     pairs = list(zip(predicted.tolist(), truth.tolist(), strict=True))
     wrong = [p != t for p, t in pairs]
     return save_image_grid(
@@ -103,7 +94,6 @@ def save_confident_mistakes(
     images: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, confidence: torch.Tensor,
     classes: Sequence[str], path: Path,
 ) -> Path:
-    """The test images the model got wrong with the highest confidence: where to look for label noise."""
     wrong = (predicted != truth).nonzero().squeeze(1)
     worst = wrong[confidence[wrong].argsort(descending=True)][:MISTAKE_SAMPLES]
     titles = [f"{classes[predicted[i]]} ({confidence[i]:.0%}) / {classes[truth[i]]}" for i in worst.tolist()]
@@ -138,21 +128,12 @@ def save_confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, classes:
 
 
 def smoothing_window(points: int) -> int:
-    """The window (odd, centred) of the loss's smoothing: 1/LOSS_SMOOTHING_SHARE of the points, at least 3,
-    so that a short run's few points are smoothed too and a long run's line keeps its shape."""
     window = max(3, points // LOSS_SMOOTHING_SHARE) | 1
     return max(1, min(window, points if points % 2 else points - 1))
 
 
 def smooth_loss(loss: np.ndarray, window: int) -> np.ndarray:
-    """At each point, the straight line fitted to log(loss) over the `window` points centred on it, cut
-    short where the points end; a diverged step's NaN or inf is left out.
-
-    Within the run that is the window's geometric mean. At the ends, where a mean would lag the loss's
-    steep first fall or end in the last few steps' noise, it is the fitted line's value: exact for an
-    exponential decay, a straight line on the log axis. The window sums are differences of cumulative
-    sums: O(points) whatever the window.
-    """
+    """Per point, the line fitted to log(loss) over its centred window, NaN/inf left out: a mean lags at the ends."""
     count = len(loss)
     index = np.arange(count)
     low, high = np.maximum(index - window // 2, 0), np.minimum(index + window // 2 + 1, count)
@@ -175,10 +156,7 @@ def smooth_loss(loss: np.ndarray, window: int) -> np.ndarray:
 
 
 def training_curves_figure(metrics: dict[str, Any]) -> Figure:
-    """Training loss at every logged step, the learning rate, and the test accuracy, over one x-axis: images seen.
-
-    A run recorded before `train_log` existed gets its epochs' mean losses and no learning-rate panel.
-    """
+    """Loss per logged step, learning rate and test accuracy against images seen; without `train_log`, epoch means."""
     train_log, evaluations = metrics.get("train_log") or [], metrics["evaluations"]
     images_per_epoch = metrics["steps_per_epoch"] * metrics["config"]["batch_size"]
     if train_log:
@@ -190,7 +168,6 @@ def training_curves_figure(metrics: dict[str, Any]) -> Figure:
     heights = [PANEL_HEIGHTS[panel] for panel in panels]
     total = TOP_MARGIN + BOTTOM_MARGIN + sum(heights) + PANEL_GAP * (len(heights) - 1)
     figure = Figure(figsize=(9, total))
-    # placed by hand, in inches: a layout engine would cost more than the drawing
     figure.subplots_adjust(left=0.09, right=0.96, bottom=BOTTOM_MARGIN / total, top=1 - TOP_MARGIN / total,
                            hspace=PANEL_GAP / (sum(heights) / len(heights)))
     axes = list(figure.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0])
@@ -213,20 +190,16 @@ def training_curves_figure(metrics: dict[str, Any]) -> Figure:
 
 
 def save_training_curves(metrics: dict[str, Any], path: Path) -> Path:
-    """`training_curves_figure` as a PNG."""
     figure = training_curves_figure(metrics)
     write_atomically(path, lambda partial: figure.savefig(partial, dpi=90, format="png"))
     return path
 
 
 def _few_ticks(count: int) -> MaxNLocator:
-    """At most `count` ticks, at 1, 2, 2.5 or 5 times a power of ten: drawing ticks is most of a plot's cost."""
     return MaxNLocator(count, steps=[1, 2, 2.5, 5, 10])
 
 
 def _draw_loss(axis: Axes, train_log: list[dict[str, Any]]) -> None:
-    """Every logged loss as one faint line (thousands of points cost little as a line, unlike as markers),
-    and their smoothed line, which carries the eye."""
     images = np.array([entry["images"] for entry in train_log], dtype=float)
     loss = np.array([entry["loss"] for entry in train_log], dtype=float)
     window = smoothing_window(len(loss))
@@ -237,7 +210,6 @@ def _draw_loss(axis: Axes, train_log: list[dict[str, Any]]) -> None:
         axis.plot(images, smoothed, color="tab:blue", linewidth=1.6, label="smoothed")
         key += f"; bold: smoothed over {window}"
     shown = smoothed[np.isfinite(smoothed) & (smoothed > 0)]
-    # the loss falls by orders of magnitude: on a linear axis all but the first steps would lie along the floor
     if len(shown) and shown.max() > LOG_SCALE_RANGE * shown.min():
         axis.set_yscale("log")
         axis.yaxis.set_minor_locator(NullLocator())  # eight a decade: they cost more to draw than the curves
@@ -249,7 +221,6 @@ def _draw_loss(axis: Axes, train_log: list[dict[str, Any]]) -> None:
 
 
 def _draw_epoch_losses(axis: Axes, epochs: list[dict[str, Any]], images_per_epoch: int) -> None:
-    """A run without `train_log`: the mean loss of each epoch, at the epoch's end."""
     axis.plot([record["epoch"] * images_per_epoch for record in epochs], [record["train_loss"] for record in epochs],
               marker="o", label="mean over the epoch")
     axis.set_ylabel("training loss")
@@ -257,7 +228,6 @@ def _draw_epoch_losses(axis: Axes, epochs: list[dict[str, Any]], images_per_epoc
 
 
 def _key(axis: Axes, text: str) -> None:
-    """What the lines are, in the top right corner: a text costs a fraction of a legend's layout."""
     axis.text(0.99, 0.97, text, transform=axis.transAxes, ha="right", va="top", fontsize=8, color="0.3")
 
 
@@ -271,7 +241,6 @@ def _draw_learning_rate(axis: Axes, train_log: list[dict[str, Any]]) -> None:
 def _draw_accuracy(
     axis: Axes, evaluations: list[dict[str, Any]], target: float | None, reached: dict[str, Any] | None
 ) -> None:
-    """Each evaluation's accuracy in percent, the target as a dashed line, and where it was first met."""
     percent = [100 * evaluation["test_accuracy"] for evaluation in evaluations]
     axis.plot([evaluation["images"] for evaluation in evaluations], percent, marker="o", markersize=3.5,
               color="tab:green", label="test accuracy")
@@ -279,15 +248,13 @@ def _draw_accuracy(
     axis.yaxis.set_major_locator(_few_ticks(6))
     if target is not None:
         axis.axhline(100 * target, linestyle="--", linewidth=1, color="0.4", label="target")
-        # named below its left end: the evaluations there are still far below the target, or above it
         axis.text(0.005, 100 * target, f"target {100 * target:.2f} %", transform=axis.get_yaxis_transform(),
                   ha="left", va="top", fontsize=8, color="0.3")
     # a missed target is recorded as None or as {"reached": false, ...}: only an accuracy at the target counts
     if target is not None and reached and reached.get("test_accuracy", -1.0) >= target:
         x, y = reached["images"], 100 * reached["test_accuracy"]
         axis.plot([x], [y], marker="*", markersize=13, color="tab:red", linestyle="none", label="target reached")
-        # Up and to the left lies only air: every earlier evaluation was below the target. Near the left
-        # edge, where the text would run into the y-axis, down and to the right, below the later ones.
+        # up and to the left, where every earlier evaluation is below the target; near the y-axis, down and right
         leftward = x > 0.35 * max(evaluation["images"] for evaluation in evaluations)
         axis.annotate(f"{y:.2f} % at {x:,} images", (x, y), xytext=(-8, 8) if leftward else (8, -8),
                       textcoords="offset points", ha="right" if leftward else "left",
@@ -295,17 +262,13 @@ def _draw_accuracy(
                       bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     if percent:
         best = max(*percent, 100 * target if target is not None else 0.0)
-        # the first evaluations can sit tens of points below the rest: showing them whole would flatten
-        # the part that matters, so their line leaves through the bottom instead; the target stays in sight
+        # at most ACCURACY_SPAN below the best, the target in sight: the first evaluations may leave through the bottom
         low = min(max(min(percent), best - ACCURACY_SPAN), 100 * target if target is not None else 100.0)
         margin = max(0.1 * (best - low), 0.1)
-        # headroom above the best for the annotation, but no room for accuracies above 100 %
         axis.set_ylim(low - margin, min(best + 3 * margin, 100 + margin))
 
 
 def _mark_epochs(axes: list[Axes], images_per_epoch: int, last_epoch: int) -> None:
-    """A thin line where each epoch begins, in every panel; above the top one its name, for every so many
-    epochs when there are too many to name each."""
     starts = [(epoch, (epoch - 1) * images_per_epoch) for epoch in range(2, last_epoch + 1)]
     if not starts:
         return

@@ -1,8 +1,7 @@
 """Writing files so that a reader never sees half of one, and a failed write is one line naming the file.
 
-Everything lenet-dist writes (metrics, weights, checkpoints' progress, figures, traces, benchmark
-results) goes through `write_atomically`: into `<name>.partial`, then renamed over the target, so
-a crash, a kill or a full disk leaves the previous file (or none), never a truncated one.
+Everything lenet-dist writes goes through `write_atomically`: into `<name>.partial`, then renamed over the
+target, so that a crash, a kill or a full disk leaves the previous file (or none), never a truncated one.
 """
 
 from __future__ import annotations
@@ -71,8 +70,7 @@ def _likely_cause(path: Path) -> str | None:
 
 
 def fsync_folder(folder: Path, files: bool = True) -> None:
-    """Flush a folder's files (unless `files` is False) and then the folder's own entries to the disk, so that
-    what was written and renamed there survives a lost host, not only a killed process."""
+    """Flush a folder's files (unless `files` is False), then its entries, to the disk: renames survive a lost host."""
     for path in sorted(folder.iterdir()) if files else []:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())

@@ -59,14 +59,9 @@ def require_choices(name: str, text: str | None, allowed: typing.Collection[str]
         raise UsageError(f"{option(name)}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
 
 
-# The recipes --recipe names: every field a recipe sets, which a flag given on its own overrides.
-#   default     ends highest: 2 epochs, the one-cycle schedule over both, 98.6 % and more (BENCHMARKS.md)
-#   fast-to-98  the shortest time to 98 %: LeCun's initialisation, batch 32, the schedule over the first
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), exit status 2, with the flag it was
-    probably meant to be; prefixes of flags are not taken for the flags (`--epoch 1` is an error, not
-    `--epochs 1`), so that a flag added later cannot change what an old command line means."""
+    """argparse that reports a bad flag in one line, exit status 2, with the flag probably meant. No prefix
+    matching (`--epoch 1` is an error), so a flag added later cannot change what an old command line means."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -84,7 +79,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def version_text() -> str:
     return f"lenet-dist {lenet_dist.__version__}"
-
 
 
 def _scalar_type(annotation: Any) -> type:
@@ -106,7 +100,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             parser.add_argument(config_field.name, nargs="*", metavar=metavar, help=meta["help"].replace("%", "%%"))
             continue
         kind = _scalar_type(hints[config_field.name])
-        # the default in the help, once: a help text that already says what the default is keeps its words
+        # the default in the help, unless the help text already states it
         shown = "" if "(default" in meta["help"] or meta["required"] or config_field.default == "" else \
             f" (default: {_shown_default(config_field.default, kind)})"
         text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %

@@ -19,7 +19,7 @@ import os
 import platform
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,14 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 import lenet_dist
+from lenet_dist.cadence import Cadence, Progress
 from lenet_dist.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, complete_checkpoints, export_weights
 from lenet_dist.config import TrainConfig, default_run_dir
 from lenet_dist.errors import NothingToDo, UsageError, UserError
 from lenet_dist.files import write_json
 from lenet_dist.profiling.capture import run_trace_dir
+from lenet_dist.recipe.build import Trainer, precision_label
+from lenet_dist.steps import GraphedStep, Step
 from lenet_dist.trackers import TRACKERS_DIR
 
 METRICS_FILE = "metrics.json"
@@ -52,9 +55,8 @@ class OutputDir:
 
 
 def claim_output_dir(state: PartialState, config: TrainConfig) -> OutputDir:
-    """Rank 0 picks the directory (a timestamp would differ across ranks), checks it, and claims it with an
-    exclusive lock held until the process ends, so that of two runs started into one folder at the same
-    moment exactly one runs; then it tells the others."""
+    """Rank 0 picks the directory (a timestamp would differ across ranks), checks it and locks it until the process
+    ends, so that of two runs started into one folder exactly one runs; then it tells the others."""
     chosen = [str(config.output_dir or default_run_dir())]
     broadcast_object_list(chosen, from_process=0)
     path = Path(chosen[0])
@@ -137,3 +139,30 @@ def write_run_outputs(
     figures = save_run_figures(output_dir, metrics, predictions, test_images, classes)
     write_json(output_dir / METRICS_FILE, metrics)
     return [output_dir / METRICS_FILE, weights, *figures]
+
+
+def run_metrics(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress) -> dict[str, Any]:
+    """What metrics.json holds, but for where the traces went."""
+    config, accelerator = trainer.config, trainer.accelerator
+    reached = [e for e in progress.evaluations if cadence.meets_target(e)]
+    return {
+        "config": asdict(config),
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "precision": precision_label(accelerator),
+        "cuda_graph": isinstance(step, GraphedStep),
+        "versions": versions(),
+        "steps_per_epoch": len(trainer.batches),
+        "epochs": progress.epochs,
+        "train_log": progress.train_log,
+        "evaluations": progress.evaluations,
+        "final_test_accuracy": progress.evaluations[-1]["test_accuracy"],
+        # the first evaluation at ≥ the target; False for a target that was missed, None without one
+        "reached_target": reached[0] if reached else (False if config.target_accuracy is not None else None),
+        "best_evaluation": max(progress.evaluations, key=lambda e: e["test_accuracy"]),
+        "train_seconds": progress.train_seconds,
+        "eval_seconds": progress.eval_seconds,
+        "compile_seconds": progress.compile_seconds,
+    }

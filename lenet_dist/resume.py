@@ -1,5 +1,5 @@
-"""Which checkpoint `--resume` means, decided once for the whole job: a run's own checkpoints (by run id), the
-newest that any rank's disk holds; and the later checkpoints a resume from an older one leaves behind."""
+"""Which checkpoint `--resume` means, decided once for the whole job; and setting aside the later checkpoints
+that a resume from an older one abandons."""
 
 from __future__ import annotations
 
@@ -39,11 +39,10 @@ def run_id_in(path: Path) -> str:
 
 
 def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
-    """The checkpoint --resume names, decided once and the same on every rank: a folder, the newest in the
-    run ("latest"), or the newest if any ("auto"). Every rank looks on its own disk; the newest that
-    any rank has wins, read by the lowest such rank, so a node whose disk lacks it still resumes. With
-    latest and auto only the run's own checkpoints count: those of the newest run id any rank's config.json
-    names (where none does, any), so an earlier job's left on another node's disk never win."""
+    """The checkpoint --resume names (a folder, "latest", or "auto": the newest if any), the same on every rank.
+
+    The newest that any rank's disk holds wins, read by the lowest such rank. latest and auto count only the
+    newest run id's checkpoints, so an earlier job's left on another node's disk never win."""
     if resume is None:
         return None
     if resume in ("latest", "auto"):
@@ -76,9 +75,8 @@ def _hosts(seen: list[tuple[Any, str, str]]) -> str:
 
 
 def set_aside_later_checkpoints(run_dir: Path, step: int) -> Path | None:
-    """After a resume from `step`, the run's checkpoints of later steps belong to the continuation it leaves:
-    moved to checkpoints/abandoned-after-step-N/, kept, but where neither --resume auto nor pruning looks
-    (they would win by their step numbers). The folder, or None when there were none."""
+    """Move the checkpoints after `step` (the abandoned continuation) to checkpoints/abandoned-after-step-N/,
+    where neither --resume auto nor pruning looks; return that folder, or None when there were none."""
     later = [path for path in complete_checkpoints(run_dir) if int(STEP_DIR.match(path.name).group(1)) > step]
     if not later:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,13 @@ from torch.profiler import record_function
 from lenet_dist.distributed.processes import announce
 from lenet_dist.recipe.build import Trainer, compiles, wants_cuda_graph
 
+# a batch's images and labels → its loss and how many of its images the model got right before learning
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
-    """The training step, made once the state to train from is loaded (a graph captures it): compiled first
-    (--compile or accelerate's dynamo setting), captured as a CUDA graph where that applies; and the seconds
-    compiling took."""
+    """The training step, made after the state is loaded (a graph captures it): compiled if asked, a CUDA
+    graph where that applies; and the seconds compiling took."""
     config, accelerator = trainer.config, trainer.accelerator
     local_batch = config.batch_size // accelerator.num_processes
     seconds = 0.0
@@ -39,11 +42,8 @@ def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
 
 
 def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch: int, eval_batch: int) -> float:
-    """Run one training-shaped and one evaluation-shaped batch of zeros through the compiled model, so the
-    compilation happens now, timed on its own, and not inside the first epoch's images/s.
-
-    No optimizer step and no gradient all-reduce: the weights and the optimizer are untouched.
-    """
+    """Compile now, on a training- and an evaluation-shaped batch of zeros, so it stays out of the first
+    epoch's images/s. No optimizer step or all-reduce: weights and optimizer are untouched."""
     started = time.perf_counter()
     images = torch.zeros(train_batch, 1, 28, 28, device=accelerator.device)
     labels = torch.zeros(train_batch, dtype=torch.long, device=accelerator.device)
@@ -88,13 +88,10 @@ class EagerStep:
 class GraphedStep:
     """The step as one CUDA graph over static buffers that every batch is copied into.
 
-    What a graph needs, and where it comes from: the same shapes every step (ShuffledBatches yields
-    whole batches only); Adam with `capturable=True`, its learning rate a tensor on the GPU that the
-    schedule updates in place between replays (build_optimizer); gradients that stay allocated
-    (zeroed inside the graph, not set to None). Capturing needs a few warm-up steps first; they run on
-    a copy of the weights and of the optimizer's state, which are put back afterwards, so the run's
-    trajectory is exactly the eager one's. With `capture=False` (no CUDA) the same static-buffer step
-    runs eagerly: that is how the tests check it on a CPU.
+    A graph needs fixed shapes (whole batches), capturable Adam with its learning rate a GPU tensor the
+    schedule updates in place, and gradients that stay allocated. The warm-up before capture runs on the
+    run's state and then restores it, so the trajectory is exactly the eager one's. `capture=False` runs
+    the same step eagerly, for tests on a CPU.
     """
 
     WARMUP_STEPS = 3

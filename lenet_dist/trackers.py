@@ -26,8 +26,8 @@ PIP_PACKAGES = {"comet_ml": "comet-ml"}  # the rest install under their tracker'
 
 
 def require_installed(trackers: list[str]) -> None:
-    """One line naming the pip package of the first requested tracker that is not installed, or what a tracker
-    needs before it can log (wandb: a login, or offline mode) — before the run starts, not in a traceback."""
+    """Fail in one line before the run starts, not in a traceback: a tracker not installed (naming its pip package),
+    or wandb without a login or offline mode."""
     from accelerate.utils import imports
 
     for name in trackers:
@@ -40,8 +40,7 @@ def require_installed(trackers: list[str]) -> None:
 
 
 def _wandb_can_log() -> bool:
-    """Offline or disabled (WANDB_MODE, or `wandb offline`'s settings file), or credentials where wandb looks for
-    them (WANDB_API_KEY, an identity token, a netrc entry for its host); no network is asked."""
+    """Offline or disabled (WANDB_MODE or its settings file), or credentials where wandb looks; asks no network."""
     settings = configparser.ConfigParser()
     settings.read(Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings")
     mode = os.environ.get("WANDB_MODE") or settings.get("default", "mode", fallback="")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -48,15 +48,14 @@ from lenet_dist.errors import (
     on_every_rank,
     status_of,
 )
+from lenet_dist.evaluation import evaluate, evaluate_and_record, warm_up_evaluation
 from lenet_dist.files import write_json
-from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, versions, write_run_outputs
-from lenet_dist.profiling.capture import labelled, profiler_for, run_trace_dir
+from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, run_metrics, write_run_outputs
+from lenet_dist.profiling.capture import labelled, profiler_for, remove_traces, run_trace_dir
 from lenet_dist.recipe.build import Trainer, build_trainer, precision_label
 from lenet_dist.resume import checkpoint_to_resume, new_run_id, set_aside_later_checkpoints
-from lenet_dist.steps import GraphedStep, make_step
+from lenet_dist.steps import Step, make_step
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
-
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -87,8 +86,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     profile_dir = run_trace_dir(config.profile_dir, output_dir)
     if config.profile and not resumed:  # a run started afresh: no traces of an earlier one mixed in
-        for stale in profile_dir.glob(f"rank{state.process_index}.*"):
-            stale.unlink()
+        remove_traces(profile_dir, f"rank{state.process_index}")
     try:
         with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
             predictions = fit(trainer, cadence, step, progress, stop, profiler)
@@ -259,15 +257,6 @@ def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
     return mean_loss
 
 
-def warm_up_evaluation(trainer: Trainer) -> None:
-    """One evaluation batch through the model before the clock starts: the first evaluation would otherwise
-    pay, inside the time to the target, for loading its kernels (on CUDA also cuDNN's choice of algorithms)."""
-    batch = trainer.test_loader.total_batch_size // trainer.accelerator.num_processes
-    trainer.model.eval()
-    with torch.no_grad():
-        trainer.model(torch.zeros(batch, 1, 28, 28, device=trainer.accelerator.device))
-
-
 def remaining_batches(trainer: Trainer, progress: Progress) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every batch still to train, epoch after epoch, from where `progress` stands (the loop moves it on)."""
     while progress.epoch <= trainer.config.epochs:
@@ -284,90 +273,6 @@ def epoch_batches(trainer: Trainer, progress: Progress) -> Iterable[tuple[torch.
         batches = trainer.accelerator.skip_first_batches(batches, progress.batches_done)
         batches.set_epoch(progress.epoch - 1)
     return batches
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: Iterable) -> dict[str, torch.Tensor]:
-    """Predictions for the whole test set, in order, on every rank.
-
-    gather_for_metrics drops the samples DDP pads the last batch with, so each image counts once.
-    """
-    model.eval()
-    predicted, confidence, truth = [], [], []
-    for images, labels in loader:
-        probabilities = model(images).float().softmax(dim=1)
-        top, classes = probabilities.max(dim=1)
-        classes, top, labels = accelerator.gather_for_metrics((classes, top, labels))
-        predicted.append(classes)
-        confidence.append(top)
-        truth.append(labels)
-    # one copy to the host at the end, not one per batch: each would wait for the GPU
-    return {name: torch.cat(parts).cpu() for name, parts in
-            (("predicted", predicted), ("confidence", confidence), ("truth", truth))}
-
-
-def evaluate_and_record(trainer: Trainer, progress: Progress, epoch_ended: bool) -> dict[str, torch.Tensor]:
-    """Evaluate (timed apart from training), add the evaluation (and at an epoch's end the epoch) to
-    `progress`, log and print it; the predictions."""
-    accelerator, config = trainer.accelerator, trainer.config
-    started = time.perf_counter()
-    predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
-    progress.eval_seconds += time.perf_counter() - started
-    accuracy = (predictions["predicted"] == predictions["truth"]).float().mean().item()
-    evaluation = {
-        "step": progress.global_step, "epoch": progress.epoch, "images": progress.global_step * config.batch_size,
-        "test_accuracy": accuracy, "eval_samples": len(predictions["truth"]),
-        "elapsed_seconds": progress.elapsed_seconds,
-    }
-    progress.evaluations.append(evaluation)
-    accelerator.log({"test/accuracy": accuracy}, step=progress.global_step)
-    if not epoch_ended:
-        announce(accelerator.state, f"epoch {progress.epoch}/{config.epochs}  step {progress.global_step}  test "
-                                    f"accuracy {accuracy:.2%} ({evaluation['eval_samples']:,} images)  "
-                                    f"elapsed {progress.elapsed_seconds:.1f} s")
-        return predictions
-    record = {
-        "epoch": progress.epoch,
-        "train_loss": progress.loss_sum / progress.batches_done,
-        "test_accuracy": accuracy,
-        "eval_samples": evaluation["eval_samples"],
-        "train_seconds": progress.epoch_train_seconds,
-        "train_images_per_second": progress.batches_done * config.batch_size / progress.epoch_train_seconds,
-        "elapsed_seconds": progress.elapsed_seconds,
-    }
-    progress.epochs.append(record)
-    accelerator.log({"train/images_per_second": record["train_images_per_second"]}, step=progress.global_step)
-    announce(accelerator.state,
-             f"epoch {progress.epoch}/{config.epochs}  train loss {record['train_loss']:.4f}  test accuracy "
-             f"{accuracy:.2%} ({record['eval_samples']:,} images)  {record['train_seconds']:.1f} s training  "
-             f"{record['train_images_per_second']:,.0f} images/s")
-    return predictions
-
-
-def run_metrics(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress) -> dict[str, Any]:
-    config, accelerator = trainer.config, trainer.accelerator
-    reached = [e for e in progress.evaluations if cadence.meets_target(e)]
-    return {
-        "config": asdict(config),
-        "world_size": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "precision": precision_label(accelerator),
-        "cuda_graph": isinstance(step, GraphedStep),
-        "versions": versions(),
-        "steps_per_epoch": len(trainer.batches),
-        "epochs": progress.epochs,
-        "train_log": progress.train_log,
-        "evaluations": progress.evaluations,
-        "final_test_accuracy": progress.evaluations[-1]["test_accuracy"],
-        # the first evaluation at ≥ the target; False for a target that was missed, None without one
-        "reached_target": reached[0] if reached else (False if config.target_accuracy is not None else None),
-        "best_evaluation": max(progress.evaluations, key=lambda e: e["test_accuracy"]),
-        "train_seconds": progress.train_seconds,
-        "eval_seconds": progress.eval_seconds,
-        "compile_seconds": progress.compile_seconds,
-    }
 
 
 def train_command(config: TrainConfig) -> int:

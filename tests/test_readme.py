@@ -4,6 +4,7 @@ output it quotes (a `text` block right after a `bash` block) checked line by lin
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -122,3 +123,23 @@ def test_the_launch_table_names_every_way_to_run():
         set(table)
     if not torch.cuda.is_available():  # the GPU rows run in `make gpu-check`; several nodes in tests/test_cluster.py
         assert all("launch-config" in table[row] for row in ("1 GPU", "N GPUs (NCCL)", "several nodes"))
+
+
+def test_the_package_map_in_readme_is_the_tree():
+    """README's map of lenet_dist/ names every module and folder of the package, each once, and nothing else."""
+    section = (ROOT / "README.md").read_text().partition("## The code")[2]
+    block = section.split("```")[1]
+    mapped, folders = set(), []
+    for line in block.strip().splitlines():
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        folders[depth:] = [name.rstrip("/")]
+        mapped.add("/".join(folders))
+    package = ROOT / "lenet_dist"
+    tree = {"lenet_dist"} | {
+        str(path.relative_to(ROOT)) for path in package.rglob("*")
+        if path.suffix == ".py" and path.name not in ("__init__.py", "__main__.py") or (
+            path.is_dir() and path.name != "__pycache__")
+    } | {str(path.relative_to(ROOT)) for path in package.glob("*/__init__.py")  # one that holds more than its
+         if len(ast.parse(path.read_text()).body) > 1}                          # docstring is a module too
+    assert mapped == tree

@@ -1,5 +1,4 @@
-"""`lenet-dist bench`: throughput per device, pipeline, precision, compile mode and batch size, side by
-side; real training commands for time to result; a process-count sweep; and comparing saved results.
+"""`lenet-dist bench`: a throughput matrix, timed training commands, a process-count sweep, saved results compared.
 
     lenet-dist bench [--quick] [--json out.json] [--chart out.png]
     lenet-dist bench compare A.json B.json ...

@@ -1,6 +1,7 @@
-"""The ceiling the training loop is measured against: `lenet-dist train`'s model, optimizer, schedule and
-in-memory batches in the plainest PyTorch loop there is, with no accelerate, no logging, no progress bar
-and no evaluation. One epoch, timed from its first batch to its last step, as a run times its epochs.
+"""The ceiling the training loop is measured against: train's model, optimizer and batches, a bare loop.
+
+`lenet-dist train`'s model, optimizer, learning rate and in-memory batches in a plain PyTorch loop (no
+accelerate, logging, progress bar or evaluation); one epoch, timed as a run times its epochs.
 
     python -m lenet_dist.bench.bare --data-dir DIR --batch-size 64 [--compile] --summary out.json
 """

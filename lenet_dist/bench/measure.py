@@ -1,9 +1,8 @@
 """The timing core: training and inference images/s of one matrix cell, in this process.
 
-Each cell trains the real LeNet-5 on real MNIST batches from the real pipeline. Images/s is the median
-of several timed windows after a warm-up (compilation happens in the warm-up). MFU (model FLOP
-utilisation, as nanoGPT reports it) is achieved FLOP/s (FLOPs per image from torch.utils.flop_counter ×
-images/s) over the dense matmul FLOP/s this device reaches in the same precision, measured in the same run.
+Each cell trains the real LeNet-5 on real MNIST batches; images/s is the median of timed windows after a
+warm-up that includes compilation. MFU is achieved FLOP/s (torch's flop counter × images/s) over the dense
+matmul FLOP/s measured on this device in the same precision.
 """
 
 from __future__ import annotations
@@ -165,8 +164,7 @@ def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images
     model.to(device)  # in place: the optimizer keeps the same parameters
     scaler = torch.amp.GradScaler(device.type, enabled=cell.precision == "fp16")
     if cell.compile == "compile":
-        # every cell compiles afresh: cells sharing one cache would exhaust dynamo's recompile limit and
-        # the later "compile" cells would silently run eager
+        # a fresh compile per cell: a shared cache hits dynamo's recompile limit, and later cells run eager
         torch.compiler.reset()
     network = torch.compile(model, dynamic=False) if cell.compile == "compile" else model
     steps_per_window = max(4, window_images // cell.batch_size)

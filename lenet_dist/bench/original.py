@@ -1,10 +1,8 @@
 """The original script, as the README lenet-dist grew out of describes it: the benchmark's baseline.
 
-LeNet-5, torchvision's MNIST with ToTensor and Normalize in a DataLoader (batch 64, shuffled), Adam
-(lr 1e-3) and cross-entropy, 2 epochs, the test accuracy printed after each epoch, then a matplotlib
-figure of sample test images with their predicted and true labels. Written as such a script is
-written, plain PyTorch, no accelerate; it only also times itself and saves the figure instead of
-showing it:
+LeNet-5, torchvision's MNIST with ToTensor and Normalize (batch 64, shuffled), Adam (lr 1e-3), 2 epochs,
+the test accuracy after each, then a figure of predictions; plain PyTorch. It only also times itself and
+saves the figure instead of showing it:
 
     python -m lenet_dist.bench.original --data-dir DIR --summary out.json --figure out.png
 """

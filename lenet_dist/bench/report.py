@@ -16,7 +16,6 @@ def row_line(cell: Cell, measured: Throughput) -> str:
             f"infer {measured.inference_images_per_second:>12,.0f}/s")
 
 
-
 def show(result: dict[str, Any]) -> None:
     from rich.table import Table
 

@@ -78,13 +78,10 @@ def original_run(data_dir: Path, seed: int, env: dict[str, str]) -> tuple[float,
 
 
 def recipe_runs(data_dir: Path, device: str, processes: list[int], seeds: int, repeats: int) -> dict[str, Any]:
-    """The recipe's results over seeds, on 1 and N processes, and the original script's beside them.
+    """The recipes' results over seeds, per process count, interleaved with `repeats` runs of the original script.
 
-    For each process count and seed: the default 2-epoch run (whole-process seconds, accuracy, and the
-    fixed overhead: start-up, imports, data loading, checkpoints, the figures and metrics at the end,
-    that is, the wall time beyond training and evaluation) and the fast-to-98 % recipe (seconds of
-    training and evaluation until the first evaluation at ≥ 98 %). The original script runs `repeats`
-    times (seeds 0, 1, …); its time to 98 % comes from its per-epoch evaluations. All interleaved.
+    Default run: whole-process seconds, accuracy, and overhead (wall time beyond training and evaluation).
+    fast-to-98: training and evaluation seconds to the first evaluation ≥ 98 %.
     """
     results: dict[str, Any] = {"original": {"runs": []}, **{f"{n}_process": {"default": {"runs": []},
                                                                              "fast_to_98": {"runs": []}}
@@ -137,10 +134,9 @@ def compile_seconds(data_dir: Path, device: str) -> dict[str, Any]:
 def scaling(data_dir: Path, device: str, counts: list[int], threads: int | None) -> dict[str, Any]:
     """Training images/s of 1, 2, … processes launched through the packaged accelerate config.
 
-    Strong scaling keeps the global batch (the default recipe's 128) and splits it; weak scaling keeps
-    each process's batch (64). Efficiency is images/s over N × the 1-process images/s, each process
-    having the same resources (`threads` cores on CPU, one GPU on CUDA) and the same eager step (no CUDA
-    graph for the single GPU either, which several processes cannot have).
+    Strong scaling splits a global batch of 128, weak scaling gives each process 64. Efficiency is images/s
+    over N × the 1-process rate, each process with the same resources (`threads` cores, or one GPU) and the
+    same eager step (no CUDA graph).
     """
     rows = []
     for mode, batch_of in (("strong", lambda n: 128), ("weak", lambda n: 64 * n)):
@@ -183,10 +179,8 @@ def median_to_98(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def loop_against_bare(data_dir: Path, batches: list[int], rounds: int, compiled: bool) -> dict[str, Any]:
-    """Training images/s of `lenet-dist train`'s loop (its first epoch) and of the bare loop (bench/bare.py:
-    the same model, optimizer, schedule and batches in plain PyTorch), eager and, when `compiled`, compiled
-    (inductor's first compile costs a minute or more on a CPU), at the same batch, alternating, `rounds` times
-    each, on the CPU; medians and the ratio of ours to the better bare loop."""
+    """CPU training images/s of `lenet-dist train`'s first epoch against bench/bare.py's loop (eager, and
+    compiled when `compiled`), alternating `rounds` times; medians and ours over the better bare loop."""
     rows = []
     env = device_env("cpu")
     bare_loops = [("bare", []), *([("bare_compiled", ["--compile"])] if compiled else [])]

@@ -1,15 +1,13 @@
-"""Launching: the accelerate configs shipped in the package, and `lenet-dist launch`, accelerate's launcher
-with an exit status a requeue script can trust.
+"""Launching: the packaged accelerate configs, and `lenet-dist launch`, accelerate's launcher with an exit
+status a requeue script can trust.
 
     accelerate launch --config_file "$(lenet-dist launch-config cpu-ddp)" -m lenet_dist.train
     lenet-dist launch --config_file "$(lenet-dist launch-config cpu-ddp)" -m lenet_dist.train
 
-`accelerate launch` (and torchrun under it) answers a SIGTERM by forwarding it to the ranks, which stop
-and save; but then it ends with a 30-line traceback and exit status 1, as for a crash. `lenet-dist
-launch` takes accelerate's own flags and runs accelerate's own launcher in this process; it also
-forwards SIGUSR1 (SLURM's time-limit warning), which torchrun does not by default, and ends in one
-line: exit 128 + N when every rank on this node stopped on signal N after saving, 1 when the job
-failed, 0 when it finished. The ranks say how they ended in a folder named by LAUNCH_RECORDS_ENV.
+`accelerate launch` forwards SIGTERM to the ranks, which save, but then ends with a traceback and exit 1, as
+for a crash. `lenet-dist launch` runs accelerate's launcher in-process with the same flags, also forwards
+SIGUSR1 (torchrun does not by default), and ends in one line: 128 + N when every rank on this node stopped on
+signal N after saving, 1 when the job failed, 0 when it finished.
 """
 
 from __future__ import annotations
@@ -31,10 +29,10 @@ from lenet_dist.errors import UsageError, UserError
 
 CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node")
 LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # signals.py's, spelled here: it imports torch
 # torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as torchrun's own shutdown waits
+GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as under torchrun
 
 
 def config_path(name: str) -> Path:
@@ -54,9 +52,8 @@ def print_config_path(config: LaunchConfigConfig) -> None:
 
 @contextmanager
 def launch_record() -> Iterator[None]:
-    """Under `lenet-dist launch`, keep this rank's record: running; "explained" when it ends with its own
-    one-line error (the launcher then adds nothing); `record_stop` says it stopped after saving. A rank that
-    finishes, crashes or is killed leaves "running": the launcher's own outcome tells those apart."""
+    """Under `lenet-dist launch`, record this rank as "running", or "explained" when it ends with its own
+    one-line error (the launcher then adds nothing). A rank that finishes, crashes or is killed stays "running"."""
     folder = os.environ.get(LAUNCH_RECORDS_ENV)
     if folder:
         _write_record(Path(folder), {"pid": os.getpid(), "outcome": "running"})
@@ -110,13 +107,13 @@ def main(argv: list[str]) -> int:
         with forwarding_for_one_process():
             launch_command(args)
         return 0
-    except SignalException as error:  # the agent got a signal, passed it on and waited; the ranks' records say how
+    except SignalException as error:  # the agent was signalled and passed it on; the records say how ranks ended
         return _verdict(records, int(error.sigval))
     except ChildFailedError as error:  # ranks ended non-zero without the launcher being signalled
         return _verdict(records, None, ", ".join(f"rank {rank} {_ended(failure.exitcode)}"
                                                  for rank, failure in sorted(error.failures.items())))
-    except SystemExit as exiting:  # accelerate >= 1.16 exits 128 + N itself on the agent's signal N; 1.15's
-        code = exiting.code if isinstance(exiting.code, int) else 1  # --quiet one-process launcher exits 1
+    except SystemExit as exiting:  # accelerate >= 1.16 exits 128 + N itself on the agent's signal N
+        code = exiting.code if isinstance(exiting.code, int) else 1  # 1.15's --quiet one-process launcher exits 1
         if code > 128:
             return _verdict(records, code - 128)
         return _verdict(records, None, f"the training process exited {code}") if code else 0
@@ -133,8 +130,8 @@ def main(argv: list[str]) -> int:
 
 @contextmanager
 def accelerate_help_in_full(argv: list[str]) -> Iterator[None]:
-    """accelerate's help formatter lists every group only when sys.argv reads `accelerate launch …`; otherwise
-    --help shows one group of its flags, without --config_file, --machine_rank or --max_restarts."""
+    """Make --help list all of accelerate's flag groups: its formatter does so only when sys.argv reads
+    `accelerate launch …`."""
     ours = sys.argv
     sys.argv = ["accelerate", "launch", *argv]
     try:
@@ -144,8 +141,8 @@ def accelerate_help_in_full(argv: list[str]) -> Iterator[None]:
 
 
 def quiet_torchrun_logs() -> None:
-    """torchrun's agent logs each rank's end and its own shutdown, every module on a logger of its own level:
-    the ranks say what went wrong, and this launcher how the job ended, in one line."""
+    """Silence torchrun's agent loggers (one per module): the ranks say what went wrong, and this launcher
+    how the job ended, in one line each."""
     import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
 
     for name in list(logging.root.manager.loggerDict):
@@ -155,10 +152,10 @@ def quiet_torchrun_logs() -> None:
 
 @contextmanager
 def forwarding_for_one_process() -> Iterator[None]:
-    """accelerate starts a single process with Popen and wait, passing no signal on: do it for it.
+    """Forward the stop signals to the single process accelerate starts with Popen, which passes none on.
 
-    Only there, and only just before the process starts: a Python handler installed earlier would wait
-    for the multi-process rendezvous (blocking in C++) to end before it ran, and leave the launcher deaf.
+    The handler goes in just before that process starts: installed earlier, it would not run until the
+    multi-process rendezvous (blocking in C++) ended, leaving the launcher deaf.
     """
     import accelerate.commands.launch as accelerate_launch
 
@@ -210,8 +207,8 @@ def _ended(exit_code: int) -> str:
 
 
 def _wait_for_ranks(records: Path) -> dict[str, dict]:
-    """Each rank's record, once no rank of this node runs any more (the ranks are this process's children:
-    those still saving get GRACE_SECONDS, as torchrun gives them, then are killed)."""
+    """Each rank's record, once no rank of this node runs: ranks still saving get GRACE_SECONDS, then are
+    killed."""
     import psutil
 
     _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=GRACE_SECONDS)

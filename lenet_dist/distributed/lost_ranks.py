@@ -1,5 +1,5 @@
-"""Naming a lost rank: when a collective fails because a rank died or a node or link went away, each surviving
-rank says which one, in one line, instead of torchrun's stack of tracebacks."""
+"""Naming a lost rank: when a collective fails because a rank, node or link went away, each survivor says
+which one in one line, instead of torchrun's stack of tracebacks."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from lenet_dist.errors import RankError
 
 
 class Ranks:
-    """Who the other processes are, so that a lost one can be named rather than left to torchrun's log."""
+    """Who the other processes are, so that a lost one can be named."""
 
-    PROBE_SECONDS = 10  # at most, how long survivors wait for each other to answer through the rendezvous store
+    PROBE_SECONDS = 10  # longest wait for the other survivors to answer through the rendezvous store
 
     def __init__(self, state: PartialState, collective_timeout: float) -> None:
         self.rank = state.process_index
-        # the survivors are stuck in the same collective and time out within moments of each other
+        # survivors time out of the same collective within moments of each other
         self.probe_seconds = min(self.PROBE_SECONDS, max(1.0, collective_timeout / 2))
         self.members: list[tuple[int, str, int]] = gather_object([(state.process_index, socket.gethostname(),
                                                                     os.getpid())])
@@ -44,7 +44,7 @@ class Ranks:
             word in str(error) for word in ("gloo", "NCCL", "onnection", "Timed out", "timed out")
         ):
             missing = self._unanswered()
-            if not missing:  # every rank answered: the collective failed for another reason, its own
+            if not missing:  # every rank answered: the failure is something else
                 return None
             names = ", ".join(f"rank {rank} ({self.host(rank)})" for rank in missing)
             what = f"lost contact with {names} ({_first_sentence(error)})"
@@ -54,8 +54,8 @@ class Ranks:
                          "continue (torchrun/accelerate launch --max_restarts does it for you)")
 
     def _unanswered(self) -> list[int]:
-        """The ranks that do not check in through the rendezvous store within probe_seconds: each survivor
-        writes its own key and looks for the others'. Unreachable, the store (on rank 0's node) is lost."""
+        """The ranks that do not check in through the rendezvous store within probe_seconds. An unreachable
+        store (it lives on rank 0's node) means rank 0 is lost, or to rank 0 itself, all the others."""
         address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not address or not port:
             return []

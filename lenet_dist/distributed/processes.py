@@ -16,11 +16,10 @@ from lenet_dist.errors import UsageError
 
 
 def start_processes(collective_timeout: float) -> PartialState:
-    """Join the run's processes (one, or the ones torchrun / accelerate launch started).
+    """Join the run's processes (one, or those torchrun / accelerate launch started).
 
-    Every collective waits at most `collective_timeout` seconds for the other ranks, so a lost node or
-    link ends the job in bounded time (torch's default is 10 to 30 minutes). The timeout goes to
-    PartialState, the first to form the process group: the Accelerator made later shares that group.
+    Every collective waits at most `collective_timeout` seconds, so a lost rank ends the job in bounded time
+    (torch's default is 10 to 30 minutes). PartialState forms the group that the Accelerator later shares.
     """
     timeout = timedelta(seconds=collective_timeout)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -36,11 +35,10 @@ def end_processes() -> None:
 
 
 def _join_as_restarted(restarts: int, timeout: timedelta) -> None:
-    """Form the process group under a prefix of this attempt's own.
+    """Form the process group under a key prefix of this attempt's own.
 
-    torchrun's static rendezvous (accelerate launch's default) hands restarted workers the first
-    attempt's store, whose keys still hold the dead processes' addresses: the new group would try to
-    connect to them until it timed out. accelerate then finds the group formed and uses it.
+    torchrun's static rendezvous (accelerate launch's default) hands restarted workers the first attempt's
+    store, whose keys still hold the dead processes' addresses, so an unprefixed group would hang on them.
     """
     import torch.distributed as dist
 
@@ -54,8 +52,8 @@ def _join_as_restarted(restarts: int, timeout: timedelta) -> None:
 
 
 def _cpu_processes() -> bool:
-    """accelerate's multi-process launcher on a machine without GPUs leaves the processes with no
-    backend unless cpu=True, which selects MULTI_CPU over gloo."""
+    """Whether this is a multi-process run without GPUs: accelerate then needs cpu=True (MULTI_CPU over
+    gloo), or the processes get no backend."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
@@ -71,12 +69,11 @@ def make_accelerator(config: TrainConfig, output_dir: Path, logging_dir: Path) -
     try:
         return Accelerator(
             cpu=_cpu_processes(),
-            # autocast's cache of low-precision weight copies must be off for CUDA-graph capture (PyTorch's
-            # CUDA-graph notes: the cache is cleared when the autocast region ends, inside the graph); LeNet
-            # uses each weight once per pass, so the cache saved nothing anyway
+            # CUDA-graph capture needs autocast's weight cache off (it is cleared inside the graph). LeNet
+            # uses each weight once per pass, so the cache saved nothing anyway.
             kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
-            # split_batches: --batch-size is the global batch, so the recipe does not change with the
-            # number of processes; the seedable sampler gives every rank the same shuffled order to shard.
+            # --batch-size is the global batch, so the recipe does not change with the number of processes;
+            # the seedable sampler gives every rank the same shuffled order to shard.
             dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
             **options,
@@ -88,8 +85,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path, logging_dir: Path) -
 def pin_cores(state: PartialState) -> None:
     """Give each local CPU process a disjoint slice of the cores it may run on.
 
-    Left alone, the OS migrates single-threaded ranks between cores and they sometimes share one;
-    pinned, each rank keeps its core's caches. --no-pin-cores turns it off.
+    Unpinned, the OS migrates ranks between cores and sometimes stacks two on one. --no-pin-cores turns it off.
     """
     if state.device.type != "cpu" or state.num_processes == 1 or not hasattr(os, "sched_setaffinity"):
         return

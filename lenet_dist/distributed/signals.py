@@ -1,9 +1,9 @@
-"""Stopping cleanly when the cluster says so: SIGTERM (preemption, `scancel`, spot instances), SIGINT
-(Ctrl-C) and SIGUSR1 (SLURM's warning ahead of the time limit, `--signal=B:USR1@60`).
+"""Stopping cleanly on SIGTERM (preemption, `scancel`), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's time-limit
+warning, `--signal=B:USR1@60`).
 
-The handler only notes the signal. The training loop finishes the step it is in, the ranks agree
-(the signal may reach one rank first), the run is checkpointed at that exact step, and the process
-exits with 128 + the signal's number, as a shell reports a process ended by that signal.
+The handler only notes the signal. The training loop finishes its step, the ranks agree (the signal may
+reach one rank first), the run is checkpointed, and the process exits 128 + the signal's number, as a shell
+reports a process ended by that signal.
 """
 
 from __future__ import annotations
@@ -36,16 +36,15 @@ class StopRequest:
         flag = torch.tensor([self.signal or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         agreed = int(flag.item()) or None
-        if self.signal is None:  # stopping for another rank's signal: keep noting, not obeying, the launcher's
+        if self.signal is None:  # another rank's signal: noted, so later ones stay caught
             self.signal = agreed
         return agreed
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Catch the stop signals for the block's duration; the previous handlers come back afterwards, unless
-    a stop was requested: then later signals (Ctrl-C pressed again) keep being noted, not acted on,
-    while the process saves and exits."""
+    """Catch the stop signals inside the block. The previous handlers come back after it, unless a stop was
+    requested: then later signals (a second Ctrl-C) stay caught while the process saves and exits."""
     request = StopRequest()
     previous = {number: signal.signal(number, request._note) for number in STOP_SIGNALS}
     try:

@@ -1,2 +1,1 @@
-"""`lenet-dist predict`: your own images (photos.py reads them, frames.py makes each a 28×28 frame) classified by a
-trained run (classify.py)."""
+"""`lenet-dist predict`: your own images (read by photos.py, framed 28×28 by frames.py) classified by classify.py."""

@@ -1,10 +1,8 @@
 """`lenet-dist predict --model RUN_DIR IMAGE...`: classify your own images with a trained run.
 
-Each image is made into the 28×28 frame the model's data set has (photos.to_frame); `--model` takes a
-run's output dir or one of its checkpoints. A file that cannot be read is one `error: <path>: <what>;
-<what to do>` line on stderr (and, with --json, an {"file", "error"} object on stdout), and the other
-files are still classified. A reader that stops early (`| head -1`) ends the run quietly, with the
-status a Unix tool killed by SIGPIPE has: 141.
+`--model` takes a run's output dir or one of its checkpoints. An unreadable file is one `error: <path>: <what>;
+<what to do>` line on stderr (with --json also a {"file", "error"} object on stdout), and the rest are still
+classified. A reader that stops early (`| head -1`) ends the run quietly with SIGPIPE's status, 141.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def classify(model: torch.nn.Module, frame: torch.Tensor, dataset: str, top: int
 
 
 def load_trained(model_path: Path) -> tuple[LeNet5, str]:
-    """The model and the data set it was trained on. A run's exported weights carry its config; a checkpoint's
-    (checkpoints/step-N/) carry only their class count, and its progress.json says the data set."""
+    """The model and its data set: from the exported weights' config, else from a checkpoint's progress.json."""
     model, metadata = load_model(model_path)
     dataset = metadata.get("config", {}).get("dataset")
     progress = (model_path if model_path.is_dir() else model_path.parent) / PROGRESS_FILE
@@ -65,8 +62,7 @@ def _prepare_folder(folder: Path) -> Path:
 
 
 def _saved_input_path(folder: Path, image: Path, taken: set[Path]) -> Path:
-    """<folder>/<image's name>.28x28.png, numbered (-2, -3, …) when two images share a name, and never the path of
-    an image of this run (`taken` holds them, and the names given so far)."""
+    """<folder>/<image's name>.28x28.png, numbered (-2, -3, …) to avoid `taken`: this run's images and names so far."""
     target, number = folder / (image.name + SAVED_INPUT_SUFFIX), 1
     while target.resolve() in taken:
         number += 1
@@ -108,8 +104,8 @@ def run(config: PredictConfig) -> int:
                 print(f"{name}: {ranked[0][0]}   top-{len(ranked)}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked),
                       flush=True)
     except BrokenPipeError:
-        # The reader has stopped (`| head -1`): stop quietly, as a C tool does on SIGPIPE. Python's recipe: point
-        # stdout at /dev/null, or the flush at exit would fail again and print a traceback.
+        # the reader stopped: exit quietly as a C tool does on SIGPIPE; stdout goes to /dev/null, or the flush at exit
+        # would fail again with a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return SIGPIPE_STATUS
     return 1 if failures else 0

@@ -1,9 +1,5 @@
-"""Photos and scans as the 28×28 frames a model trained on an MNIST-format data set takes.
-
-Grayscale, light ink on a black background, the paper's shading taken away, and the item scaled and
-placed as that data set's items were (LAYOUTS); `to_frame` says step by step how. The file itself is
-read by photos.py.
-"""
+"""Photos and scans as the 28×28 frames a model trained on an MNIST-format data set takes: light ink on black,
+the paper's shading divided out, the item scaled and placed as that data set's were (LAYOUTS; steps in `to_frame`)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,30 +14,23 @@ import torch
 from lenet_dist.errors import UserError
 from lenet_dist.predict.photos import read_grayscale
 
-if TYPE_CHECKING:
-    pass
-
 FRAME = 28
-# MNIST's digits have their centre of mass at (14.0, 14.0) on average (measured on the test set), not at
-# the frame's middle pixel (13.5): LeCun et al. placed it at the 28×28 field's centre coordinate, 14.
+# MNIST's mean centre of mass (measured on the test set): (14.0, 14.0), not the middle pixel (13.5)
 MNIST_CENTRE = FRAME / 2
 INK_THRESHOLD = 0.2  # of the strongest ink: fainter pixels are paper when finding the item's bounding box
 STROKE_THRESHOLD = 0.5  # of the strongest ink: the item's bounding box grows from these strokes, which smudges are not
 REACH = 0.1  # ink further from the item's box than this share of the box's longer side is not part of the item
-# Photos are analysed at most this large (box-averaged down): a digit a fortieth of the photo's width still spans
-# 25 pixels, more than the 20 it is scaled to, and a 40-megapixel photo's float copies shrink from 160 MB to 4 MB.
+# photos are box-averaged down to this side: a digit a fortieth of the width still spans 25 pixels (it is scaled
+# to 20), and a 40-megapixel photo's float copies shrink from 160 MB to 4 MB
 WORK_SIDE = 1024
-# The paper's shading is estimated on a grid of this many cells along the longer side: a cell's median is paper
-# unless strokes cover half of it, and the opening across three cells drops those; fine enough to follow a shadow.
+# cells along the longer side of the grid the paper's shading is estimated on: fine enough to follow a shadow
 SHADING_CELLS = 16
 ROBUST_SIGMAS = 3  # paper pixels within this many (MAD-estimated) standard deviations of the paper's level are paper
 MIN_CONTRAST = 0.05  # the least ink counted as ink: 5 % darker than the paper around it (or lighter, on dark paper)
-# A hard-edged shadow (_shadow_step): the border's two paper levels this far apart (of 0..1), explaining this share of
-# its variance (a linear gradient: 0.75), the lesser level this share of the border at least; a pixel reaches a
-# paper level within STEP_TOLERANCE
+# a hard-edged shadow (_shadow_step): two border levels this far apart (of 0..1), explaining this share of its
+# variance (a linear gradient: 0.75), the lesser this share of the border at least; a pixel reaches a level within this
 MIN_STEP, STEP_SEPARATION, STEP_SHARE, STEP_TOLERANCE = 0.15, 0.9, 0.05, 0.05
-# A sheet on a desk (_sheet): this share of the photo at least, this much of it light, read this far inside its
-# edges, and this much lighter than the desk (of 0..1)
+# a sheet on a desk (_sheet): its least share of the photo and of it light, its inset, its least contrast to the desk
 SHEET_AREA, SHEET_FILL, SHEET_INSET, SHEET_CONTRAST = 0.15, 0.8, 0.03, 0.3
 MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normally distributed noise, times this, is its σ
 
@@ -56,11 +44,9 @@ class Layout:
     stretched: bool  # the ink scaled to full brightness (else kept relative to the paper, a dark item bright)
 
 
-# MNIST: black-and-white digits, anti-aliased (so the ink reaches full brightness), scaled into 20×20 and centred by
-# mass in 28×28 (LeCun et al.). Fashion-MNIST: product photos on white, trimmed, the longer edge resized to 28,
-# centred and negated (Xiao et al. 2017; measured: the test items' longer side is 28 pixels, median, their boxes are
-# centred, and a white shirt stays dim). KMNIST's characters fill their frames too, judging by its samples and its
-# mean brightness (0.19 against MNIST's 0.13); no step-by-step recipe is published.
+# MNIST: scaled into 20×20, centred by mass in 28×28 (LeCun et al.). Fashion-MNIST: the longer edge resized to 28,
+# centred, not stretched (Xiao et al. 2017; measured: median longer side 28, a white shirt stays dim). KMNIST fills its
+# frame too, judging by its samples and mean brightness (0.19 against MNIST's 0.13); its recipe is unpublished.
 LAYOUTS = {
     "mnist": Layout(20, by_mass=True, stretched=True),
     "fashion-mnist": Layout(FRAME, by_mass=False, stretched=False),
@@ -69,21 +55,15 @@ LAYOUTS = {
 
 
 def to_frame(path: Path, dataset: str = "mnist") -> torch.Tensor:
-    """An image file as the uint8 28×28 tensor a model trained on `dataset` takes; a UserError says what is wrong
-    with it. How a photo or scan is read:
+    """An image file as the uint8 28×28 tensor a model trained on `dataset` takes; a UserError says what is wrong.
 
-    0. A light sheet on a darker desk is cut out of the photo (_sheet), so that its border is the sheet's paper.
-    1. Polarity from the image itself: the paper is what its border shows. If the image's darkest pixels stand
-       further out of the border's range of values than its brightest do, the ink is dark and the image is inverted
-       to the data sets' light ink on black: dark ink on grey, under-exposed paper too, whatever its median. (Where
-       ink covers the border, the border's median decides: nearer the brightest value than the darkest, dark ink.)
-    2. Shading: the paper's brightness (a shadow across the page, uneven light) is estimated on a coarse grid, where
-       no stroke fills the cells looked across, capped by a plane fitted to the border (so a thick blob of ink is not
-       taken for paper), and divided out: the ink is measured relative to the paper around it. A hard-edged shadow
-       (the border's paper at two levels) is followed pixel by pixel instead (_stepped_paper).
-    3. Noise: what stays within ROBUST_SIGMAS of the border's level is paper, set to black; an image where nothing
-       stands out further, and by MIN_CONTRAST at least, is blank.
-    4. The item's bounding box is found (_item_box), scaled and placed as `dataset`'s items were (LAYOUTS).
+    0. A light sheet on a darker desk is cut out (_sheet), so that the border is paper.
+    1. Polarity: the border is paper; if the darkest pixels stand further out of its range than the brightest, the
+       ink is dark and the image is inverted (where ink covers the border, the border's median decides).
+    2. Shading: the paper's brightness is estimated on a coarse grid, capped by a plane fitted to the border, and
+       divided out; a hard-edged shadow is followed pixel by pixel instead (_stepped_paper).
+    3. Noise: within ROBUST_SIGMAS of the border's level is paper; if nothing stands out by MIN_CONTRAST, it is blank.
+    4. The item's bounding box (_item_box) is scaled and placed as `dataset`'s items were (LAYOUTS).
     """
     ink = _ink(_working_size(read_grayscale(path)), path)
     frame = _lay_out(ink[_item_box(ink)], LAYOUTS[dataset])
@@ -93,9 +73,8 @@ def to_frame(path: Path, dataset: str = "mnist") -> torch.Tensor:
 
 
 def _item_box(ink: np.ndarray) -> tuple[slice, slice]:
-    """The item's bounding box: of its strong strokes (above STROKE_THRESHOLD of the strongest ink) first, then
-    grown to take in the ink (above INK_THRESHOLD) within REACH of it until no more is, so that faint edges and
-    strokes join it and a smudge of paper apart from it does not."""
+    """The strong strokes' box, grown by the ink within REACH of it until none is left: faint edges and strokes join
+    the item, a smudge of paper apart from it does not."""
     strongest, around = float(ink.max()), _neighbourhood(ink, np.mean)
 
     def above(share: float) -> np.ndarray:
@@ -137,8 +116,7 @@ def _border(image: np.ndarray) -> np.ndarray:
 
 
 def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
-    """Light ink on black, 0 for paper up to 1 for ink as far from the paper as black is from white (steps 1 to 3 of
-    to_frame)."""
+    """Light ink on black, 0 for paper to 1 for ink as far from it as black from white (to_frame's steps 1 to 3)."""
     low, high = float(gray.min()), float(gray.max())
     if high - low < 1e-6:
         raise UserError(f"{path}: the image is blank (one flat colour); nothing to classify")
@@ -147,26 +125,21 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
     if _dark_ink(_border(gray), low, high):
         gray = 1 - gray
     paper = _stepped_paper(gray) if _shadow_step(_border(gray)) else np.minimum(_shading(gray), _paper_plane(gray))
-    # The ink relative to the paper's brightness, so that a shadow is divided out; in a shadow darker than half the
-    # paper's usual brightness, by no more than twice as much, or the sensor's noise there would outshine the ink.
+    # ink relative to the paper's brightness, boosted at most twice in deep shadow, or the sensor's noise outshines it
     lit = np.maximum(1 - paper, max(1 - float(np.median(_border(paper))), 1e-3) / 2)
     ink = (gray - paper) / lit
     level, spread = _level_and_spread(_border(ink))
     ink = np.clip(ink - (level + ROBUST_SIGMAS * spread), 0, 1)
-    # twice as far out as the paper's noise reaches, and visibly darker than the paper: else the noise of a photo of
-    # a blank page would be taken for a digit
+    # beyond the paper's noise and visibly darker than it, or a blank page's noise would be taken for a digit
     if ink.max() < max(MIN_CONTRAST, ROBUST_SIGMAS * spread):
         raise UserError(f"{path}: the image is blank (only paper, no ink stands out); nothing to classify")
     return ink
 
 
 def _sheet(gray: np.ndarray) -> np.ndarray:
-    """A light sheet photographed on a darker desk: the sheet alone, a little inside its edges, so that the
-    border that step 1 reads is paper, not desk; else the whole image. A desk: three of the photo's four edges
-    mostly dark (below Otsu's threshold) and SHEET_CONTRAST darker than the light part, where a shadow across a
-    page is a gradient. The sheet: the span of rows and of columns that are more than half light, filled with
-    light at SHEET_FILL at least and SHEET_AREA of the photo at least; light strokes on a blackboard, a digit on
-    black, fill neither."""
+    """A light sheet on a darker desk, cut a little inside its edges so that step 1's border is paper; else the whole
+    image. A desk: three of four edges mostly below Otsu's threshold, SHEET_CONTRAST darker than the light part. The
+    sheet: the rows and columns over half light, at least SHEET_FILL light and SHEET_AREA of the photo."""
     light = gray > _otsu_threshold(gray)
     sides = (light[0], light[-1], light[:, 0], light[:, -1])
     if sum(side.mean() < 0.5 for side in sides) < 3 or not light.any() or light.all():
@@ -195,9 +168,8 @@ def _otsu_threshold(gray: np.ndarray) -> float:
 
 
 def _dark_ink(paper: np.ndarray, low: float, high: float) -> bool:
-    """Whether the image's darkest pixels stand further out of the paper's range (`paper`: the border's values,
-    the 5th to 95th percentile, a shadow's gradient included) than its brightest do. Where neither stands out
-    (the ink covers the border), whether the paper's median is nearer the brightest value than the darkest."""
+    """Whether the darkest pixels stand further out of the paper's 5th to 95th percentile than the brightest; where
+    neither does (ink covers the border), whether the paper's median is nearer the brightest value."""
     lightest_paper, median, darkest_paper = np.percentile(paper, [95, 50, 5])
     below, above = darkest_paper - low, high - lightest_paper
     if max(below, above) > 0:
@@ -206,16 +178,14 @@ def _dark_ink(paper: np.ndarray, low: float, high: float) -> bool:
 
 
 def _level_and_spread(values: np.ndarray) -> tuple[float, float]:
-    """The median and the standard deviation of the bulk of `values`, estimated from their median absolute
-    deviation: not thrown by the few ink pixels that reach the border."""
+    """The median and the MAD-estimated standard deviation of `values`: not thrown by ink pixels on the border."""
     level = float(np.median(values))
     return level, MAD_TO_SIGMA * float(np.median(np.abs(values - level)))
 
 
 def _paper_plane(gray: np.ndarray) -> np.ndarray:
-    """The brightest the paper can be anywhere: a plane fitted to the border's paper pixels (a shadow's gradient
-    continues inwards), plus ROBUST_SIGMAS of their scatter. The shading estimate is capped at it, so that a thick
-    stroke or blob, which the estimate cannot tell from a patch of paper, is not subtracted as paper."""
+    """The brightest the paper can be: a plane fitted to the border's paper, plus ROBUST_SIGMAS of its scatter. It
+    caps the shading estimate, which cannot tell a thick blob of ink from a patch of paper."""
     rows, cols = np.indices(gray.shape, dtype=np.float32)
     values = _border(gray)
     level, spread = _level_and_spread(values)
@@ -227,9 +197,8 @@ def _paper_plane(gray: np.ndarray) -> np.ndarray:
 
 
 def _shadow_step(border: np.ndarray) -> bool:
-    """Whether the border's paper falls into two tight levels (a hard-edged shadow across the page), where a
-    gradient spreads it evenly: Otsu's split explains more than STEP_SEPARATION of the border's variance, and
-    its two levels are MIN_STEP apart."""
+    """Whether the border's paper falls into two tight levels (a hard-edged shadow), not a gradient's even spread:
+    Otsu's split explains over STEP_SEPARATION of its variance, and the levels are MIN_STEP apart."""
     threshold = _otsu_threshold(border)
     low, high = border[border <= threshold], border[border > threshold]
     if not low.size or not high.size or min(low.size, high.size) < STEP_SHARE * border.size:
@@ -239,9 +208,8 @@ def _shadow_step(border: np.ndarray) -> bool:
 
 
 def _stepped_paper(gray: np.ndarray) -> np.ndarray:
-    """The paper under a hard-edged shadow: each pixel's level is the brightest of the coarse grid's levels around
-    it (_opened_cells) that the pixel reaches, so that the step stays sharp instead of blurring
-    over a cell; ink, brighter than either level, is measured from the brighter."""
+    """The paper under a hard-edged shadow: per pixel, the brightest neighbouring grid level it reaches, so that the
+    step stays sharp; ink, brighter than either level, is measured from the brighter."""
     opened, cell = _opened_cells(gray)
     rows, cols = (np.arange(n) // cell for n in gray.shape)
     padded = np.pad(opened, 1, mode="edge")
@@ -255,9 +223,8 @@ def _stepped_paper(gray: np.ndarray) -> np.ndarray:
 
 
 def _opened_cells(gray: np.ndarray) -> tuple[np.ndarray, int]:
-    """The paper's level per cell of a grid of SHADING_CELLS along the longer side (the edges repeated): each cell's
-    median, then a grey-scale opening over 3×3 cells (min, then max), which keeps the paper's slow changes and drops
-    the cells that strokes fill; and the cell's side."""
+    """The paper's level per grid cell, and the cell's side: each cell's median, opened over 3×3 cells (min, then
+    max) to keep the paper's slow changes and drop the cells that strokes fill."""
     cell = math.ceil(max(gray.shape) / SHADING_CELLS)
     grid_shape = (math.ceil(gray.shape[0] / cell), math.ceil(gray.shape[1] / cell))
     padded = np.pad(gray, [(0, grid_shape[0] * cell - gray.shape[0]), (0, grid_shape[1] * cell - gray.shape[1])],

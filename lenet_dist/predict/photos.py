@@ -18,9 +18,8 @@ from lenet_dist.errors import UserError
 if TYPE_CHECKING:
     from PIL import Image
 
-# Checked from the header, before any pixel is decoded (Image.open reads only the header). 40 megapixels
-# is over three times a 12-megapixel phone photo and far more than a digit needs, yet reading one adds
-# under 1 GB at the peak (measured: ~0.6 GB for RGB, ~0.85 GB with alpha). PIL's own guard starts at ~179.
+# checked from the header, before decoding: over 3× a 12-megapixel phone photo, yet one adds under 1 GB at the
+# peak (measured: ~0.6 GB for RGB, ~0.85 GB with alpha); PIL's own error starts at ~179
 MAX_MEGAPIXELS = 40
 # How PIL opens 16-bit grayscale (and 32-bit integer) files: convert("L") would clip them to white.
 WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")

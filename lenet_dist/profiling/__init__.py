@@ -1,3 +1,2 @@
-"""The profiler: capturing a window of training steps per rank (capture.py), and `lenet-dist inspect` reading
-the traces back: the files (traces.py, events.py), the host and GPU views (host.py, gpu.py), A against B
-(compare.py), the command (inspection.py)."""
+"""The profiler: per-rank traces of a window of training steps (capture.py), and `lenet-dist inspect` reading
+them back (traces.py, events.py, host.py, gpu.py, compare.py; the command in inspection.py)."""

@@ -1,8 +1,8 @@
 """torch.profiler over a scheduled window of training steps, one Chrome-trace file per rank.
 
-Files are `profiles/<run>/rank<N>.<unix-ms>.pt.trace.json`: torch_tb_profiler reads `rank<N>` as the
-worker name and the millisecond stamp as the span, so ranks never overwrite each other (the default
-handler names files by host and pid, which says nothing about which rank wrote them).
+Files are `profiles/<run>/rank<N>.<unix-ms>.pt.trace.json`: torch_tb_profiler reads `rank<N>` as the worker
+and the stamp as the span, and ranks never overwrite each other. The default handler names files by host and
+pid, not rank.
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ def run_trace_dir(profile_dir: str, output_dir: Path) -> Path:
     return Path(profile_dir) / f"{output_dir.name}-{digest}"
 
 
+def remove_traces(folder: Path, worker: str) -> None:
+    """A worker's traces of an earlier run into the same folder, which a fresh run's must not mix with."""
+    for stale in folder.glob(f"{worker}.*"):
+        stale.unlink()
+
+
 def trace_writer(folder: Path, worker: str):
-    """Each recording cycle's trace, written by the rank that made it onto its own disk. One that cannot be
-    written is said in one line by that rank (no other rank knows of it); training and the checkpoints go on."""
+    """The on_trace_ready handler: each recording cycle's trace, written by its rank to its own disk. A failed
+    write is one warning line from that rank, and training goes on."""
     def write(profiler: profile) -> None:
         final = folder / f"{worker}.{time.time_ns() // 1_000_000}{TRACE_SUFFIX}"
         try:
@@ -59,8 +65,8 @@ def step_profiler(
     """A started profiler; call `.step()` after every training step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     if ProfilerActivity.CUDA not in activities:
-        # Kineto, the profiler's engine, prints its start and stop and "gpuGetDeviceCount failed" even when no GPU
-        # is traced; it reads this when it starts, so it still applies here (a user's own setting wins)
+        # Kineto logs its start, stop and "gpuGetDeviceCount failed" even with no GPU traced. It reads this
+        # when the profiler starts, so setting it here works; a user's own setting wins.
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(
         activities=activities,
@@ -77,19 +83,16 @@ def step_profiler(
 
 
 class SettledProfiler:
-    """The profiler, stopped only once every rank's collectives are finished with.
+    """The profiler, stopped only once every rank's collectives are done.
 
-    Gloo's threads run the profiler's bookkeeping of an all-reduce (the end of its `gloo:all_reduce`
-    range) after DDP already has the result: a rank that stopped recording meanwhile tore the trace down
-    under that thread, and aborted now and then (`terminate called without an active exception`). A
-    barrier first waits for every collective in flight, bookkeeping included.
+    Gloo's threads close an all-reduce's profiler range after DDP has the result; stopping the recording
+    meanwhile can abort the process (`terminate called without an active exception`), so a barrier comes first.
     """
 
     def __init__(self, profiler: profile) -> None:
         self.profiler = profiler
-        # Freed first once memory is recorded: c10 logs "Memory block of unknown size was allocated before the
-        # profiling started" at the 1st (and every 1000th) free of a block made earlier, a C++ line per rank
-        # that no setting turns off; that first free is this block's, with stderr closed for the moment.
+        # c10 logs "Memory block of unknown size was allocated before the profiling started" from C++, with no
+        # setting to stop it, at the first free of a block made earlier: these take that free, with stderr closed.
         self.made_before = {ProfilerAction.WARMUP: torch.empty(1), ProfilerAction.RECORD: torch.empty(1)}
 
     def step(self) -> None:
@@ -98,7 +101,7 @@ class SettledProfiler:
         self.profiler.step()
         phase = self.profiler.current_action
         phase = ProfilerAction.RECORD if phase == ProfilerAction.RECORD_AND_SAVE else phase
-        if phase in self.made_before:  # the first warm-up step (memory may be recorded from it), the first recorded
+        if phase in self.made_before:  # the first warm-up step and the first recorded one
             with stderr_closed():
                 del self.made_before[phase]
 

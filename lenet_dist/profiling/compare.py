@@ -12,8 +12,8 @@ def _change(a: float, b: float) -> dict[str, float | None]:
 
 
 def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Run B against run A. Each side's figures are the mean over its ranks, so that runs with different
-    process counts compare per rank (an operator a rank never ran counts 0 there)."""
+    """Run B against run A, each side's figures the mean over its ranks so that runs with different process
+    counts compare per rank (an operator a rank never ran counts 0 there)."""
 
     def mean(report: dict[str, Any], figure: Callable[[dict[str, Any]], float]) -> float:
         return statistics.fmean(figure(worker) for worker in report["workers"].values())
@@ -46,8 +46,8 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_ms_range(report: dict[str, Any]) -> dict[str, float]:
-    """The shortest and the longest step of any rank: the spread a change in the median is held against
-    (over all ranks, so that a straggler's slow steps count as the noise they are)."""
+    """The shortest and the longest step of any rank, the spread a change in the median is held against
+    (a straggler's slow steps count as noise)."""
     workers = report["workers"].values()
     return {"min": min(w["step_ms"]["min"] for w in workers), "max": max(w["step_ms"]["max"] for w in workers)}
 
@@ -98,5 +98,3 @@ def print_comparison(comparison: dict[str, Any], top: int) -> None:
                             "")
     console.print(figures)
     console.print(noise_verdict(comparison))
-
-

@@ -1,7 +1,5 @@
-"""What traces.py (the host side of a trace) and gpu_trace.py (its GPU side) both work on: the events read
-from a Chrome trace, the stretches of it they cover, the categories that say what an event is, and
-arithmetic on [start, end) intervals of time. They live here so that gpu_trace.py needs nothing from
-traces.py, which imports it: the two never import each other.
+"""What traces.py, host.py and gpu.py share: the events read from a Chrome trace, the windows they are
+counted in, the categories that say what an event is, and arithmetic on [start, end) intervals.
 """
 
 from __future__ import annotations

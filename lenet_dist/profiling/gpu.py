@@ -1,10 +1,9 @@
 """The GPU side of a profiler trace: how busy the GPU was in the profiled steps, which host operators launched
-its kernels, and how much of the communication (NCCL) ran alongside computation.
+its kernels, and how much communication (NCCL) overlapped computation.
 
-Kineto writes GPU work as complete events of category kernel, gpu_memcpy and gpu_memset (pid: the device,
-tid: the stream) and each launch on the host as a cuda_runtime or cuda_driver event; the two share
-args.correlation. ROCm traces use the same categories (only the calls are named hip*), so everything here
-goes by category, never by a call's name.
+Kineto writes GPU work as kernel, gpu_memcpy and gpu_memset events (pid: the device, tid: the stream) and each
+host launch as a cuda_runtime or cuda_driver event sharing its args.correlation. ROCm traces use the same
+categories with hip* call names, so everything here goes by category.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from lenet_dist.profiling.events import (
 if TYPE_CHECKING:  # rich is imported only when a report is printed
     from rich.console import Console
 
-# The innermost op around an NCCL launch is record_param_comms, which does not say which collective it was.
+# The innermost op around an NCCL launch is record_param_comms, which does not name the collective.
 COLLECTIVES = ("c10d::", "nccl:")
 UNATTRIBUTED = "<unattributed>"
 IDLE_GAPS = 3
@@ -94,8 +93,8 @@ def analyse_gpu(events: list[Event], trees: dict[Any, list[Event]], windows: lis
     by_operator: dict[str, float] = defaultdict(float)
     by_kernel: dict[str, float] = defaultdict(float)
     for kernel in kernels:
-        # a kernel belongs to the step it starts in, as a host op does; kernels lag their launch, so
-        # matching by launch time would charge a step with work the GPU did in the next one
+        # a kernel belongs to the step it starts in: kernels lag their launch, so going by launch time
+        # would charge a step with work the GPU did in the next one
         if not in_windows(kernel.start, windows):
             continue
         launch = launches.get(kernel.args.get("correlation"))

@@ -101,4 +101,3 @@ def _collect_conv(event: Event, conv_us: dict[str, float], inside_conv: bool, co
                 conv_us[f"{_layer(event, 2)} backward"] += event.duration
     for child in event.children:
         _collect_conv(child, conv_us, inside_conv, counts)
-

@@ -1,8 +1,8 @@
 """`lenet-dist inspect RUN [OTHER]`: where a training step's time goes, per rank, without TensorBoard.
 
 One column per rank, so that a straggler stands out: the operators with the most self time, the
-convolutions' share of step time (forward and backward, per layer), step-time statistics, and for a
-trace with kernels the GPU's view. Two runs: B against A (compare.py).
+convolutions' share of step time per layer and pass, step times, and the GPU's view for a trace with
+kernels. With two runs: B against A (compare.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def inspect_run(given: Path) -> dict[str, Any]:
         "run_dir": str(given),
         "traces": str(traces),
         "workers": workers,
-        # a worker whose files come from several runs (or a run and its resumption): its figures pool their steps
+        # a worker whose files come from several runs (or a resumed one): its figures pool their steps
         "mixed_runs": {worker: {"recordings": result["recordings"], "found": result["recordings_found"]}
                        for worker, result in workers.items() if result["recordings"] > 1},
     }

@@ -33,8 +33,8 @@ class Recording(NamedTuple):
 
 
 def find_traces(given: Path) -> tuple[Path, dict[str, list[Path]]]:
-    """The trace files to read for what the user named, and the file or folder they are in: a run's output
-    folder (the folder its metrics.json records as profile_dir), a folder of trace files, or one trace file."""
+    """The trace files for what the user named, and the file or folder they are in: a run's output folder
+    (its metrics.json's profile_dir), a folder of trace files, or one trace file."""
     if given.is_file():
         match = TRACE_NAME.match(given.name)
         if not match:
@@ -48,7 +48,7 @@ def find_traces(given: Path) -> tuple[Path, dict[str, list[Path]]]:
 
 
 def recorded_profile_dir(run_dir: Path) -> Path | None:
-    """The trace folder a finished run's metrics.json records, if the folder holds one that records it."""
+    """The trace folder that `run_dir`'s metrics.json records; None without a metrics.json or a recorded one."""
     metrics_path = run_dir / RUN_METRICS
     if not metrics_path.is_file():
         return None
@@ -109,15 +109,12 @@ def load_trace(path: Path) -> Recording:
 
 
 def count_recordings(processes: list[str], windows: list[Window]) -> tuple[int, str]:
-    """How many runs' processes one worker's trace files come from (at least), and what says so ("" for one).
+    """How many runs (at least) one worker's trace files come from, and the evidence ("" for one).
 
-    Two signals, because neither holds alone: each run is a process of its own, so two pids mean two runs,
-    but a container can give every run the same pid; and a run's one profiler numbers its steps
-    ProfilerStep#0, #1, … on through all its recording cycles, so a step number recorded twice means two
-    runs, but runs with different schedules record different steps. The file names' unix-ms stamps and
-    the trace's clock (baseTimeNanoseconds) cannot tell a repeated cycle from a re-run, and the number of
-    files says nothing without the schedule's --profile-repeat, which the traces do not record. A run
-    interrupted and resumed counts as two: a new process, whose profiler starts again at step 0.
+    Neither sign holds alone: two pids mean two runs, but a container can give every run the same pid; a
+    step number recorded twice means two runs (one profiler numbers its steps on through all its cycles), but
+    runs with different schedules record different steps. File stamps and trace clocks cannot tell a repeated
+    cycle from a re-run. A resumed run counts as a second one.
     """
     steps = Counter(int(window.name.removeprefix(STEP_MARKER)) for window in windows
                     if window.name.startswith(STEP_MARKER))
@@ -158,4 +155,3 @@ def walk(event: Event):
     yield event
     for child in event.children:
         yield from walk(child)
-

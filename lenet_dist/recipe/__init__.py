@@ -1,12 +1,11 @@
 """The recipes `--recipe` names: every field a recipe sets, which a flag given on its own overrides.
 
-    default     ends highest: 2 epochs, the one-cycle learning rate over both, 98.6 % and more (BENCHMARKS.md)
-    fast-to-98  the shortest time to 98 %: LeCun's initialisation, batch 32, the learning rate annealed over the
-                first 45,056 images down to a fiftieth of its peak, which it then holds (so that a slow seed
-                still learns), stopping at the first evaluation ≥ 98 % (BENCHMARKS.md has the search)
+    default     ends highest: 2 epochs, one-cycle over both, 98.6 % and more (BENCHMARKS.md)
+    fast-to-98  shortest time to 98 %: LeCun init, batch 32, the learning rate annealed over the first 45,056
+                images to a fiftieth of its peak and then held (so a slow seed still learns), stopping at the
+                first evaluation ≥ 98 %
 
-What the recipe builds from them (model, optimizer, learning rate, batches) is in build.py and lr_schedule.py;
-this table imports nothing heavy, for the command line.
+This table imports nothing heavy, for the command line; build.py and lr_schedule.py build from it.
 """
 
 from __future__ import annotations

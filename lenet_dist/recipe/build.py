@@ -1,9 +1,8 @@
-"""The training recipe and its builders: model, optimizer, schedule, data, precision, evaluation cadence.
+"""The recipe's builders: model, optimizer, schedule, data, precision.
 
-`lenet-dist train` builds its run here (`build_trainer`) and `lenet-dist bench` its tuned rows from the
-same builders, so those rows time the model, optimizer and data path training uses (eagerly: on a
-GPU, training also captures its step as a CUDA graph, see steps.py). The numbers that are not flags
-live here, with why they are what they are.
+`lenet-dist train` (`build_trainer`) and `lenet-dist bench`'s tuned rows use the same builders, so the
+bench times what training runs (eagerly; see steps.py for the CUDA graph). Constants that are not flags
+live here, with why.
 """
 
 from __future__ import annotations
@@ -23,14 +22,12 @@ from lenet_dist.errors import UsageError, on_every_rank
 from lenet_dist.model import LeNet5
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 
-# Adam's second-moment decay: 0.95 instead of 0.999 lets the step size follow the one-cycle
-# schedule's learning rate instead of lagging behind it; with the peak lr 6e-3 the 2-epoch run ends
-# at ≥ 98.6 % for seeds 0-2 (3e-3 and 0.999 before: 98.35-98.63 %).
+# Adam's beta2 0.95, not 0.999, lets the step size follow the one-cycle learning rate instead of lagging it;
+# with peak lr 6e-3 seeds 0-2 ended at ≥ 98.6 % (3e-3 and 0.999: 98.35-98.63 %).
 ADAM_BETAS = (0.9, 0.95)
-# Evaluation batches: bigger than training's (no activations kept for a backward pass), small enough
-# that a batch's activations stay in the CPU's caches (2,000 took ~1.6× as long per pass here); 500
-# divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of the
-# number of processes, which share each batch.
+# Evaluation batches: larger than training's (no backward pass), small enough for the CPU's caches (2,000 took
+# ~1.6× as long); 500 divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of
+# the process count.
 EVAL_BATCH_SIZE = 500
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,9 +42,8 @@ def build_model(config: TrainConfig, num_classes: int) -> LeNet5:
 
 
 def lecun_init(model: torch.nn.Module) -> None:
-    """Weights normal with std 1/√fan-in, biases zero, as LeCun's tanh networks were started: PyTorch's default
-    is uniform with √3 times less spread, which leaves tanh units in their near-linear middle. On MNIST it
-    reaches 98 % with about a third fewer images (BENCHMARKS.md)."""
+    """Weights normal with std 1/√fan-in, biases zero: PyTorch's default has √3× less spread, leaving tanh
+    units near-linear. On MNIST it reaches 98 % with about a third fewer images (BENCHMARKS.md)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -56,20 +52,16 @@ def lecun_init(model: torch.nn.Module) -> None:
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module, graph: bool = False) -> torch.optim.Adam:
-    """Adam, fused: one kernel updates all ten parameter tensors instead of a loop of small ops.
-
-    For a CUDA graph (`graph`), Adam must be capturable; steps.GraphedStep then moves its learning rate
-    into a tensor on the GPU, which the schedule updates in place. The arithmetic is the same.
-    """
+    """Fused Adam: one kernel updates all ten parameter tensors. Capturable for a CUDA graph (`graph`);
+    the arithmetic is the same."""
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, fused=True, capturable=graph)
 
 
 def build_training_batches(
     config: TrainConfig, train: Split, data_dir: Path, device: torch.device, rank: int, world_size: int
 ) -> ShuffledBatches | DataLoader:
-    """The training batches, in one of two forms that train's loop tells apart by type:
-    ShuffledBatches for the in-memory pipeline, a DataLoader (for accelerate to shard) for torchvision's.
-    """
+    """ShuffledBatches for the in-memory pipeline, a DataLoader (for accelerate to shard) for torchvision's;
+    train's loop tells them apart by type."""
     if config.data_pipeline == "tensor":
         return ShuffledBatches(InMemoryDataset(train, device), config.batch_size, config.seed, rank, world_size)
     dataset = torchvision_dataset(data_dir, config.dataset, train=True)
@@ -80,8 +72,8 @@ def build_test_loader(config: TrainConfig, test: Split, data_dir: Path, device: 
                       processes: int) -> DataLoader:
     """The whole test set in order, for accelerate to shard and gather_for_metrics to put back together."""
     batch = -(-EVAL_BATCH_SIZE // processes) * processes
-    if config.data_pipeline == "tensor":  # batches gathered on the device: no worker processes, which on CUDA
-        return make_loader(InMemoryDataset(test, device), batch, shuffle=False, workers=0)  # could not touch them
+    if config.data_pipeline == "tensor":  # data on the device: worker processes could not touch it on CUDA
+        return make_loader(InMemoryDataset(test, device), batch, shuffle=False, workers=0)
     dataset = torchvision_dataset(data_dir, config.dataset, train=False)
     return make_loader(dataset, batch, shuffle=False, **_loader_options(config, device))
 
