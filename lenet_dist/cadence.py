@@ -15,9 +15,9 @@ from lenet_dist.config import TrainConfig
 
 # With --target-accuracy and no --eval-every, the test set is evaluated when the training batches' accuracy
 # (each scored before the step that learns from it) over this many recent images reaches the target...
-PROGRESSIVE_IMAGES = 4096
+PROGRESSIVE_IMAGES = 2048
 # ...and at least this many images were trained since the last evaluation.
-EVALUATION_GAP_IMAGES = 4096
+EVALUATION_GAP_IMAGES = 2048
 
 
 @dataclass
@@ -87,6 +87,11 @@ class Cadence:
     def __init__(self, config: TrainConfig, steps_per_epoch: int, processes: int) -> None:
         self.config, self.steps_per_epoch, self.processes = config, steps_per_epoch, processes
 
+    @property
+    def reads_training_accuracy(self) -> bool:
+        """Whether `_in_reach` is asked: only then must a step count its images right."""
+        return self.config.target_accuracy is not None and not self.config.eval_every
+
     def is_log_point(self, progress: Progress, signal: int | None) -> bool:
         """`signal` is this process's own: one process stops at the step it was signalled at, several agree on
         it at their next log point."""
@@ -123,7 +128,7 @@ class Cadence:
         batches were seen before and run ahead of the test set, so each evaluation there that missed doubles the
         wait for the next."""
         config = self.config
-        if config.target_accuracy is None or config.eval_every or progress.open_stretch[0]:
+        if not self.reads_training_accuracy or progress.open_stretch[0]:
             return False
         last = progress.evaluations[-1]["step"] if progress.evaluations else 0
         misses = sum(evaluation["epoch"] > 1 and not self.meets_target(evaluation)

@@ -19,11 +19,11 @@ from torch.profiler import record_function
 from lenet_dist.distributed.processes import announce
 from lenet_dist.recipe.build import Trainer, compiles, wants_cuda_graph
 
-# a batch's images and labels → its loss and how many of its images the model got right before learning
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# a batch's images and labels → its loss and how many of its images the model got right before learning (or None)
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
+def make_step(trainer: Trainer, score: bool) -> tuple[EagerStep | GraphedStep, float]:
     """The training step, made after the state is loaded (a graph captures it): compiled if asked, a CUDA
     graph where that applies; and the seconds compiling took."""
     config, accelerator = trainer.config, trainer.accelerator
@@ -37,7 +37,7 @@ def make_step(trainer: Trainer) -> tuple[EagerStep | GraphedStep, float]:
     if wants_cuda_graph(config, accelerator):
         step = GraphedStep(trainer.model, trainer.optimizer, trainer.lr_scheduler, local_batch, accelerator.device)
     else:
-        step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.lr_scheduler)
+        step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.lr_scheduler, score, config.profile)
     return step, seconds
 
 
@@ -69,20 +69,25 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class EagerStep:
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
+    """`score`: count the images right (the cadence's trigger reads them); `profiled`: name the optimizer's step in
+    the trace. Neither is paid for where it is not used."""
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, score: bool = True,
+                 profiled: bool = False) -> None:
+        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
+        self.score, self.profiled = score, profiled
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's loss and how many of its images the model got right before learning from them."""
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        with record_function("optimizer_step"):
+        with record_function("optimizer_step") if self.profiled else contextlib.nullcontext():
             self.optimizer.step()
         self.lr_scheduler.step()
-        return loss.detach(), correct(logits, labels)
+        return loss.detach(), correct(logits, labels) if self.score else None
 
 
 class GraphedStep:

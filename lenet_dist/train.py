@@ -80,9 +80,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     announce(state, f"LeNet-5 on {trainer.train_images:,} {config.dataset} images, recipe {config.recipe}: "
                     f"{state.num_processes} process(es) on {accelerator.device.type}, global batch "
                     f"{config.batch_size}, precision {precision_label(accelerator)}")
-    step, compiling_seconds = make_step(trainer)
-    progress.compile_seconds += compiling_seconds
     cadence = Cadence(config, len(trainer.batches), accelerator.num_processes)
+    step, compiling_seconds = make_step(trainer, score=cadence.reads_training_accuracy)
+    progress.compile_seconds += compiling_seconds
 
     profile_dir = run_trace_dir(config.profile_dir, output_dir)
     if config.profile and not resumed:  # a run started afresh: no traces of an earlier one mixed in
@@ -163,12 +163,13 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
     config, accelerator = trainer.config, trainer.accelerator
     warm_up_evaluation(trainer)
     predictions = None
-    sums = StepSums(accelerator.device, progress.loss_sum)
+    sums = StepSums(accelerator.device)
     bar = progress_bar(trainer, progress)
     trainer.model.train()
     clock = time.perf_counter()
     try:
-        for images, labels in labelled(remaining_batches(trainer, progress), "data_loading"):
+        batches = remaining_batches(trainer, progress)
+        for images, labels in labelled(batches, "data_loading") if config.profile else batches:
             loss, right = step(images, labels)
             profiler.step()
             sums.add(loss, right)
@@ -188,7 +189,6 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
                 predictions = evaluate_and_record(trainer, progress, due.epoch_end)
             if due.epoch_end:
                 progress.start_next_epoch()
-                sums.start_epoch()
             finished = cadence.finished(progress)
             if due.checkpoint or finished:
                 checkpoint = save_checkpoint(trainer, trainer.output_dir, progress, config.keep_checkpoints)
@@ -211,27 +211,26 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
 
 
 class StepSums:
-    """Kept on the device and summed over the ranks once per log point (an .item() per step would stall a GPU):
-    since the last log point, the losses and the images right before learning; the epoch's losses so far."""
+    """Since the last log point, the losses and the images right before learning: kept on the device (an .item()
+    per step would stall a GPU) and summed over the ranks once per log point."""
 
-    def __init__(self, device: torch.device, epoch_loss: float) -> None:
-        self.values = torch.tensor([0.0, 0.0, epoch_loss], device=device)
+    def __init__(self, device: torch.device) -> None:
+        self.loss, self.right = torch.zeros((), device=device), torch.zeros((), device=device)
         self.steps = 0
 
-    def add(self, loss: torch.Tensor, right: torch.Tensor) -> None:
-        self.values += torch.stack((loss, right.to(loss.dtype), loss))
+    def add(self, loss: torch.Tensor, right: torch.Tensor | None) -> None:
+        self.loss += loss
+        if right is not None:
+            self.right += right
         self.steps += 1
 
-    def reduce(self, accelerator: Accelerator) -> tuple[float, float, float]:
-        """The window's mean loss and right answers, and the epoch's summed mean losses; the window restarts."""
-        window_loss, window_right, epoch_loss = accelerator.reduce(self.values, reduction="sum").tolist()
-        processes, steps = accelerator.num_processes, self.steps
-        self.values[:2] = 0
+    def reduce(self, accelerator: Accelerator) -> tuple[float, float]:
+        """The mean of the steps' losses over every rank, and the images right; the window restarts."""
+        loss, right = accelerator.reduce(torch.stack((self.loss, self.right)), reduction="sum").tolist()
+        mean_loss = loss / accelerator.num_processes / self.steps
+        self.loss.zero_(), self.right.zero_()
         self.steps = 0
-        return window_loss / processes / steps, window_right, epoch_loss / processes
-
-    def start_epoch(self) -> None:
-        self.values[2] = 0
+        return mean_loss, right
 
 
 def progress_bar(trainer: Trainer, progress: Progress) -> ProgressBar:
@@ -245,7 +244,8 @@ def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
     """At a log point: the mean training loss over every rank since the last one and the learning rate into the
     run's series and the trackers; the batches' right answers into `progress.recent`. The mean loss."""
     batch_size, steps = trainer.config.batch_size, sums.steps
-    mean_loss, right, progress.loss_sum = sums.reduce(trainer.accelerator)
+    mean_loss, right = sums.reduce(trainer.accelerator)
+    progress.loss_sum += mean_loss * steps
     if not math.isfinite(mean_loss):
         raise UserError(f"training loss became {mean_loss} by step {progress.global_step} (epoch {progress.epoch}); "
                         f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr")

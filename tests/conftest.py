@@ -270,10 +270,10 @@ def write_split(folder: Path, split: str, images: torch.Tensor, labels: torch.Te
 BATCH = 16  # the training steps' tests: small batches of random images
 
 
-def pieces(graph: bool):
+def pieces(graph: bool, optimizer: str = "adam"):
     """The recipe's model, optimizer and schedule, seeded: for comparing two ways of stepping them."""
     torch.manual_seed(0)
-    config = TrainConfig()
+    config = TrainConfig(optimizer=optimizer)
     model = build_model(config, num_classes=10)
     optimizer = build_optimizer(config, model, graph=graph)
     return model, optimizer, build_lr_scheduler(config, optimizer, steps_per_epoch=20)

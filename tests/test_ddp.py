@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def test_two_process_cpu_ddp_trains_as_one_process_speaks_once_and_profiles_each_rank(tmp_path, mnist_slice):
-    """README's "2 CPU processes (gloo)" row as written: per-epoch losses within 0.001 of one process's and test
-    accuracy within 0.2 % (the same sums, added in another order); one trace per rank, read back by inspect."""
-    recipe = ["--batch-size", "256", "--no-progress"]
+    """README's "2 CPU processes (gloo)" row as written, with --optimizer muon: per-epoch losses within 0.001 of one
+    process's and test accuracy within 0.2 % (the same sums, added in another order; every rank the same Muon
+    update); one trace per rank, read back by inspect."""
+    recipe = ["--batch-size", "256", "--no-progress", "--optimizer", "muon"]
     env = {"LENET_DATA_DIR": str(mnist_slice), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "HF_HOME": str(tmp_path / "hf")}
     row = launch_table()["2 CPU processes (gloo)"]

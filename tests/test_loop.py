@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from conftest import SHORT, SLICE_TEST_IMAGES, TRAIN, call, numbers, read_metrics, same_weights
 
 
@@ -46,3 +48,20 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(short_run, 
     assert sorted(p.name for p in aside.iterdir()) == ["step-00000048", "step-00000064"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         aside.name, "step-00000056", "step-00000064"]  # the new continuation's newest two, none deleted unwritten
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumed_from_its_checkpoint_ends_on_the_same_weights(mnist_slice, tmp_path):
+    """--optimizer muon's momentum buffers and its Adam half's moments and step counts come back bit for bit; the
+    checkpoint records the optimizer, so an Adam resume of it is refused."""
+    muon = [*SHORT, "--optimizer", "muon", "--checkpoint-every", "32"]
+    env = {"LENET_DATA_DIR": str(mnist_slice)}
+    whole = call([*TRAIN, *muon, "--output-dir", str(tmp_path / "whole")], env=env)
+    assert whole.returncode == 0, whole.stderr
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000032"
+    adam = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "adam")], env=env)
+    assert adam.returncode == 2 and "--optimizer muon (this run: adam)" in adam.stderr, adam.stderr
+    resumed = call([*TRAIN, *muon, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "resumed")], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(tmp_path / "resumed", tmp_path / "whole")
+    assert numbers(read_metrics(tmp_path / "resumed")) == numbers(read_metrics(tmp_path / "whole"))

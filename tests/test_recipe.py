@@ -1,4 +1,4 @@
-"""The recipes: named recipes and their overrides, the learning-rate schedule, LeCun's initialisation."""
+"""The recipes: named recipes and their overrides, the learning-rate schedule, LeCun's initialisation, Muon."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError
 from lenet_dist.recipe import RECIPES
-from lenet_dist.recipe.build import build_model
+from lenet_dist.recipe.build import build_model, build_optimizer
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
+from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised
 
 
 def test_a_recipe_fills_what_no_flag_set_and_a_flag_overrides_it():
@@ -57,3 +58,37 @@ def test_lecun_initialisation_has_the_spread_of_one_over_root_fan_in():
     assert weight.std().item() == pytest.approx(400 ** -0.5, rel=0.05) and model.classifier[1].bias.abs().max() == 0
     default = build_model(TrainConfig(), num_classes=10).classifier[1].weight
     assert default.std().item() == pytest.approx(400 ** -0.5 / math.sqrt(3), rel=0.05)  # PyTorch's, √3 narrower
+
+
+def test_muon_steps_as_torchs_muon_on_a_matrix_and_as_adam_on_the_rest():
+    """MuonWithAdam against torch.optim.Muon (2-D weights, the only ones it takes) and torch.optim.Adam, five steps
+    of the same gradients; torch's Newton–Schulz runs in bfloat16, ours in float32 (within bfloat16's rounding)."""
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(120, 400) * 0.05), torch.nn.Parameter(torch.randn(120) * 0.05)
+    their_weight, their_bias = (torch.nn.Parameter(p.detach().clone()) for p in (weight, bias))
+    ours = MuonWithAdam([weight], [bias], muon_lr=0.02, adam_lr=5e-3, betas=(0.9, 0.95))
+    muon = torch.optim.Muon([their_weight], lr=0.02, weight_decay=0, momentum=0.95, nesterov=True)
+    adam = torch.optim.Adam([their_bias], lr=5e-3, betas=(0.9, 0.95))
+    for _ in range(5):
+        gradients = torch.randn(120, 400), torch.randn(120)
+        for parameters in ((weight, bias), (their_weight, their_bias)):
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = gradient.clone()
+        ours.step(), muon.step(), adam.step()
+    assert torch.allclose(weight, their_weight, atol=3e-4) and torch.allclose(bias, their_bias, atol=1e-7)
+    assert not torch.allclose(weight, their_weight + 2e-3, atol=3e-4)  # the comparison can fail
+
+
+def test_muon_takes_the_four_weight_matrices_filters_flattened_and_adam_the_rest():
+    model = build_model(TrainConfig(), num_classes=10)
+    optimizer = build_optimizer(TrainConfig(optimizer="muon"), model)
+    muon, adam = ([id(p) for p in group["params"]] for group in optimizer.param_groups)
+    assert muon == [id(model.conv1[0].weight), id(model.conv2[0].weight), id(model.classifier[1].weight),
+                    id(model.classifier[3].weight)]
+    assert len(adam) == 6 and id(model.classifier[5].weight) in adam  # the biases and the output layer
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, TrainConfig().lr]
+    filters = torch.randn(16, 6, 5, 5) * torch.logspace(-2, 0, 16).view(16, 1, 1, 1)  # rows of very unequal norms
+    before = torch.linalg.svdvals(filters.reshape(16, -1))
+    assert before.max() > 20 * before.min()
+    spread = torch.linalg.svdvals(orthogonalised(filters.reshape(16, -1)))
+    assert spread.min() > 0.5 and spread.max() < 1.5  # ≈ orthogonal: Newton–Schulz leaves singular values in 0.5…1.5

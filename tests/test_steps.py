@@ -16,12 +16,13 @@ from lenet_dist.recipe.build import compiles, wants_cuda_graph
 from lenet_dist.steps import EagerStep, GraphedStep
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
 @pytest.mark.parametrize("steps_before", [0, 5], ids=["fresh", "resumed-optimizer"])
-def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before):
+def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before, optimizer):
     data = batches(12)
-    eager_model, eager_optimizer, eager_scheduler = pieces(graph=False)
+    eager_model, eager_optimizer, eager_scheduler = pieces(graph=False, optimizer=optimizer)
     eager = EagerStep(Accelerator(cpu=True), eager_model, eager_optimizer, eager_scheduler)
-    graph_model, graph_optimizer, graph_scheduler = pieces(graph=True)
+    graph_model, graph_optimizer, graph_scheduler = pieces(graph=True, optimizer=optimizer)
     warm = EagerStep(Accelerator(cpu=True), graph_model, graph_optimizer, graph_scheduler)
     for images, labels in data[:steps_before]:  # an optimizer with state, as after --resume
         eager(images, labels)
@@ -31,10 +32,13 @@ def test_the_graph_step_trains_exactly_as_the_eager_step(steps_before):
     for images, labels in data[steps_before:]:
         (eager_loss, eager_right), (graph_loss, graph_right) = eager(images, labels), graphed(images, labels)
         assert torch.allclose(eager_loss, graph_loss, rtol=1e-5, atol=1e-6) and eager_right == graph_right
+    # Muon's bfloat16 Newton–Schulz turns the two paths' float32 rounding differences into ~1e-4 of a weight
+    atol = 1e-6 if optimizer == "adam" else 3e-4
     for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a, b, rtol=1e-5, atol=atol)
     assert float(graph_scheduler.get_last_lr()[0]) == pytest.approx(eager_scheduler.get_last_lr()[0])
-    assert graph_optimizer.state[next(graph_model.parameters())]["step"].item() == 12  # warm-up steps undone
+    bias = graph_model.conv1[0].bias  # Adam's, in either optimizer
+    assert graph_optimizer.state[bias]["step"].item() == 12  # warm-up steps undone
 
 
 def launched(device: str = "cuda", distributed: DistributedType = DistributedType.NO, precision: str = "no",

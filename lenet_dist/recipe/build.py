@@ -21,6 +21,7 @@ from lenet_dist.data import InMemoryDataset, ShuffledBatches, Split, load_split,
 from lenet_dist.errors import UsageError, on_every_rank
 from lenet_dist.model import LeNet5
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
+from lenet_dist.recipe.muon import MuonWithAdam
 
 # Adam's beta2 0.95, not 0.999, lets the step size follow the one-cycle learning rate instead of lagging it;
 # with peak lr 6e-3 seeds 0-2 ended at ≥ 98.6 % (3e-3 and 0.999: 98.35-98.63 %).
@@ -51,9 +52,15 @@ def lecun_init(model: torch.nn.Module) -> None:
                 module.bias.zero_()
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module, graph: bool = False) -> torch.optim.Adam:
+def build_optimizer(config: TrainConfig, model: torch.nn.Module, graph: bool = False) -> torch.optim.Optimizer:
     """Fused Adam: one kernel updates all ten parameter tensors. Capturable for a CUDA graph (`graph`);
-    the arithmetic is the same."""
+    the arithmetic is the same. Or Muon with Adam (muon.py), whose step is always capturable."""
+    if config.optimizer == "muon":
+        output_layer = set(model.classifier[-1].parameters())
+        matrices = [p for p in model.parameters() if p.ndim > 1 and p not in output_layer]
+        others = [p for p in model.parameters() if p.ndim == 1 or p in output_layer]
+        return MuonWithAdam(matrices, others, muon_lr=config.muon_lr, adam_lr=config.lr, betas=ADAM_BETAS,
+                            capturable=graph)
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, fused=True, capturable=graph)
 
 

@@ -1,0 +1,76 @@
+"""Muon on the weight matrices, convolution filters included, and Adam on the rest, as one optimizer.
+
+Muon (Jordan et al., 2024) steps each weight matrix along its orthogonalised Nesterov momentum: five
+Newton–Schulz iterations with torch.optim.Muon's coefficients, the step scaled by √max(1, rows/cols). A
+convolution's filters are the matrix out × in·k·k. torch.optim.Muon is not used: it refuses tensors that are
+not 2-D, and it reads its learning rate as a Python number, which a CUDA graph cannot replay. Every quantity
+the Muon half reads is a tensor, so its step is capturable; the Adam half is torch's fused Adam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Jordan's) quintic coefficients
+NEWTON_SCHULZ_STEPS = 5
+EPS = 1e-7
+MOMENTUM = 0.95
+
+
+def orthogonalised(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """≈ U Vᵀ of matrix = U S Vᵀ, in bfloat16 as torch.optim.Muon computes it, returned in float32."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=EPS)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).float()
+
+
+class MuonWithAdam(torch.optim.Optimizer):
+    """Two parameter groups: the matrices (`muon` True) and the rest, which a fused torch.optim.Adam steps.
+
+    The Adam shares this optimizer's state and its group, so that state_dict, load_state_dict and the
+    learning-rate schedule see one optimizer.
+    """
+
+    def __init__(self, matrices: Iterable[torch.nn.Parameter], others: Iterable[torch.nn.Parameter], *,
+                 muon_lr: float, adam_lr: float, betas: tuple[float, float], capturable: bool = False) -> None:
+        self.adam = torch.optim.Adam(list(others), lr=adam_lr, betas=betas, fused=True, capturable=capturable)
+        adam_group = {**self.adam.param_groups[0], "muon": False}
+        super().__init__([{"params": list(matrices), "lr": muon_lr, "muon": True}, adam_group],
+                         {"momentum": MOMENTUM})
+        self._share_with_adam()
+
+    def _share_with_adam(self) -> None:
+        self.adam.param_groups, self.adam.state = [self.param_groups[1]], self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # makes new groups and a new state
+        self._share_with_adam()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        matrices = self.param_groups[0]
+        momentum = matrices["momentum"]
+        for parameter in matrices["params"]:
+            if parameter.grad is None:
+                continue
+            state = self.state[parameter]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(parameter)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(parameter.grad, 1 - momentum)
+            nesterov = parameter.grad.lerp(buffer, momentum)
+            rows = parameter.size(0)
+            update = orthogonalised(nesterov.reshape(rows, -1)).reshape(parameter.shape)
+            scale = max(1.0, rows / (parameter.numel() // rows)) ** 0.5
+            parameter.sub_(update * (matrices["lr"] * scale))
+        self.adam.step()
