@@ -14,11 +14,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.profiler import record_function
 
 from lenet_dist.distributed.processes import announce
 from lenet_dist.recipe.build import Trainer, compiles, wants_cuda_graph
 
+# where accelerate's backward is loss.backward() (DDP's gradient hooks live in the model, not in the wrapper)
+PLAIN_BACKWARD = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 # a batch's images and labels → its loss and how many of its images the model got right before learning (or None)
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -75,15 +78,20 @@ class EagerStep:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler, score: bool = True,
                  profiled: bool = False) -> None:
-        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
-        self.score, self.profiled = score, profiled
+        self.accelerator, self.model, self.score, self.profiled = accelerator, model, score, profiled
+        # accelerate's wrappers cost a tensor op (loss / accumulation steps), a signature inspection and a package
+        # probe every step; with no fp16 scaler and no accumulation they do nothing else, so torch's own are called
+        self.plain = (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
+                      and accelerator.distributed_type in PLAIN_BACKWARD)
+        self.optimizer = getattr(optimizer, "optimizer", optimizer) if self.plain else optimizer
+        self.lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler) if self.plain else lr_scheduler
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's loss and how many of its images the model got right before learning from them."""
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        loss.backward() if self.plain else self.accelerator.backward(loss)
         with record_function("optimizer_step") if self.profiled else contextlib.nullcontext():
             self.optimizer.step()
         self.lr_scheduler.step()

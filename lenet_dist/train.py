@@ -19,6 +19,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+if __name__ == "__main__" and {"-h", "--help", "--version"} & set(sys.argv[1:]):  # answered before torch loads
+    from lenet_dist.config import parse_train_config
+
+    parse_train_config()
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
@@ -211,25 +216,28 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
 
 
 class StepSums:
-    """Since the last log point, the losses and the images right before learning: kept on the device (an .item()
-    per step would stall a GPU) and summed over the ranks once per log point."""
+    """Since the last log point, the steps' losses and images right before learning: device tensors (an .item()
+    per step would stall a GPU), summed and reduced over the ranks once per log point."""
 
     def __init__(self, device: torch.device) -> None:
-        self.loss, self.right = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.steps = 0
+        self.device, self.losses, self.rights = device, [], []
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
     def add(self, loss: torch.Tensor, right: torch.Tensor | None) -> None:
-        self.loss += loss
+        self.losses.append(loss)
         if right is not None:
-            self.right += right
-        self.steps += 1
+            self.rights.append(right)
 
     def reduce(self, accelerator: Accelerator) -> tuple[float, float]:
         """The mean of the steps' losses over every rank, and the images right; the window restarts."""
-        loss, right = accelerator.reduce(torch.stack((self.loss, self.right)), reduction="sum").tolist()
+        right = torch.stack(self.rights).sum().float() if self.rights else torch.zeros((), device=self.device)
+        sums = torch.stack((torch.stack(self.losses).sum(), right))
+        loss, right = accelerator.reduce(sums, reduction="sum").tolist()
         mean_loss = loss / accelerator.num_processes / self.steps
-        self.loss.zero_(), self.right.zero_()
-        self.steps = 0
+        self.losses, self.rights = [], []
         return mean_loss, right
 
 
