@@ -231,14 +231,13 @@ class StepSums:
         if right is not None:
             self.rights.append(right)
 
-    def reduce(self, accelerator: Accelerator) -> tuple[float, float]:
-        """The mean of the steps' losses over every rank, and the images right; the window restarts."""
+    def reduce(self, accelerator: Accelerator) -> tuple[list[float], float]:
+        """Each step's loss, the mean over every rank, and the images right; the window restarts. Per step, so that
+        the epoch's sum is the same however a stop or a resume cut the windows."""
         right = torch.stack(self.rights).sum().float() if self.rights else torch.zeros((), device=self.device)
-        sums = torch.stack((torch.stack(self.losses).sum(), right))
-        loss, right = accelerator.reduce(sums, reduction="sum").tolist()
-        mean_loss = loss / accelerator.num_processes / self.steps
+        totals = accelerator.reduce(torch.cat((torch.stack(self.losses), right[None])), reduction="sum").tolist()
         self.losses, self.rights = [], []
-        return mean_loss, right
+        return [loss / accelerator.num_processes for loss in totals[:-1]], totals[-1]
 
 
 def progress_bar(trainer: Trainer, progress: Progress) -> ProgressBar:
@@ -252,8 +251,10 @@ def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
     """At a log point: the mean training loss over every rank since the last one and the learning rate into the
     run's series and the trackers; the batches' right answers into `progress.recent`. The mean loss."""
     batch_size, steps = trainer.config.batch_size, sums.steps
-    mean_loss, right = sums.reduce(trainer.accelerator)
-    progress.loss_sum += mean_loss * steps
+    losses, right = sums.reduce(trainer.accelerator)
+    for loss in losses:
+        progress.loss_sum += loss
+    mean_loss = sum(losses) / steps
     if not math.isfinite(mean_loss):
         raise UserError(f"training loss became {mean_loss} by step {progress.global_step} (epoch {progress.epoch}); "
                         f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr")

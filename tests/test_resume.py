@@ -62,10 +62,10 @@ def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identicall
         return max((int(p.name[5:]) for p in checkpoints.glob("step-*")), default=0)
 
     for attempt in range(2):
-        target = max(newest(), EPOCH_END) + 15
+        target = max(newest(), EPOCH_END) + 6
         process = start(command + (["--resume"] if attempt else []), env=sliced)
         wait_for(lambda target=target: newest() >= target, 120, process)
-        time.sleep(rng.uniform(0, 0.3))  # some kills land mid-save
+        time.sleep(rng.uniform(0, 0.1))  # some kills land mid-save, all well inside epoch 2
         kill_all(process)
         complete = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))
         assert complete, "the previous complete checkpoint must survive"
