@@ -55,7 +55,7 @@ def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch
         F.cross_entropy(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():  # as evaluate runs it: no_grad would be another graph
         model(torch.zeros(eval_batch, 1, 28, 28, device=accelerator.device))
     return time.perf_counter() - started
 
