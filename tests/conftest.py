@@ -300,3 +300,21 @@ def copy_checkout(destination: Path) -> Path:
         else:
             shutil.copy2(source, target)
     return destination
+
+
+# the two-node tests' run (test_cluster, test_slurm): 32 steps per epoch of MNIST_SLICE's 16,384 images
+TWO_NODE_RECIPE = ["--epochs", "2", "--batch-size", "512", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory, mnist_slice) -> Path:
+    """TWO_NODE_RECIPE on one process: what the two-node jobs must match."""
+    output = tmp_path_factory.mktemp("one-process")
+    result = call([*TRAIN, *TWO_NODE_RECIPE, "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.fixture(scope="session")
+def one_process(one_process_run) -> dict:
+    return read_metrics(one_process_run)

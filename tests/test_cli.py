@@ -161,5 +161,7 @@ def test_a_launch_config_is_found_by_its_file_name_too():
 
     assert config_path("cpu_ddp") == config_path("cpu-ddp") == config_path("cpu_ddp.yaml")
     assert config_path("cpu-ddp").name == "cpu_ddp.yaml"
+    assert config_path("slurm-multi-node") == config_path("slurm_multi_node.sbatch")
+    assert config_path("slurm-single-node").read_text().startswith("#!/bin/bash")
     with pytest.raises(UsageError, match="choose from cpu-ddp"):
         config_path("cpu")

@@ -9,9 +9,7 @@ addresses and processes are this module's own and are removed afterwards, also w
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, SLICE_TEST_IMAGES, TRAIN, call, free_port, read_metrics, wait_for
+from conftest import BIN, ROOT, TRAIN, TWO_NODE_RECIPE, call, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.cluster]
-BATCH = 512  # 32 steps per epoch of MNIST_SLICE's 16,384 images
-RECIPE = ["--epochs", "2", "--batch-size", str(BATCH), "--no-progress"]
+RECIPE = TWO_NODE_RECIPE
+BATCH = 512  # TWO_NODE_RECIPE's: 32 steps per epoch of MNIST_SLICE's 16,384 images
 SUBNET = "10.231.77"  # only inside the namespaces below
 
 
@@ -125,19 +123,6 @@ def cluster(tmp_path, mnist_slice, monkeypatch):
         made.close()
 
 
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, mnist_slice) -> Path:
-    output = tmp_path_factory.mktemp("one-process")
-    result = call([*TRAIN, *RECIPE, "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_slice)})
-    assert result.returncode == 0, result.stderr
-    return output
-
-
-@pytest.fixture(scope="module")
-def one_process(one_process_run) -> dict:
-    return read_metrics(one_process_run)
-
-
 def test_a_downed_link_ends_both_nodes_within_the_timeout_naming_the_lost_rank(cluster):
     a, b = cluster.nodes
     timeout = 10
@@ -199,62 +184,6 @@ def test_resume_auto_takes_only_this_runs_checkpoints_not_an_earlier_jobs_on_ano
     (status_a, out_a, err_a), (status_b, _, err_b) = (finish(node, 300) for node in nodes)
     assert status_a == 0 and status_b == 0, (err_a[-2000:], err_b[-2000:])
     assert f"resumed from {cluster.scratch}/run/checkpoints/step-00000024: epoch 1, step 24" in out_a, out_a[-2000:]
-
-
-REQUEUE = """#!/usr/bin/env bash
-# SLURM's --signal=B:USR1@60 with --requeue, as launch/README.md shows it: the batch script traps the warning,
-# passes it on as SIGTERM, and (here in a loop, as a requeued job would) runs the same command again.
-requeued=0
-trap 'kill -TERM "$child"; wait "$child"; stopped=$?; requeued=1' USR1
-for attempt in 1 2 3; do
-  requeued=0
-  "$@" &
-  child=$!
-  wait "$child"
-  status=$?
-  if [ "$requeued" = 1 ]; then
-    echo "requeued after attempt $attempt (exit $stopped)"; echo "=== requeued" >&2; continue
-  fi
-  exit "$status"
-done
-exit 1
-"""
-
-
-def test_a_preempted_two_node_job_saves_requeues_and_finishes_as_one_process(cluster, tmp_path, one_process):
-    """A 2-node job whose batch script traps SLURM's warning (USR1), stops every rank with SIGTERM, and runs
-    again with --resume auto: both nodes stop after saving (exit 143, one line each), nothing partial is left,
-    the second attempt resumes and ends with one process's accuracy; rank 0 alone speaks and writes."""
-    a, b = cluster.nodes
-    script = tmp_path / "requeue.sh"
-    script.write_text(REQUEUE)
-    script.chmod(0o755)
-    port = free_port()
-    flags = [*RECIPE, "--checkpoint-every", "8", "--resume", "auto", "--output-dir", str(cluster.scratch / "run")]
-    nodes = [cluster.start(node, [str(script), *cluster.launch_command(node, port), *flags])
-             for node in cluster.nodes]
-    wait_for(lambda: (a.disk / "run" / "checkpoints" / "step-00000040" / "progress.json").exists(), 240, nodes[0])
-    for node in nodes:
-        node.send_signal(signal.SIGUSR1)
-    ended = [finish(node, 400) for node in nodes]
-    for status, stdout, stderr in ended:
-        assert status == 0, stderr[-2000:]
-        assert f"requeued after attempt 1 (exit {128 + signal.SIGTERM})" in stdout, stdout[-2000:]
-        stopped = [line for line in stderr.split("=== requeued")[0].splitlines() if line.strip()]
-        assert "Traceback" not in stderr and re.search(r"lenet-dist launch: SIGTERM: every rank on this node \(1\) "
-                                                       r"stopped after saving", stopped[-1]), stderr[-2000:]
-    (_, out_a, err_a), (_, out_b, _) = ended
-    assert "stopped by SIGTERM after step" in err_a
-    assert re.search(r"resumed from .*step-\d{8}: epoch 2", out_a), out_a[-2000:]
-    assert "train loss" in out_a and "train loss" not in out_b  # rank 0 alone speaks
-    checkpoints = sorted(path.name for path in (a.disk / "run" / "checkpoints").iterdir())
-    assert checkpoints and not [name for name in checkpoints if name.startswith(".")]  # no partial folders
-    assert list(b.disk.iterdir()) == []  # nothing, not even a partial folder, on node b's own disk
-    metrics = read_metrics(a.disk / "run")
-    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert metrics["evaluations"][-1]["eval_samples"] == SLICE_TEST_IMAGES
-    assert abs(metrics["final_test_accuracy"] - one_process["final_test_accuracy"]) <= 0.003
-    assert json.loads((a.disk / "run" / "config.json").read_text())["resume"] == "auto"
 
 
 def test_cluster_helpers_leave_nothing_behind():

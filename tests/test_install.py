@@ -50,6 +50,8 @@ def test_the_installed_package_is_the_one_that_runs(installed, tmp_path):
     config, _ = in_empty_folder(installed, tmp_path, "lenet-dist", "launch-config", "cpu-ddp")
     assert config.returncode == 0 and Path(config.stdout.strip()).is_file()
     assert config.stdout.strip().startswith(str(installed)) and "MULTI_GPU" in Path(config.stdout.strip()).read_text()
+    batch, _ = in_empty_folder(installed, tmp_path, "lenet-dist", "launch-config", "slurm-multi-node")
+    assert batch.returncode == 0 and "#SBATCH --requeue" in Path(batch.stdout.strip()).read_text()
 
 
 def test_torchrun_runs_the_module_from_any_folder(installed, tmp_path, mnist_slice):

@@ -27,7 +27,7 @@ from pathlib import Path
 from lenet_dist.config import LaunchConfigConfig
 from lenet_dist.errors import UsageError, UserError
 
-CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node")
+CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node", "slurm-single-node", "slurm-multi-node")
 LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # signals.py's, spelled here: it imports torch
 # torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
@@ -36,11 +36,13 @@ GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as und
 
 
 def config_path(name: str) -> Path:
-    """The installed file of a packaged launch config: `cpu-ddp` → …/lenet_dist/launch_configs/cpu_ddp.yaml."""
-    spelled = name.removesuffix(".yaml").replace("_", "-")  # the file's own name (cpu_ddp.yaml) works too
+    """The installed file of a packaged launch config: `cpu-ddp` → …/lenet_dist/launch_configs/cpu_ddp.yaml, and
+    the SLURM batch scripts: `slurm-multi-node` → …/slurm_multi_node.sbatch."""
+    spelled = name.removesuffix(".yaml").removesuffix(".sbatch").replace("_", "-")  # the file's name works too
     if spelled not in CONFIG_NAMES:
         raise UsageError(f"no launch config named {name!r}; choose from {', '.join(CONFIG_NAMES)}")
-    return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{spelled.replace('-', '_')}.yaml"))
+    suffix = ".sbatch" if spelled.startswith("slurm-") else ".yaml"
+    return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{spelled.replace('-', '_')}{suffix}"))
 
 
 def print_config_path(config: LaunchConfigConfig) -> None:
