@@ -103,8 +103,8 @@ class Slurm:
     def start_slurmd(self, node: Node) -> subprocess.Popen:
         return self.cluster.start(node, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)], self.env)
 
-    def run(self, *command: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        process = self.cluster.start(self.cluster.nodes[0], list(command), self.env)
+    def run(self, *command: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+        process = self.cluster.start(self.cluster.nodes[0], list(command), {**self.env, **(env or {})})
         stdout, stderr = process.communicate(timeout=timeout)
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
@@ -115,11 +115,9 @@ class Slurm:
 
     def submit(self, script: Path, *args: str, env: dict[str, str], options: tuple[str, ...] = ()) -> str:
         """sbatch's job id; the job sees this process's environment and `env` (sbatch --export=ALL's)."""
-        process = self.cluster.start(self.cluster.nodes[0], ["sbatch", "--parsable", *options, str(script), *args],
-                                     {**self.env, **env})
-        stdout, stderr = process.communicate(timeout=30)
-        assert process.returncode == 0, f"sbatch {script}: {stderr.strip()}"
-        return stdout.strip().split(";")[0]
+        submitted = self.run("sbatch", "--parsable", *options, str(script), *args, env=env)
+        assert submitted.returncode == 0, f"sbatch {script}: {submitted.stderr.strip()}"
+        return submitted.stdout.strip().split(";")[0]
 
     def failure(self, job_id: str, fields: dict[str, str]) -> str:
         """The one line a failed check says: the job, where it ran, how it ended, and where its log is."""
