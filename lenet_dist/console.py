@@ -1,14 +1,68 @@
-"""What rank 0 shows while training: a rich progress bar on a terminal, plain lines in logs, a summary table."""
+"""What rank 0 shows while training: a rich progress bar on a terminal, plain lines in logs, a summary table.
+
+A run outlives its reader: when stdout's pipe closes (`| head -2`), training goes on and writes its files, the
+console just stops printing. Every other command ends quietly with 141 (errors.status_of).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
-from rich.console import Console
+import rich.console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+
+class Console(rich.console.Console):
+    """rich's console, but a closed pipe is left to lenet-dist: rich's own answer is exit 1, whatever the command."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+class _StdoutWithoutReader:
+    """sys.stdout until its reader closes the pipe; from then on /dev/null, and the writer carries on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered is flushed there
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def printing_while_read() -> Iterator[None]:
+    """Inside the block, a closed stdout stops the printing, not the work (training's: a reader that stopped
+    reading is no reason to lose the run)."""
+    stream = sys.stdout
+    sys.stdout = _StdoutWithoutReader(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
 
 
 class ProgressBar:

@@ -11,13 +11,15 @@ Who raises what, and who prints it:
 - `RankError` is what one rank alone saw (a peer it lost). Every rank that raises it prints it.
 
 Exit statuses: 2 for the command line (argparse's own), 1 for a run that failed on the way, 0 for
-NothingToDo, 128 + N for a run stopped by signal N after saving (distributed/signals.py).
+NothingToDo, 128 + N for a run stopped by signal N after saving (distributed/signals.py), 141 (SIGPIPE's) for
+a command whose reader closed stdout early (`| head -1`), quietly, as a Unix tool ends.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import select
 import signal
 import socket
 import sys
@@ -27,6 +29,8 @@ from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
+
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # what a shell reports for a tool that a closed pipe stopped
 
 
 class UserError(Exception):
@@ -101,6 +105,11 @@ def status_of(command: Callable[[], int]) -> int:
         return command()
     except SystemExit as exiting:  # exit_on_user_error's, argparse's
         return exiting.code if isinstance(exiting.code, int) else int(exiting.code is not None)
+    except BrokenPipeError:
+        if not stdout_reader_gone():  # another pipe (a child process's): a bug, reported as one
+            traceback.print_exc()
+            return 1
+        return quiet_after_reader_gone()
     except KeyboardInterrupt:  # before training started; in training a signal stops it at a step
         if launched_as_rank_zero():
             print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
@@ -116,6 +125,29 @@ def exit_quickly(status: int) -> NoReturn:
     import atexit
 
     atexit._run_exitfuncs()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was left for a reader that had gone (`| head -1`): lost, as 141 says
+        status = status or quiet_after_reader_gone()
     sys.stderr.flush()
     os._exit(status)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture): not a pipe
+        return False
+
+
+def quiet_after_reader_gone() -> int:
+    """stdout's reader stopped early (`| head -1`): the rest of stdout goes to /dev/null (a flush at exit would
+    meet the closed pipe again, with a traceback), and the status is the one a shell reports for a Unix tool that
+    SIGPIPE ended, 141, so that `set -o pipefail` sees it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_STATUS

@@ -38,7 +38,7 @@ from lenet_dist.checkpoint import (
     trajectory_of,
 )
 from lenet_dist.config import TrainConfig, parse_train_config
-from lenet_dist.console import ProgressBar, print_summary
+from lenet_dist.console import ProgressBar, print_summary, printing_while_read
 from lenet_dist.data import ShuffledBatches, ensure_dataset_everywhere
 from lenet_dist.distributed.launcher import launch_record, record_stop
 from lenet_dist.distributed.lost_ranks import Ranks
@@ -286,9 +286,10 @@ def epoch_batches(trainer: Trainer, progress: Progress) -> Iterable[tuple[torch.
 
 def train_command(config: TrainConfig) -> int:
     """`lenet-dist train`: train; a stop on a signal (its checkpoint saved) becomes one line and the exit status
-    128 + N."""
+    128 + N. A reader that closes stdout (`| head`) stops the printing, not the run."""
     try:
-        train(config)
+        with printing_while_read():
+            train(config)
     except Stopped as stopped:
         record_stop(stopped.signal, stopped.step, stopped.checkpoint)
         if launched_as_rank_zero():

@@ -165,6 +165,18 @@ def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.P
                             start_new_session=True, env=environment)
 
 
+def call_with_stdout_closed(command: list[str], fifo: Path, *, lines: int = 0, env: dict[str, str] | None = None,
+                            timeout: float = 300) -> tuple[list[str], subprocess.CompletedProcess]:
+    """A forked command whose stdout is a pipe (`fifo`, a named one) that its reader closes after `lines` lines, as
+    `| head -N` does: the lines read, and the command's status and stderr."""
+    os.mkfifo(fifo)
+    process = forking.ForkedProcess(command, {**os.environ, **(env or {})}, ROOT, stdout=fifo)
+    with open(fifo) as reader:  # opening waits for the command to open its end
+        read = [reader.readline() for _ in range(lines)]
+    _, stderr = process.communicate(timeout)
+    return read, subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
 def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

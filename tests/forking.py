@@ -79,14 +79,16 @@ def _run(command: list[str], env: dict[str, str], cwd: str, stdout: str, stderr:
 class ForkedProcess:
     """A forked command, with the part of subprocess.Popen's interface the tests use."""
 
-    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, stdout: Path | None = None) -> None:
+        """`stdout`: a file (a named pipe, say) to write stdout to instead; `communicate` then returns '' for it."""
         self.args = command
         self._outputs = [tempfile.NamedTemporaryFile(prefix="forked-", delete=False) for _ in range(2)]
         for output in self._outputs:
             output.close()
+        self._stdout = stdout
         _ensure_server()
-        self._process = _context.Process(target=_run, args=(command, env, str(cwd),
-                                                            *(output.name for output in self._outputs)))
+        outputs = (str(stdout or self._outputs[0].name), self._outputs[1].name)
+        self._process = _context.Process(target=_run, args=(command, env, str(cwd), *outputs))
         self._process.start()
         self.pid = self._process.pid
 
@@ -119,4 +121,4 @@ class ForkedProcess:
             texts = [Path(output.name).read_text(errors="replace") for output in self._outputs]
             for output in self._outputs:
                 Path(output.name).unlink(missing_ok=True)
-        return texts[0], texts[1]
+        return "" if self._stdout else texts[0], texts[1]

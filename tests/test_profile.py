@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, call, one_line_error
+from conftest import BIN, call, call_with_stdout_closed, one_line_error
 
 # torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
 TB_PLUGIN_LOAD = """
@@ -57,6 +57,15 @@ def test_inspect_reports_conv_share_and_steps(single_process_profile, tmp_path):
                                                 "conv 1→6 backward", "conv 6→16 backward"}
     assert abs(sum(report["conv_passes_share"].values()) - report["conv_share"]) < 1e-9
 
+
+
+@pytest.mark.parametrize("flags", [[], ["--json", "-"]], ids=["table", "json"])
+def test_inspect_ends_quietly_with_141_when_its_reader_has_gone(flags, single_process_profile, tmp_path):
+    """`lenet-dist inspect RUN | head -1`, its reader gone before the first line: quiet, and SIGPIPE's 141."""
+    trace_dir, _ = single_process_profile
+    _, result = call_with_stdout_closed([str(BIN / "lenet-dist"), "inspect", *flags, str(trace_dir)],
+                                        tmp_path / "stdout")
+    assert (result.returncode, result.stderr) == (141, "")
 
 def test_inspect_empty_folder_fails_in_one_line(tmp_path):
     one_line_error(call([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(tmp_path))

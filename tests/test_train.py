@@ -11,7 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FIGURES, ROOT, RUN_FILES, TRAIN, assert_png, call, one_line_error, read_metrics
+from conftest import (
+    BIN,
+    FIGURES,
+    ROOT,
+    RUN_FILES,
+    SHORT,
+    TRAIN,
+    assert_png,
+    call,
+    call_with_stdout_closed,
+    one_line_error,
+    read_metrics,
+)
 
 SLICE_EPOCH = ["--epochs", "1", "--batch-size", "256", "--no-progress"]  # on the MNIST slice: 64 steps
 
@@ -152,3 +164,14 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, mnist_slice):
     assert after["config"]["init_from"] == str(tmp_path / "first")
     # the same recipe and data from trained weights: a much lower loss from the first step on
     assert after["epochs"][0]["train_loss"] < 0.6 * before["epochs"][0]["train_loss"]
+
+
+def test_a_reader_that_closes_stdout_stops_the_printing_not_the_run(tmp_path, mnist_sliver):
+    """`lenet-dist train … | head -1`: the run goes on and leaves every file; only its printing stops."""
+    output = tmp_path / "run"
+    read, result = call_with_stdout_closed([*TRAIN, *SHORT, "--output-dir", str(output)], tmp_path / "stdout",
+                                           lines=1, env={"LENET_DATA_DIR": str(mnist_sliver)})
+    assert read[0].startswith("LeNet-5 on 4,096 mnist images")
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert {path.name for path in output.iterdir()} == set(RUN_FILES)
+    assert read_metrics(output)["epochs"][0]["epoch"] == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -18,13 +17,13 @@ import torch
 from lenet_dist.checkpoint import PROGRESS_FILE, load_model
 from lenet_dist.config import PredictConfig
 from lenet_dist.data import DATASETS, normalize
-from lenet_dist.errors import UserError
+from lenet_dist.errors import SIGPIPE_STATUS as SIGPIPE_STATUS  # 141, for callers that name it here
+from lenet_dist.errors import UserError, quiet_after_reader_gone
 from lenet_dist.files import write_atomically
 from lenet_dist.model import LeNet5
 from lenet_dist.predict.frames import to_frame
 
 SAVED_INPUT_SUFFIX = ".28x28.png"  # --save-inputs: digit.jpg → digit.jpg.28x28.png, never an input's own name
-SIGPIPE_STATUS = 128 + signal.SIGPIPE  # what a shell reports for a tool a closed pipe stopped
 
 
 @torch.no_grad()
@@ -103,9 +102,6 @@ def run(config: PredictConfig) -> int:
             else:
                 print(f"{name}: {ranked[0][0]}   top-{len(ranked)}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked),
                       flush=True)
-    except BrokenPipeError:
-        # the reader stopped: exit quietly as a C tool does on SIGPIPE; stdout goes to /dev/null, or the flush at exit
-        # would fail again with a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return SIGPIPE_STATUS
+    except BrokenPipeError:  # the reader stopped: quietly, 141, as every lenet-dist command
+        return quiet_after_reader_gone()
     return 1 if failures else 0
