@@ -43,7 +43,7 @@ from lenet_dist.data import ShuffledBatches, ensure_dataset_everywhere
 from lenet_dist.distributed.launcher import launch_record, record_stop
 from lenet_dist.distributed.lost_ranks import Ranks
 from lenet_dist.distributed.processes import announce, end_processes, make_accelerator, pin_cores, start_processes
-from lenet_dist.distributed.signals import Stopped, StopRequest, stop_on_signals
+from lenet_dist.distributed.signals import Stopped, StopRequest, signal_name, stop_on_signals
 from lenet_dist.errors import (
     UsageError,
     UserError,
@@ -92,30 +92,37 @@ def train(config: TrainConfig) -> dict[str, Any]:
     profile_dir = run_trace_dir(config.profile_dir, output_dir)
     if config.profile and not resumed:  # a run started afresh: no traces of an earlier one mixed in
         remove_traces(profile_dir, f"rank{state.process_index}")
-    try:
-        with stop_on_signals() as stop, profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
-            predictions = fit(trainer, cadence, step, progress, stop, profiler)
-    except RuntimeError as error:  # a collective that failed because a rank is gone: name it
-        lost = ranks.lost(error, newest_checkpoint(output_dir, ranks.rank, ranks.host(0)))
-        if lost is None or state.num_processes == 1:
-            raise
-        raise lost from None
-    if config.profile:
-        announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect {output_dir}")
+    # Caught to the end: a signal after the last step waits the second the outputs take, rather than leaving a
+    # finished run without them.
+    with stop_on_signals() as stop:
+        try:
+            with profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
+                predictions = fit(trainer, cadence, step, progress, stop, profiler)
+        except RuntimeError as error:  # a collective that failed because a rank is gone: name it
+            lost = ranks.lost(error, newest_checkpoint(output_dir, ranks.rank, ranks.host(0)))
+            if lost is None or state.num_processes == 1:
+                raise
+            raise lost from None
+        if config.profile:
+            announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect "
+                            f"{output_dir}")
 
-    metrics = run_metrics(trainer, cadence, step, progress) | {
-        "profile_dir": str(profile_dir.resolve()) if config.profile else None}
-    if accelerator.is_main_process:
-        network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-        written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,
-                                    trainer.test.info.classes)
-        print_summary(metrics)
-        announce(state, f"wrote {output_dir}/: " + ", ".join(path.name for path in written))
-        if config.show:
-            from lenet_dist.figures import show_png
+        metrics = run_metrics(trainer, cadence, step, progress) | {
+            "profile_dir": str(profile_dir.resolve()) if config.profile else None}
+        if accelerator.is_main_process:
+            network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+            written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,
+                                        trainer.test.info.classes)
+            print_summary(metrics)
+            announce(state, f"wrote {output_dir}/: " + ", ".join(path.name for path in written))
+            if config.show:
+                from lenet_dist.figures import show_png
 
-            show_png(output_dir / "predictions.png")  # or one line saying why it cannot
-    accelerator.end_training()
+                show_png(output_dir / "predictions.png")  # or one line saying why it cannot
+        accelerator.end_training()
+    if stop.signal is not None and accelerator.is_main_process:
+        print(f"{signal_name(stop.signal)} came as the run finished: its outputs were written first; the run is "
+              "complete, nothing is left to resume", file=sys.stderr, flush=True)
     return metrics
 
 
@@ -142,10 +149,15 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
         on_every_rank(lambda: initialize_from(trainer, Path(config.init_from)))  # from each rank's own disk
     start_trackers(accelerator, config, claimed.path)
     if checkpoint is not None:
-        announce(accelerator.state, f"resumed from {checkpoint.path}: epoch {progress.epoch}, step "
-                                    f"{progress.global_step}" + (f" (saved by {progress.processes} processes)"
-                                                                 if progress.processes != accelerator.num_processes
-                                                                 else ""))
+        saved_by = (f" (saved by {progress.processes} processes)" if progress.processes != accelerator.num_processes
+                    else "")
+        if Cadence(config, len(trainer.batches), accelerator.num_processes).finished(progress):
+            # the run's final checkpoint: the process ended before the outputs were written (killed)
+            announce(accelerator.state, f"resumed from {checkpoint.path}: training had finished (step "
+                                        f"{progress.global_step}{saved_by}); writing the run's outputs")
+        else:
+            announce(accelerator.state, f"resumed from {checkpoint.path}: epoch {progress.epoch}, step "
+                                        f"{progress.global_step}{saved_by}")
 
     def record_start() -> None:  # only now: a refused run leaves the folder's config.json as it was
         write_json(claimed.path / RUN_CONFIG_FILE, {"run_id": progress.run_id, **asdict(config)})
@@ -169,11 +181,12 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
     warm_up_evaluation(trainer)
     predictions = None
     sums = StepSums(accelerator.device)
-    bar = progress_bar(trainer, progress)
+    trained = cadence.finished(progress)  # resumed from the final checkpoint (of a run with a target too)
+    bar = progress_bar(trainer, progress, shown=not trained)
     trainer.model.train()
     clock = time.perf_counter()
     try:
-        batches = remaining_batches(trainer, progress)
+        batches = () if trained else remaining_batches(trainer, progress)
         for images, labels in labelled(batches, "data_loading") if config.profile else batches:
             loss, right = step(images, labels)
             profiler.step()
@@ -240,11 +253,11 @@ class StepSums:
         return [loss / accelerator.num_processes for loss in totals[:-1]], totals[-1]
 
 
-def progress_bar(trainer: Trainer, progress: Progress) -> ProgressBar:
+def progress_bar(trainer: Trainer, progress: Progress, shown: bool = True) -> ProgressBar:
     config = trainer.config
-    return ProgressBar(enabled=trainer.accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
-                       epoch=progress.epoch, epochs=config.epochs, steps=len(trainer.batches),
-                       batch_size=config.batch_size, done=progress.batches_done)
+    return ProgressBar(enabled=shown and trainer.accelerator.is_main_process,
+                       fancy=config.progress and sys.stdout.isatty(), epoch=progress.epoch, epochs=config.epochs,
+                       steps=len(trainer.batches), batch_size=config.batch_size, done=progress.batches_done)
 
 
 def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:

@@ -17,6 +17,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import (
+    RUN_FILES,
+    SHORT,
     SLICE_TEST_IMAGES,
     TRAIN,
     call,
@@ -211,3 +213,35 @@ def test_second_signal_while_stopping_changes_nothing(tmp_path, sliced):
     assert json.loads((tmp_path / "checkpoints" / f"step-{step:08d}" / "progress.json").read_text())["global_step"] \
         == step
     assert not list((tmp_path / "checkpoints").glob(".*.partial"))
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_as_the_run_finishes_waits_for_its_outputs(number, tmp_path, mnist_sliver):
+    """Signalled once the final checkpoint is there, while the weights and figures are written: they are
+    finished, the line says so, and the run is complete (exit 0: nothing for a requeue to redo)."""
+    process = start([*TRAIN, *SHORT, "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_sliver)})
+    wait_for(checkpoint_exists(tmp_path, 16), 120, process)  # 4,096 images at batch 256: the last step
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    assert stderr.splitlines() == [f"{signal.Signals(number).name} came as the run finished: its outputs were "
+                                   "written first; the run is complete, nothing is left to resume"]
+    assert {path.name for path in tmp_path.iterdir()} == set(RUN_FILES)
+
+
+def test_resume_auto_from_the_final_checkpoint_writes_the_outputs(uninterrupted, tmp_path, sliced):
+    """A run killed between its final checkpoint and its outputs: --resume auto says so, trains nothing and writes
+    them, the same as the uninterrupted run's."""
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    for name in RUN_FILES:
+        if name not in (".lenet-dist.lock", "checkpoints", "config.json"):
+            (tmp_path / name).unlink()
+    resumed = call([*TRAIN, *RECIPE, "--output-dir", str(tmp_path), "--resume", "auto"], env=sliced)
+    assert resumed.returncode == 0, resumed.stderr
+    final = f"step-{2 * EPOCH_END:08d}"
+    assert (f"resumed from {tmp_path}/checkpoints/{final}: training had finished (step {2 * EPOCH_END}); writing the "
+            "run's outputs") in resumed.stdout
+    assert not re.search(r"epoch \d/2  step", resumed.stdout)  # nothing trained
+    assert {path.name for path in tmp_path.iterdir()} == set(RUN_FILES)
+    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
+    assert same_weights(tmp_path, uninterrupted)

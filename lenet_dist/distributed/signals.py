@@ -55,6 +55,10 @@ def stop_on_signals() -> Iterator[StopRequest]:
                 signal.signal(number, handler)
 
 
+def signal_name(number: int) -> str:
+    return signal.Signals(number).name
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving `checkpoint`."""
 
@@ -62,6 +66,6 @@ class Stopped(Exception):
         self.signal, self.step, self.checkpoint = number, step, checkpoint
         self.exit_status = 128 + number
         super().__init__(
-            f"stopped by {signal.Signals(number).name} after step {step}; checkpoint saved: {checkpoint}; "
+            f"stopped by {signal_name(number)} after step {step}; checkpoint saved: {checkpoint}; "
             "continue with --resume (or --resume auto)"
         )
