@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from handwriting import Style, handwritten
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 
@@ -27,7 +28,7 @@ from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, t
 from lenet_dist.config import PredictConfig, TrainConfig
 from lenet_dist.data import DATASETS, load_split, normalize
 from lenet_dist.model import LeNet5
-from lenet_dist.predict.classify import SIGPIPE_STATUS, run
+from lenet_dist.predict.classify import SIGPIPE_STATUS, load_trained, run
 from lenet_dist.predict.frames import FRAME, MNIST_CENTRE, to_frame
 from lenet_dist.predict.photos import MAX_MEGAPIXELS
 
@@ -421,6 +422,93 @@ def test_dark_ink_on_grey_paper_is_inverted(tmp_path):
     path = tmp_path / "grey.png"
     Image.fromarray(page).save(path)
     assert_mnist_like(to_frame(path).numpy().astype(np.float32), reference_frame(tmp_path))
+
+
+# --- handwriting as scanned: other pens, slants and scanners than MNIST's (tests/handwriting.py) -------------------
+
+HANDWRITTEN_DIGITS = 40
+
+
+@pytest.fixture(scope="module")
+def scans(data_dir, tmp_path_factory) -> tuple[list[Path], np.ndarray, list[str], list[Style]]:
+    """The last HANDWRITTEN_DIGITS MNIST test digits, each rewritten and scanned in a random style: the files, the
+    frames MNIST itself would have made of the drawings, the labels, the styles."""
+    test = load_split(data_dir, "test", "mnist")
+    folder, files = tmp_path_factory.mktemp("scans"), []
+    written = handwritten(test.images[-HANDWRITTEN_DIGITS:].numpy())
+    for i, (data, _, style) in enumerate(written):
+        files.append(folder / f"scan-{i}.{'jpg' if style.jpeg else 'png'}")
+        files[-1].write_bytes(data)
+    labels = [str(int(label)) for label in test.labels[-HANDWRITTEN_DIGITS:]]
+    return files, np.stack([ideal for _, ideal, _ in written]), labels, [style for _, _, style in written]
+
+
+def test_scanned_handwriting_gives_mnist_s_frames(scans):
+    """Whatever the pen (a hairline shrunk 40 times is a grey trace; a marker fills the loops), the frame's strokes
+    are as wide as MNIST's: close to the frame MNIST made of the same pen drawn mid-width."""
+    files, ideal, _, styles = scans
+    frames = [to_frame(path).numpy() for path in files]
+    assert all(frame.max() == 255 for frame in frames)  # a faint hairline is stretched as MNIST's ink is
+    widths = [(frame > 127).sum() / max(1, skeleton_length(frame)) for frame in frames]
+    assert 0.8 < min(widths) and max(widths) < 4, [(s.pen, round(w, 1)) for s, w in zip(styles, widths, strict=True)]
+    scores = [likeness(frame, original) for frame, original in zip(frames, ideal, strict=True)]
+    assert np.mean(scores) > 0.8, np.round(scores, 2)
+
+
+def skeleton_length(frame: np.ndarray) -> int:
+    """About the strokes' length in pixels: the inked pixels' outline, halved."""
+    ink = np.pad(frame > 127, 1)
+    return int(((ink[1:] != ink[:-1]).sum() + (ink[:, 1:] != ink[:, :-1]).sum()) // 2)
+
+
+def test_a_trained_model_reads_scanned_handwriting_as_mnist_framed_it(trained_model_dir, scans, capsys):
+    """predict's frames lose no more digits than MNIST's own framing of the same drawings does."""
+    files, ideal, labels, _ = scans
+    status = run(PredictConfig(model=str(trained_model_dir), images=list(map(str, files)), json=True))
+    answers = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+    model, _ = load_trained(trained_model_dir)
+    with torch.no_grad():
+        expected = model(normalize(torch.from_numpy(ideal), DATASETS["mnist"])).argmax(dim=1).tolist()
+    ours = sum(answer == label for answer, label in zip(answers, labels, strict=True))
+    mnist_s = sum(str(answer) == label for answer, label in zip(expected, labels, strict=True))
+    assert status == 0 and ours >= mnist_s - 1 and ours >= 0.85 * HANDWRITTEN_DIGITS, (ours, mnist_s)
+
+
+def test_a_digit_touching_the_frame_is_not_taken_for_a_shadow(tmp_path):
+    """Ink that reaches the border is two levels there, as a hard-edged shadow is; it is still ink, not paper."""
+    digit = np.asarray(Image.fromarray(seven()).resize((240, 320), Image.Resampling.BICUBIC))
+    rows, cols = np.flatnonzero((digit > 127).any(axis=1)), np.flatnonzero((digit > 127).any(axis=0))
+    path = tmp_path / "touching.png"
+    Image.fromarray(255 - digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]).save(path)  # dark on white, cropped
+    assert likeness(to_frame(path).numpy(), reference_frame(tmp_path)) > 0.9
+
+
+def sheet_on_a_desk(digit: np.ndarray, path: Path, share: tuple[float, float]) -> Path:
+    """A 1200×900 JPEG of a light sheet with a dark digit on a brown desk; the sheet spans `share` of the photo's
+    width and height, a little off its middle."""
+    rng = np.random.default_rng(0)
+    grain = np.asarray(Image.fromarray(rng.normal(0, 1, (9, 12)).astype(np.float32)).resize((1200, 900)))
+    photo = np.array([120, 80, 50], np.float32) * (1 + 0.08 * grain[..., None])  # brown wood, unevenly lit
+    width, height = int(1200 * share[0]), int(900 * share[1])
+    side = int(min(width, height) * 0.6)
+    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC), np.float32)[..., None] / 255
+    sheet = np.full((height, width, 3), [235, 230, 220], np.float32)
+    top, left = (height - side) // 2, (width - side) // 2
+    sheet[top : top + side, left : left + side] = sheet[top : top + side, left : left + side] * (1 - ink) + 35 * ink
+    top, left = (900 - height) // 2 + 20, (1200 - width) // 2 - 30
+    photo[top : top + height, left : left + width] = sheet
+    photo += rng.normal(0, 3, photo.shape)
+    Image.fromarray(photo.clip(0, 255).astype(np.uint8)).save(path, quality=85)
+    return path
+
+
+@pytest.mark.parametrize("share", [(0.3, 0.4), (0.45, 0.8), (0.5, 0.78), (0.55, 0.6), (0.8, 0.8)],
+                         ids=lambda share: f"{share[0]:.0%}x{share[1]:.0%}")
+def test_a_sheet_on_a_desk_is_cut_out_however_little_of_the_photo_it_fills(share, digits, tmp_path):
+    """A sheet narrower than half the photo has no row or column over half light: it is found all the same."""
+    four = digits[0][digits[1].index("4")]
+    frame = to_frame(sheet_on_a_desk(four, tmp_path / "desk.jpg", share)).numpy()
+    assert likeness(frame, four) > 0.9 and (frame > 127).mean() < 0.25  # the digit, not the sheet as a blob of ink
 
 
 # --- the data set a model was trained on decides the frame ----------------------------------------------------------

@@ -31,7 +31,11 @@ MIN_CONTRAST = 0.05  # the least ink counted as ink: 5 % darker than the paper a
 # variance (a linear gradient: 0.75), the lesser this share of the border at least; a pixel reaches a level within this
 MIN_STEP, STEP_SEPARATION, STEP_SHARE, STEP_TOLERANCE = 0.15, 0.9, 0.05, 0.05
 # a sheet on a desk (_sheet): its least share of the photo and of it light, its inset, its least contrast to the desk
-SHEET_AREA, SHEET_FILL, SHEET_INSET, SHEET_CONTRAST = 0.15, 0.8, 0.03, 0.3
+SHEET_AREA, SHEET_FILL, SHEET_INSET, SHEET_CONTRAST = 0.05, 0.8, 0.03, 0.3
+# MNIST's stroke widths (_stroke_width of 5,000 training digits): 1st and 99th percentile, median. A hairline pen
+# shrunk into the 20-pixel box would fade to a grey trace, a marker's strokes fill a 6's loop
+MNIST_STROKES = (1.1, 3.65, 1.95)
+FINE = 4  # strokes are measured and redrawn at this many times the frame's resolution
 MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normally distributed noise, times this, is its σ
 
 
@@ -42,13 +46,16 @@ class Layout:
     box: int  # the longer side of the item's bounding box, in pixels
     by_mass: bool  # centred by its centre of mass (else by its bounding box)
     stretched: bool  # the ink scaled to full brightness (else kept relative to the paper, a dark item bright)
+    # the data set's stroke widths in frame pixels (_stroke_width): its usual range, and its median, which a pen
+    # outside that range is brought to
+    strokes: tuple[float, float, float] | None = None
 
 
 # MNIST: scaled into 20×20, centred by mass in 28×28 (LeCun et al.). Fashion-MNIST: the longer edge resized to 28,
 # centred, not stretched (Xiao et al. 2017; measured: median longer side 28, a white shirt stays dim). KMNIST fills its
 # frame too, judging by its samples and mean brightness (0.19 against MNIST's 0.13); its recipe is unpublished.
 LAYOUTS = {
-    "mnist": Layout(20, by_mass=True, stretched=True),
+    "mnist": Layout(20, by_mass=True, stretched=True, strokes=MNIST_STROKES),
     "fashion-mnist": Layout(FRAME, by_mass=False, stretched=False),
     "kmnist": Layout(FRAME, by_mass=False, stretched=True),
 }
@@ -124,7 +131,7 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
     low, high = float(gray.min()), float(gray.max())
     if _dark_ink(_border(gray), low, high):
         gray = 1 - gray
-    paper = _stepped_paper(gray) if _shadow_step(_border(gray)) else np.minimum(_shading(gray), _paper_plane(gray))
+    paper = _stepped_paper(gray) if _shadow_step(gray) else np.minimum(_shading(gray), _paper_plane(gray))
     # ink relative to the paper's brightness, boosted at most twice in deep shadow, or the sensor's noise outshines it
     lit = np.maximum(1 - paper, max(1 - float(np.median(_border(paper))), 1e-3) / 2)
     ink = (gray - paper) / lit
@@ -139,16 +146,16 @@ def _ink(gray: np.ndarray, path: Path) -> np.ndarray:
 def _sheet(gray: np.ndarray) -> np.ndarray:
     """A light sheet on a darker desk, cut a little inside its edges so that step 1's border is paper; else the whole
     image. A desk: three of four edges mostly below Otsu's threshold, SHEET_CONTRAST darker than the light part. The
-    sheet: the rows and columns over half light, at least SHEET_FILL light and SHEET_AREA of the photo."""
+    sheet: the rows and columns with over half as many light pixels as the lightest (however little of the photo
+    the sheet fills), the box they span at least SHEET_FILL light and SHEET_AREA of the photo."""
     light = gray > _otsu_threshold(gray)
     sides = (light[0], light[-1], light[:, 0], light[:, -1])
     if sum(side.mean() < 0.5 for side in sides) < 3 or not light.any() or light.all():
         return gray
     if float(np.median(gray[light]) - np.median(gray[~light])) < SHEET_CONTRAST:  # a shadow's gradient, not a desk
         return gray
-    rows, cols = np.flatnonzero(light.mean(axis=1) > 0.5), np.flatnonzero(light.mean(axis=0) > 0.5)
-    if not rows.size or not cols.size:
-        return gray
+    across, down = light.sum(axis=1), light.sum(axis=0)
+    rows, cols = np.flatnonzero(across > across.max() / 2), np.flatnonzero(down > down.max() / 2)
     inset = math.ceil(SHEET_INSET * max(rows[-1] - rows[0], cols[-1] - cols[0]))
     box = (slice(rows[0] + inset, rows[-1] + 1 - inset), slice(cols[0] + inset, cols[-1] + 1 - inset))
     sheet = light[box]
@@ -196,15 +203,31 @@ def _paper_plane(gray: np.ndarray) -> np.ndarray:
     return offset + per_row * rows + per_col * cols + scatter[0] + ROBUST_SIGMAS * scatter[1]
 
 
-def _shadow_step(border: np.ndarray) -> bool:
+def _shadow_step(gray: np.ndarray) -> bool:
     """Whether the border's paper falls into two tight levels (a hard-edged shadow), not a gradient's even spread:
-    Otsu's split explains over STEP_SEPARATION of its variance, and the levels are MIN_STEP apart."""
+    Otsu's split explains over STEP_SEPARATION of its variance, and the levels are MIN_STEP apart. The shadow's side
+    is one or two long arcs of the border (a shadow's edge crosses it once or twice), STEP_SHARE of it at least; ink
+    that touches the frame is short arcs, or more of them, and must not be taken for paper."""
+    border = _border_loop(gray)
     threshold = _otsu_threshold(border)
     low, high = border[border <= threshold], border[border > threshold]
     if not low.size or not high.size or min(low.size, high.size) < STEP_SHARE * border.size:
         return False
     between = low.size * high.size / border.size**2 * (high.mean() - low.mean()) ** 2
-    return bool(high.mean() - low.mean() > MIN_STEP and between > STEP_SEPARATION * border.var())
+    if not (high.mean() - low.mean() > MIN_STEP and between > STEP_SEPARATION * border.var()):
+        return False
+    shaded = border > threshold  # ink, light on dark by now, is on this side too
+    starts = np.flatnonzero(shaded & ~np.roll(shaded, 1))
+    if starts.size == 0:
+        return False
+    ends = np.flatnonzero(shaded & ~np.roll(shaded, -1))
+    lengths = (ends - starts) % border.size + 1 if shaded[0] and shaded[-1] else ends - starts + 1
+    return bool(starts.size <= 2 and lengths.max() >= STEP_SHARE * border.size)
+
+
+def _border_loop(image: np.ndarray) -> np.ndarray:
+    """The border's pixels once each, in order round the frame (clockwise from the top left corner)."""
+    return np.concatenate([image[0], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
 
 
 def _stepped_paper(gray: np.ndarray) -> np.ndarray:
@@ -252,22 +275,59 @@ def _neighbourhood(grid: np.ndarray, reduce: Callable[..., np.ndarray]) -> np.nd
 
 def _lay_out(item: np.ndarray, layout: Layout) -> np.ndarray:
     """The cropped item (ink in 0..1) scaled to the layout's box and placed in a uint8 28×28 frame."""
-    from PIL import Image
-
-    if layout.stretched:
-        item = item / item.max()
     scale = layout.box / max(item.shape)
     size = (max(1, round(item.shape[1] * scale)), max(1, round(item.shape[0] * scale)))
-    resized = np.asarray(
-        Image.fromarray((item * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32
-    )
+    if layout.stretched:
+        item = item / item.max()
+    resized = _resize(item, size)
+    if layout.strokes is not None:
+        resized = _restroke(item, size, layout.strokes, resized)
+    if layout.stretched:  # after shrinking, as MNIST's anti-aliased digits: a thin stroke's pixels reach 255 too
+        resized = resized / max(float(resized.max()), 1e-6)
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
     # an odd margin's extra pixel goes above and to the left, as in Fashion-MNIST (MNIST's is moved by mass anyway)
     top, left = (FRAME + 1 - resized.shape[0]) // 2, (FRAME + 1 - resized.shape[1]) // 2
-    frame[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    frame[top : top + resized.shape[0], left : left + resized.shape[1]] = resized * 255
     if layout.by_mass:
         frame = _centre_of_mass_shift(frame)
     return frame.clip(0, 255).round().astype(np.uint8)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased (Lanczos) resampling to (width, height), in float (no 8-bit rounding of faint strokes), within the
+    image's range (Lanczos rings past a sharp edge)."""
+    from PIL import Image
+
+    resized = Image.fromarray(image.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(resized).clip(0, float(image.max()))
+
+
+def _stroke_width(fine: np.ndarray) -> float:
+    """The strokes' mean width in pixels: twice the area over the outline's length (a stroke w wide and l long has
+    area w·l and outline 2·l), the ink taken above half the strongest after a 3×3 mean (a dithered edge's specks
+    would double the outline)."""
+    smooth = _neighbourhood(fine, np.mean)
+    ink = np.pad(smooth > smooth.max() / 2, 1)
+    outline = (ink[1:] != ink[:-1]).sum() + (ink[:, 1:] != ink[:, :-1]).sum()
+    return 2 * float(ink.sum()) / max(int(outline), 1)
+
+
+def _restroke(item: np.ndarray, size: tuple[int, int], strokes: tuple[float, float, float],
+              resized: np.ndarray) -> np.ndarray:
+    """`resized`, unless its strokes would be thinner or thicker than the layout's range: then the item redrawn at
+    FINE× the frame's resolution with its strokes grown or shrunk (a grey dilation or erosion by a disc) to the
+    data set's median width."""
+    fine = _resize(item, (size[0] * FINE, size[1] * FINE))
+    width, (low, high, target) = _stroke_width(fine) / FINE, strokes
+    if low <= width <= high:
+        return resized
+    radius = abs(target - width) * FINE / 2
+    reach = math.ceil(radius)
+    offsets = [(r, c) for r in range(-reach, reach + 1) for c in range(-reach, reach + 1) if r * r + c * c <= radius**2]
+    padded = np.pad(fine, reach)
+    shifted = [padded[reach + r : reach + r + fine.shape[0], reach + c : reach + c + fine.shape[1]] for r, c in offsets]
+    fine = (np.max if target > width else np.min)(shifted, axis=0)
+    return _resize(fine, size)
 
 
 def _centre_of_mass_shift(frame: np.ndarray) -> np.ndarray:
