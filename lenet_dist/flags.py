@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import field
@@ -66,7 +67,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.given = list(sys.argv[1:] if args is None else args)  # for error(): the flags typed
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> typing.NoReturn:
+        known = {name for action in self._actions for name in action.option_strings}
+        typed = [word.partition("=")[0] for word in getattr(self, "given", []) if word.startswith("--")]
+        if "arguments are required" in message and any(word not in known for word in typed):
+            # a misspelt required flag (--modle) is missing too: name the misspelling, with the flag meant
+            message = "unrecognized arguments: " + " ".join(word for word in typed if word not in known)
         self.exit(2, f"error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
 
     def suggestion(self, message: str) -> str:

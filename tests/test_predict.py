@@ -595,6 +595,18 @@ def main(argv: list[str], capsys) -> tuple[int, list[str]]:
     return status, capsys.readouterr().err.splitlines()
 
 
+def test_a_misspelt_model_flag_suggests_model(tmp_path, capsys):
+    status, err = main(["predict", "--modle", str(tmp_path), "seven.png"], capsys)
+    assert status == 2 and err == ["error: unrecognized arguments: --modle; did you mean --model? "
+                                   "(see lenet-dist predict --help)"]
+
+
+def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    status, err = main(["predict", "--model", str(missing), "seven.png"], capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: --model {missing}: does not exist; "), err
+
+
 # --- what reaches stdout --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags", [[], ["--json"]], ids=["text", "json"])

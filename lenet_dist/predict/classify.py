@@ -18,7 +18,7 @@ from lenet_dist.checkpoint import PROGRESS_FILE, load_model
 from lenet_dist.config import PredictConfig
 from lenet_dist.data import DATASETS, normalize
 from lenet_dist.errors import SIGPIPE_STATUS as SIGPIPE_STATUS  # 141, for callers that name it here
-from lenet_dist.errors import UserError, quiet_after_reader_gone
+from lenet_dist.errors import UsageError, UserError, quiet_after_reader_gone
 from lenet_dist.files import write_atomically
 from lenet_dist.model import LeNet5
 from lenet_dist.predict.frames import to_frame
@@ -36,6 +36,9 @@ def classify(model: torch.nn.Module, frame: torch.Tensor, dataset: str, top: int
 
 def load_trained(model_path: Path) -> tuple[LeNet5, str]:
     """The model and its data set: from the exported weights' config, else from a checkpoint's progress.json."""
+    if not model_path.exists():
+        raise UsageError(f"--model {model_path}: does not exist; pass a training run's output dir (or one of its "
+                         "checkpoints)")
     model, metadata = load_model(model_path)
     dataset = metadata.get("config", {}).get("dataset")
     progress = (model_path if model_path.is_dir() else model_path.parent) / PROGRESS_FILE
