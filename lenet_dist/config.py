@@ -275,6 +275,7 @@ class PredictConfig:
         None, "also write the 28×28 image the model saw for each file into this folder, as <file name>.28x28.png",
         metavar="DIR",
     )
+    explain: bool = flag(False, "also show the 28×28 frame the model saw: as text art, or with --json its pixel values")
 
     def __post_init__(self) -> None:  # before predict imports torch
         if not self.model:
@@ -295,7 +296,10 @@ class DownloadConfig:
 
 @dataclass
 class LaunchConfigConfig:
-    name: str = flag("", "cpu-ddp, single-gpu, multi-gpu or multi-node", positional=True)
+    name: str = flag("", "cpu-ddp, single-gpu, multi-gpu, multi-node, slurm-single-node or slurm-multi-node",
+                     positional=True)
+    copy: str = flag("", "write an editable copy of it into this folder (never over a file there) and print its path",
+                     metavar="DIR")
 
 
 def default_run_dir() -> Path:

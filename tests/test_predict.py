@@ -633,6 +633,22 @@ def test_json_reports_a_failed_file_on_stdout_too(model_dir, tmp_path, capsys):
     assert err == f"error: {missing}: no such file; check the path\n"
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_explain_shows_the_frame_the_model_saw(as_json, model_dir, tmp_path, capsys):
+    image = tmp_path / "seven.png"
+    Image.fromarray(255 - seven()).save(image)
+    status = run(PredictConfig(model=str(model_dir), images=[str(image)], json=as_json, explain=True))
+    out, frame = capsys.readouterr().out, to_frame(image).numpy()
+    assert status == 0
+    if as_json:
+        assert np.array_equal(np.array(json.loads(out)["frame"]), frame)
+        return
+    art = out.splitlines()[2:-1]  # the answer, the top edge, 28 rows, the bottom edge
+    assert len(art) == FRAME and all(len(row) == 2 * FRAME + 2 for row in art)
+    inked = np.array([[row[1 + 2 * col] != " " for col in range(FRAME)] for row in art])
+    assert np.array_equal(inked, frame >= 26)  # the brightest tenth of the shades and up print a character
+
+
 # --- --save-inputs ----------------------------------------------------------------------------------------------------
 
 def test_save_inputs_writes_each_frame_the_model_saw(model_dir, tmp_path, capsys):

@@ -73,6 +73,16 @@ def _saved_input_path(folder: Path, image: Path, taken: set[Path]) -> Path:
     return target
 
 
+SHADES = " .:-=+*#%@"  # --explain: a frame pixel's brightness, 0 to 255, as one of ten characters
+
+
+def ascii_frame(frame: torch.Tensor) -> str:
+    """The frame as text, two characters a pixel (a terminal cell is about twice as tall as wide), framed."""
+    rows = ("".join(SHADES[value * len(SHADES) // 256] * 2 for value in row) for row in frame.tolist())
+    edge = "+" + "-" * 2 * frame.shape[1] + "+"
+    return "\n".join([edge, *(f"|{row}|" for row in rows), edge])
+
+
 def _save_frame(frame: torch.Tensor, path: Path) -> Path:
     from PIL import Image
 
@@ -101,10 +111,13 @@ def run(config: PredictConfig) -> int:
             if config.json:
                 answer = {"file": name, "prediction": ranked[0][0],
                           "top": [{"class": c, "probability": p} for c, p in ranked]}
-                print(json.dumps(answer | ({"saved_input": str(saved)} if saved else {})), flush=True)
+                answer |= {"saved_input": str(saved)} if saved else {}
+                print(json.dumps(answer | ({"frame": frame.tolist()} if config.explain else {})), flush=True)
             else:
                 print(f"{name}: {ranked[0][0]}   top-{len(ranked)}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked),
                       flush=True)
+                if config.explain:
+                    print(ascii_frame(frame), flush=True)
     except BrokenPipeError:  # the reader stopped: quietly, 141, as every lenet-dist command
         return quiet_after_reader_gone()
     return 1 if failures else 0
