@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 # The data: ./data (torchvision's layout: data/MNIST/raw/...) unless $LENET_DATA_DIR says otherwise, for
 # training and tests alike; Fashion-MNIST for the tests in $LENET_FASHION_DIR, by default the same folder.
 
-.PHONY: train test check lint data install bench gpu-check gpu-data clean
+.PHONY: train test check lint data install test-oldest bench gpu-check gpu-data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -16,6 +16,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# The oldest accelerate pyproject.toml admits, in a second venv that reuses .venv's packages (torch is not
+# installed twice: a .pth file puts .venv's site-packages after its own), built once and reused.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_ACCELERATE := $(shell sed -n 's/.*"accelerate>=\([0-9.]*\).*/\1/p' pyproject.toml)
+$(OLDEST_VENV)/.installed: $(VENV)/.installed
+	python3 -m venv $(OLDEST_VENV)
+	site=$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	base=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > "$$site/zz-lenet-dist-base.pth"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps 'accelerate==$(OLDEST_ACCELERATE)' -e .
+	printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' \
+		"$(abspath $(OLDEST_VENV))/bin/python" > $(OLDEST_VENV)/bin/torchrun && chmod +x $(OLDEST_VENV)/bin/torchrun
+	touch $@
+
+# The launcher, signal and entry-point tests (and the cluster and SLURM tiers) on the oldest accelerate.
+test-oldest: $(OLDEST_VENV)/.installed data
+	$(OLDEST_VENV)/bin/python -m pytest -q -m "launcher or cluster or slurm"
 
 # MNIST and Fashion-MNIST for the tests: downloaded when online, Fashion-MNIST from Debian's
 # dataset-fashion-mnist package where apt-get works; a data set that cannot be had is reported, and
@@ -54,4 +72,4 @@ bench: install
 	$(VENV)/bin/lenet-dist bench
 
 clean:
-	rm -rf $(VENV) runs profiles/*/ .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) runs profiles/*/ .pytest_cache

@@ -21,7 +21,7 @@ from conftest import (
 )
 from lenet_dist.profiling.capture import run_trace_dir
 
-pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.launcher]
 
 
 def test_two_process_cpu_ddp_trains_as_one_process_speaks_once_and_profiles_each_rank(tmp_path, mnist_slice):

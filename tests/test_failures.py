@@ -115,6 +115,7 @@ def test_a_write_that_fails_is_one_line_and_keeps_the_last_checkpoint(user, func
 
 @pytest.mark.slow
 @pytest.mark.ddp
+@pytest.mark.launcher
 def test_a_dying_rank_is_named_and_ends_the_whole_job_quickly(tmp_path, data_dir):
     marker = f"dying-{os.getpid()}"
     process = start(launch_ddp("--epochs", "5", "--output-dir", str(tmp_path)), env={"LENET_TEST_LAUNCH": marker})

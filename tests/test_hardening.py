@@ -115,6 +115,7 @@ train.main(sys.argv[1:])
 
 
 @pytest.mark.slow
+@pytest.mark.launcher
 def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_output_dir(mnist_sliver, tmp_path):
     result = call([sys.executable, "-c", INTERRUPTED_IN_START_UP, "--output-dir", str(tmp_path / "out")],
                   env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
@@ -170,6 +171,7 @@ def test_plain_progress_lines_fall_on_each_quarter_even_after_a_pause(capsys):
     assert steps == [30, 50, 80, 100]  # the first log point in each quarter (25, 50, 75, 100)
 
 
+@pytest.mark.launcher
 def test_a_launch_config_that_is_not_there_is_one_line_naming_the_packaged_one(capsys):
     status = cli.command_status(["launch", "--config_file", "launch/cpu-ddp.yaml", "-m", "lenet_dist.train"])
     err = capsys.readouterr().err
@@ -210,6 +212,7 @@ def test_launch_config_help_shows_no_empty_default(capsys):
     assert "(default: )" not in capsys.readouterr().out
 
 
+@pytest.mark.launcher
 def test_launch_help_lists_the_flags_readme_uses(capsys):
     from lenet_dist.distributed.launcher import main
 

@@ -36,7 +36,7 @@ from conftest import (
 # On the MNIST slice (16,384 images): 64 steps per epoch at batch 256, two epochs in a few seconds
 RECIPE = ["--epochs", "2", "--batch-size", "256", "--no-progress"]
 EPOCH_END = 64
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.launcher]  # signals, launchers, restarts
 
 
 @pytest.fixture(scope="module")

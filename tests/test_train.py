@@ -59,6 +59,7 @@ def test_default_two_epochs_reach_98_percent(tmp_path, data_dir):
         pytest.param([str(BIN / "accelerate"), "launch", "-m", "lenet_dist.train"], id="accelerate-launch-module"),
     ],
 )
+@pytest.mark.launcher
 def test_entry_points_train(launcher, tmp_path, mnist_slice):
     # HF_HOME points at an empty folder so no `accelerate config` file from the developer's machine is used.
     # --resume auto with nothing to resume starts afresh.
@@ -71,6 +72,7 @@ def test_entry_points_train(launcher, tmp_path, mnist_slice):
 
 
 @pytest.mark.slow
+@pytest.mark.launcher
 def test_a_finished_run_has_nothing_to_resume_and_is_not_started_over(tmp_path, mnist_slice):
     """The same command on the finished run (a requeue after the last stop) succeeds with nothing to do; without
     --resume auto it is refused: exit 2, or 1 through accelerate's launcher, which reports any failure of its
