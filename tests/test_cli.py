@@ -156,8 +156,9 @@ def test_help_shows_each_default_once_and_the_default_of_on_off_flags(capsys):
     assert "--compile" in text and "(inductor) (default: off)" in text
 
 
+@pytest.mark.launcher
 def test_a_launch_config_is_found_by_its_file_name_too():
-    from lenet_dist.distributed.launcher import config_path
+    from lenet_dist.distributed.configs import config_path
 
     assert config_path("cpu_ddp") == config_path("cpu-ddp") == config_path("cpu_ddp.yaml")
     assert config_path("cpu-ddp").name == "cpu_ddp.yaml"

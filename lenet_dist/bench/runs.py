@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lenet_dist.distributed.launcher import config_path
+from lenet_dist.distributed.configs import config_path
 from lenet_dist.errors import UserError
 
 TRAIN = [sys.executable, "-m", "lenet_dist.train", "--no-progress"]

@@ -21,32 +21,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
-from lenet_dist.config import LaunchConfigConfig
-from lenet_dist.errors import UsageError, UserError
+from lenet_dist.distributed.configs import check_config_file
+from lenet_dist.errors import UserError
 
-CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node", "slurm-single-node", "slurm-multi-node")
 LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # signals.py's, spelled here: it imports torch
 # torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as under torchrun
-
-
-def config_path(name: str) -> Path:
-    """The installed file of a packaged launch config: `cpu-ddp` → …/lenet_dist/launch_configs/cpu_ddp.yaml, and
-    the SLURM batch scripts: `slurm-multi-node` → …/slurm_multi_node.sbatch."""
-    spelled = name.removesuffix(".yaml").removesuffix(".sbatch").replace("_", "-")  # the file's name works too
-    if spelled not in CONFIG_NAMES:
-        raise UsageError(f"no launch config named {name!r}; choose from {', '.join(CONFIG_NAMES)}")
-    suffix = ".sbatch" if spelled.startswith("slurm-") else ".yaml"
-    return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{spelled.replace('-', '_')}{suffix}"))
-
-
-def print_config_path(config: LaunchConfigConfig) -> None:
-    print(config_path(config.name))
 
 
 # ------------------------------------------------------------------ in each rank
@@ -96,11 +80,8 @@ def main(argv: list[str]) -> int:
                           "rank stopped on signal N after saving). All of accelerate launch's flags work.")
     with accelerate_help_in_full(argv):
         args = parser.parse_args(argv)
-    if args.config_file and not Path(args.config_file).is_file():
-        spelled = Path(args.config_file).name.removesuffix(".yaml").replace("_", "-")
-        hint = (f"the packaged {spelled} config is {config_path(spelled)}" if spelled in CONFIG_NAMES else
-                f"`lenet-dist launch-config NAME` prints a packaged config's path ({', '.join(CONFIG_NAMES)})")
-        raise UsageError(f"--config_file {args.config_file}: no such file; {hint}")
+    if args.config_file:
+        check_config_file(args.config_file)
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", FORWARDED)  # torchrun's own setting, read from PET_*
     quiet_torchrun_logs()
     records = Path(tempfile.mkdtemp(prefix="lenet-dist-launch-"))
