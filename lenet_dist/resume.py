@@ -61,8 +61,9 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Choice | None:
     if resume == "auto":
         return None
     if resume == "latest":
-        raise UsageError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} (looked on "
-                         f"{_hosts(seen)}); pass --resume PATH, --resume auto, or drop --resume")
+        raise UsageError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} (looked on {_hosts(seen)}; a "
+                         "job restarted on other nodes finds its checkpoints only in an --output-dir every node "
+                         "sees); pass --resume PATH, --resume auto to start afresh, or drop --resume")
     if not Path(resume).exists() or len(seen) > 1:
         raise UsageError(f"--resume {resume}: no checkpoint there on {_hosts(seen)}; pass a checkpoint folder "
                          f"(…/{CHECKPOINTS_DIR}/step-N) that one of them holds")

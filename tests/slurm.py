@@ -32,7 +32,7 @@ SlurmdPidFile={folder}/slurmd-%n.pid
 SlurmctldLogFile={folder}/slurmctld.log
 SlurmdLogFile={folder}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
@@ -67,6 +67,8 @@ class Slurm:
 
     def __init__(self, root: Path) -> None:
         self.cluster, self.munged = Cluster(root), None
+        # as on many clusters, a node's name means nothing to the others: SLURM reaches nodes by NodeAddr
+        self.cluster.hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
         try:
             self._start(root)
         except BaseException:
