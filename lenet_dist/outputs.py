@@ -14,6 +14,7 @@ in metrics.json.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import platform
@@ -72,6 +73,40 @@ def claim_output_dir(state: PartialState, config: TrainConfig) -> OutputDir:
     return outcome[0]
 
 
+def _lock(lock, path: Path) -> None:
+    """flock, else POSIX record locks (NFS and Lustre mounts without flock often have these); BlockingIOError
+    when another run holds it, one line naming the file system when neither kind of lock exists there."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        raise
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # lockf says EACCES or EAGAIN when the lock is taken
+        raise BlockingIOError from None
+    except OSError as error:
+        lock.close()
+        raise UserError(f"--output-dir {path}: its file system ({_file_system(path)}) has no file locks "
+                        f"({error.strerror}), which keep two runs out of one folder; choose a folder on a local "
+                        "disk, or ask for NFS or Lustre mounted with locks (-o flock)") from None
+
+
+def _file_system(path: Path) -> str:
+    """The type of the mount that holds `path`, from /proc/mounts ("unknown" elsewhere)."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    held = [(len(point), kind) for _, point, kind, *_ in mounts
+            if resolved == point or resolved.startswith(point.rstrip("/") + "/")]
+    return max(held)[1] if held else "unknown"
+
+
 def _claim(path: Path, config: TrainConfig) -> OutputDir:
     if (path / METRICS_FILE).exists() and not config.overwrite:
         if config.resume == "auto":  # a requeued job that already finished: success, nothing to redo
@@ -91,7 +126,7 @@ def _claim(path: Path, config: TrainConfig) -> OutputDir:
         raise UserError(f"--output-dir {path} is not writable ({error.strerror}); choose another "
                         "--output-dir") from None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(lock, path)
     except BlockingIOError:
         lock.seek(0)
         owner = lock.read().strip() or "another process"

@@ -199,6 +199,37 @@ def test_an_output_dir_in_use_names_the_run_that_holds_it(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text() == "pid 4242 on nodea"
 
 
+@pytest.mark.parametrize("posix_locks", [True, False], ids=["record-locks", "no-locks"])
+def test_a_file_system_without_flock_falls_back_to_record_locks_or_is_named(tmp_path, monkeypatch, posix_locks):
+    """Some NFS and Lustre mounts refuse flock (ENOLCK): the run takes a POSIX record lock there instead, and
+    where there is none either, rank 0's one line names the folder and its file system (the ranks agree on it)."""
+    import errno
+    import fcntl
+
+    from lenet_dist.config import TrainConfig
+    from lenet_dist.errors import UserError
+    from lenet_dist.outputs import _claim, _held
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    if not posix_locks:
+        monkeypatch.setattr(fcntl, "lockf", no_locks)
+        with pytest.raises(UserError, match=rf"--output-dir {tmp_path}: its file system \(\w+\) has no file locks "
+                                            r"\(No locks available\), which keep two runs out of one folder"):
+            _claim(tmp_path, TrainConfig())
+        return
+    _claim(tmp_path, TrainConfig())
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+                                "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / ".lenet-dist.lock")],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "Resource temporarily unavailable" in probe.stderr  # held by this run
+    finally:
+        _held.pop().close()
+
+
 def test_a_refused_run_creates_nothing(tmp_path):
     output = tmp_path / "new"
     result = call([*TRAIN, "--resume", "--output-dir", str(output)], timeout=120)
