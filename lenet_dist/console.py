@@ -1,11 +1,13 @@
 """What rank 0 shows while training: a rich progress bar on a terminal, plain lines in logs, a summary table.
 
-A run outlives its reader: when stdout's pipe closes (`| head -2`), training goes on and writes its files, the
-console just stops printing. Every other command ends quietly with 141 (errors.status_of).
+A run outlives its reader: when stdout's pipe closes (`| head -2`) or its terminal hangs up (a closed SSH
+session), training goes on and writes its files, the console just stops printing. Every other command ends
+quietly with 141 when its pipe closes (errors.status_of).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -17,6 +19,9 @@ import rich.console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+# a write to a pipe whose reader has gone, or to a terminal that hung up
+GONE = (errno.EPIPE, errno.EIO)
+
 
 class Console(rich.console.Console):
     """rich's console, but a closed pipe is left to lenet-dist: rich's own answer is exit 1, whatever the command."""
@@ -25,8 +30,8 @@ class Console(rich.console.Console):
         raise BrokenPipeError
 
 
-class _StdoutWithoutReader:
-    """sys.stdout until its reader closes the pipe; from then on /dev/null, and the writer carries on."""
+class _StreamWithoutReader:
+    """A stream (stdout, stderr) until its reader has gone; from then on /dev/null, and the writer carries on."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -39,14 +44,18 @@ class _StdoutWithoutReader:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError as error:
+            if error.errno not in GONE:
+                raise
             self._silence()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError as error:
+            if error.errno not in GONE:
+                raise
             self._silence()
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's own
@@ -55,14 +64,14 @@ class _StdoutWithoutReader:
 
 @contextmanager
 def printing_while_read() -> Iterator[None]:
-    """Inside the block, a closed stdout stops the printing, not the work (training's: a reader that stopped
-    reading is no reason to lose the run)."""
-    stream = sys.stdout
-    sys.stdout = _StdoutWithoutReader(stream)
+    """Inside the block, a closed stdout or stderr (a pipe, a hung-up terminal) stops the printing, not the work
+    (training's: a reader that stopped reading is no reason to lose the run)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_StreamWithoutReader(stream) for stream in streams)
     try:
         yield
     finally:
-        sys.stdout = stream
+        sys.stdout, sys.stderr = streams
 
 
 class ProgressBar:

@@ -299,17 +299,17 @@ def epoch_batches(trainer: Trainer, progress: Progress) -> Iterable[tuple[torch.
 
 def train_command(config: TrainConfig) -> int:
     """`lenet-dist train`: train; a stop on a signal (its checkpoint saved) becomes one line and the exit status
-    128 + N. A reader that closes stdout (`| head`) stops the printing, not the run."""
-    try:
-        with printing_while_read():
+    128 + N. A reader that closes stdout (`| head`) or a terminal that hangs up stops the printing, not the run."""
+    with printing_while_read():
+        try:
             train(config)
-    except Stopped as stopped:
-        record_stop(stopped.signal, stopped.step, stopped.checkpoint)
-        if launched_as_rank_zero():
-            print(stopped, file=sys.stderr, flush=True)
-        return stopped.exit_status
-    finally:
-        end_processes()
+        except Stopped as stopped:
+            record_stop(stopped.signal, stopped.step, stopped.checkpoint)
+            if launched_as_rank_zero():
+                print(stopped, file=sys.stderr, flush=True)
+            return stopped.exit_status
+        finally:
+            end_processes()
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import random
 import re
 import shutil
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import forking
 from conftest import (
+    ROOT,
     RUN_FILES,
     SHORT,
     SLICE_TEST_IMAGES,
@@ -245,3 +248,21 @@ def test_resume_auto_from_the_final_checkpoint_writes_the_outputs(uninterrupted,
     assert {path.name for path in tmp_path.iterdir()} == set(RUN_FILES)
     assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(uninterrupted))
     assert same_weights(tmp_path, uninterrupted)
+
+
+def test_a_closed_terminal_stops_the_run_like_sigterm(tmp_path, sliced):
+    """The run's terminal (a pty) closes and SIGHUP comes, as when an SSH session ends: writes to the terminal fail
+    from then on (EIO), yet the run saves at a step, says so and exits 129."""
+    terminal, run_side = pty.openpty()
+    process = forking.ForkedProcess([*TRAIN, *RECIPE, "--output-dir", str(tmp_path)], {**os.environ, **sliced}, ROOT,
+                                    stdout=Path(os.ttyname(run_side)))  # stderr stays a file, to read the line
+    os.close(run_side)
+    wait_for(checkpoint_exists(tmp_path, EPOCH_END), 120, process)
+    assert b"epoch 1/2  train loss" in os.read(terminal, 65536)
+    os.close(terminal)  # the hang-up
+    process.send_signal(signal.SIGHUP)  # what the shell or the kernel sends the session's jobs
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGHUP, stderr[-2000:]
+    (line,) = stderr.splitlines()
+    step = int(re.search(r"^stopped by SIGHUP after step (\d+); checkpoint saved: ", line)[1])
+    assert step > EPOCH_END and (tmp_path / "checkpoints" / f"step-{step:08d}" / "progress.json").is_file()

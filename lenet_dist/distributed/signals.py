@@ -1,5 +1,5 @@
-"""Stopping cleanly on SIGTERM (preemption, `scancel`), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's time-limit
-warning, `--signal=B:USR1@60`).
+"""Stopping cleanly on SIGTERM (preemption, `scancel`), SIGINT (Ctrl-C), SIGHUP (the terminal or SSH session
+closed) or SIGUSR1 (SLURM's time-limit warning, `--signal=B:USR1@60`).
 
 The handler only notes the signal. The training loop finishes its step, the ranks agree (the signal may
 reach one rank first), the run is checkpointed, and the process exits 128 + the signal's number, as a shell
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class StopRequest:
