@@ -139,11 +139,26 @@ def _claim(path: Path, config: TrainConfig) -> OutputDir:
     lock.flush()
     _held.append(lock)
     if config.overwrite and not config.resume:  # nothing of the old run may mix with the new one
+        _refuse_links_out(path)
         for name in RUN_OUTPUTS:
             target = path / name
+            if target.is_symlink() and target.is_dir():  # empty (_refuse_links_out): kept, to write through
+                continue
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         shutil.rmtree(run_trace_dir(config.profile_dir, path), ignore_errors=True)
     return OutputDir(path, created)
+
+
+def _refuse_links_out(path: Path) -> None:
+    """--overwrite deletes the old run's outputs, never through a link: a folder of them that links elsewhere
+    (checkpoints/ on a scratch disk, say) is the user's to empty. Empty, the link stays and the new run writes
+    through it."""
+    for name in RUN_OUTPUTS:
+        link = path / name
+        if link.is_symlink() and link.is_dir() and any(link.iterdir()):
+            raise UsageError(f"--overwrite: {link} is a link to {link.resolve()}, and lenet-dist deletes nothing "
+                             f"through a link; empty that folder yourself (or remove the link: rm {link}), then run "
+                             "again")
 
 
 def abandon_output_dir(state: PartialState, output: OutputDir) -> None:

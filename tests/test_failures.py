@@ -72,6 +72,26 @@ def test_finished_run_is_not_overwritten(short_run, sliced):
     assert (short_run / "metrics.json").read_bytes() == before
 
 
+def test_overwrite_deletes_nothing_through_a_link_out_of_the_run(short_run, tmp_path, mnist_sliver):
+    """checkpoints/ linked to a scratch disk: refused in one line while the linked folder holds anything, nothing of
+    the old run deleted; emptied by the user, the link stays and the new run writes through it."""
+    run, scratch = tmp_path / "run", tmp_path / "scratch"
+    shutil.copytree(short_run, run)
+    (run / "checkpoints").rename(scratch)
+    (run / "checkpoints").symlink_to(scratch)
+    before = sorted(path.name for path in scratch.iterdir())
+    command = [*TRAIN, *SHORT, "--overwrite", "--output-dir", str(run)]
+    result = call(command, timeout=120, env={"LENET_DATA_DIR": str(mnist_sliver)})
+    one_line_error(result, 2, f"{run / 'checkpoints'} is a link to {scratch}", f"rm {run / 'checkpoints'}")
+    assert sorted(path.name for path in scratch.iterdir()) == before and (run / "metrics.json").is_file()
+
+    shutil.rmtree(scratch)
+    scratch.mkdir()
+    result = call(command, timeout=120, env={"LENET_DATA_DIR": str(mnist_sliver)})
+    assert result.returncode == 0, result.stderr
+    assert (run / "checkpoints").is_symlink() and [path.name for path in scratch.iterdir()] == ["step-00000016"]
+
+
 def test_unwritable_output_dir_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
