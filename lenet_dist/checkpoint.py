@@ -31,7 +31,7 @@ from safetensors.torch import load, load_file, save_file
 
 from lenet_dist.cadence import Progress
 from lenet_dist.errors import UsageError, UserError, on_every_rank
-from lenet_dist.files import fsync_folder, is_write_failure, write_atomically, write_failure
+from lenet_dist.files import follow_umask, fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.flags import option
 from lenet_dist.model import LeNet5
 
@@ -86,6 +86,7 @@ def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: Progre
         partial.mkdir(parents=True)
         model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
         save_file(_cpu_tensors(model.state_dict()), str(partial / WEIGHTS_FILE), metadata=_weights_metadata(model))
+        follow_umask(partial / WEIGHTS_FILE)
         torch.save(_training_state(trained), partial / STATE_FILE)
         (partial / PROGRESS_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         fsync_folder(partial)

@@ -21,10 +21,11 @@ from lenet_dist.errors import UserError
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(partial_path)`, then rename the partial file onto `path`."""
+    """Call `write(partial_path)`, then rename the partial file onto `path`, readable as the umask allows."""
     partial = path.with_name(path.name + ".partial")
     try:
         write(partial)
+        follow_umask(partial)
         partial.replace(path)
     except Exception as error:
         with contextlib.suppress(OSError):
@@ -33,6 +34,22 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
             raise UserError(write_failure(path, error)) from None
         raise
     return path
+
+
+def follow_umask(path: Path) -> None:
+    """Give a written file the mode the umask gives new files (0644 under 022): safetensors writes its files 0600,
+    which a colleague's `predict` from a shared run folder could not read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for a moment, for every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (macOS): the only other way to read it
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, payload: Any) -> Path:

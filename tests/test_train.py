@@ -177,3 +177,14 @@ def test_a_reader_that_closes_stdout_stops_the_printing_not_the_run(tmp_path, mn
     assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
     assert {path.name for path in output.iterdir()} == set(RUN_FILES)
     assert read_metrics(output)["epochs"][0]["epoch"] == 1
+
+
+def test_every_file_a_run_writes_follows_the_umask(short_run):
+    """A shared run folder: the weights too (safetensors writes 0600) are as readable as the umask allows, so that a
+    colleague can `predict` from it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {path.relative_to(short_run): path.stat().st_mode & 0o777
+             for path in short_run.rglob("*") if path.is_file()}
+    assert {path for path, mode in modes.items() if mode != 0o666 & ~umask} == set(), modes
+    assert Path("model.safetensors") in modes and Path("checkpoints/step-00000064/model.safetensors") in modes
