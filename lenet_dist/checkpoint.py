@@ -153,6 +153,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files cannot be read: --resume auto sets it aside and takes the one before it."""
+
+
 @dataclass(frozen=True)
 class Choice:
     """The checkpoint the whole job resumes from, and the rank whose disk holds it."""
@@ -183,8 +187,8 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> Progres
         weights = load(payload[WEIGHTS_FILE])
         training_state = torch.load(io.BytesIO(payload[STATE_FILE]), map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
-        raise UserError(f"--resume {choice.path}: checkpoint is corrupt ({type(error).__name__}); use an older "
-                        "checkpoint") from None
+        raise CorruptCheckpoint(f"--resume {choice.path}: checkpoint is corrupt ({type(error).__name__}); use an "
+                                "older checkpoint") from None
     try:
         accelerator.unwrap_model(trained.model, keep_torch_compile=False).load_state_dict(weights)
         load_optimizer_state(trained.optimizer, training_state["optimizer"])
@@ -238,14 +242,16 @@ def _read_checkpoint(path: Path) -> dict[str, bytes] | UserError:
     try:
         return {name: (path / name).read_bytes() for name in CHECKPOINT_FILES}
     except OSError as error:
-        return UserError(f"--resume {path}: cannot read {error.filename} ({error.strerror}); use an older checkpoint")
+        return CorruptCheckpoint(f"--resume {path}: cannot read {error.filename} ({error.strerror}); use an older "
+                                 "checkpoint")
 
 
 def _parse_progress(path: Path, text: bytes) -> Progress:
     try:
         return Progress(**json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-        raise UserError(f"--resume {path}: {PROGRESS_FILE} is corrupt ({error}); use an older checkpoint") from None
+        raise CorruptCheckpoint(f"--resume {path}: {PROGRESS_FILE} is corrupt ({error}); use an older "
+                                "checkpoint") from None
 
 
 def _weights_metadata(model: torch.nn.Module) -> dict[str, str]:

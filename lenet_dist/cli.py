@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parsers[name] = commands.add_parser(name, help=summary, description=summary)
             add_config_arguments(parsers[name], config_class)
+        # `lenet-dist train --version` answers too: to argparse it is not --version, and it suggested a flag
+        parsers[name].add_argument("--version", action="version", version=version_text())
         if name == "train":
             commands.add_parser("launch", help=LAUNCH_HELP, add_help=False)
     parser.commands = parsers  # for errors in a subcommand's own words

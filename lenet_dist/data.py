@@ -93,7 +93,8 @@ def _missing_files(data_dir: Path, dataset: str) -> list[str]:
 
 def ensure_dataset(data_dir: Path, dataset: str) -> None:
     """Download the data set with torchvision when its files are absent; fail in one line when offline."""
-    if not _missing_files(data_dir, dataset):
+    missing = _missing_files(data_dir, dataset)
+    if not missing:
         return
     import torchvision.datasets
 
@@ -108,9 +109,16 @@ def ensure_dataset(data_dir: Path, dataset: str) -> None:
     except Exception as error:  # any download failure means the same fix for the user
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)
+        failure = _download_failure(error, narration.getvalue())
+        if len(missing) < len(SPLIT_FILES) * 2:  # a folder that is nearly there: name what it lacks
+            raise UserError(
+                f"{dataset} in {data_dir.resolve()} lacks {' and '.join(missing)} (the other IDX files are there), "
+                f"and downloading it failed ({failure}); put {'it' if len(missing) == 1 else 'them'} beside the others "
+                "(gzipped or not)"
+            ) from None
         raise UserError(
             f"{dataset} not found in {data_dir.resolve()} (looked for {folder}/raw/*-ubyte, raw/*-ubyte and IDX "
-            f"files, gzipped or not), and downloading it failed ({_download_failure(error, narration.getvalue())}); "
+            f"files, gzipped or not), and downloading it failed ({failure}); "
             "put the IDX files there or pass --data-dir / set LENET_DATA_DIR"
         ) from None
 

@@ -31,6 +31,9 @@ from accelerate.utils import broadcast_object_list, set_seed
 from lenet_dist.cadence import Cadence, Due, Progress
 from lenet_dist.checkpoint import (
     RUN_CONFIG_FILE,
+    Choice,
+    CorruptCheckpoint,
+    complete_checkpoints,
     initialize_from,
     newest_checkpoint,
     restore_checkpoint,
@@ -143,9 +146,13 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
     config, accelerator = trainer.config, trainer.accelerator
     progress = Progress(trajectory=trajectory_of(config), run_id=broadcast_object_list([new_run_id()])[0])
     checkpoint = checkpoint_to_resume(config.resume, claimed.path)
-    if checkpoint is not None:
-        progress = restore_checkpoint(trainer, checkpoint, config)
-    elif config.init_from:
+    while checkpoint is not None:
+        try:
+            progress = restore_checkpoint(trainer, checkpoint, config)
+            break
+        except CorruptCheckpoint as error:
+            checkpoint = skip_corrupt(trainer, checkpoint, claimed.path, error)
+    if checkpoint is None and config.init_from:
         on_every_rank(lambda: initialize_from(trainer, Path(config.init_from)))  # from each rank's own disk
     start_trackers(accelerator, config, claimed.path)
     if checkpoint is not None:
@@ -167,6 +174,29 @@ def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, boo
 
     on_every_rank(record_start if accelerator.is_main_process else lambda: None)
     return progress, checkpoint is not None
+
+
+def skip_corrupt(trainer: Trainer, checkpoint: Choice, run_dir: Path, error: CorruptCheckpoint) -> Choice | None:
+    """--resume auto: set the unreadable checkpoint aside (kept, never chosen again, so that a requeued job does not
+    fail the same way each time) and choose again, saying so. Otherwise refuse, naming the checkpoint before it."""
+    older = [path for path in complete_checkpoints(checkpoint.path.parent.parent) if path.name < checkpoint.path.name]
+    if trainer.config.resume != "auto":
+        raise CorruptCheckpoint(f"{error}" + (f" (the one before it: --resume {older[-1]})" if older else "")) from None
+    aside = checkpoint.path.with_name(f"corrupt-{checkpoint.path.name}")
+
+    def set_aside() -> None:
+        try:
+            checkpoint.path.rename(aside)
+        except OSError as failure:
+            raise CorruptCheckpoint(f"{error}; setting it aside failed ({failure.strerror})") from None
+
+    on_every_rank(set_aside if trainer.accelerator.process_index == checkpoint.holder else lambda: None)
+    chosen = checkpoint_to_resume("auto", run_dir)
+    if trainer.accelerator.is_main_process:
+        instead = f"resuming from {chosen.path}" if chosen else "no checkpoint before it: starting afresh"
+        print(f"{str(error).split(';')[0].removeprefix('--resume ')}; set aside as {aside.name}/, {instead}",
+              file=sys.stderr, flush=True)
+    return chosen
 
 
 def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop: StopRequest,

@@ -27,6 +27,13 @@ def test_version_is_defined_once(capsys):
     assert capsys.readouterr().out.strip() == f"lenet-dist {lenet_dist.__version__}"
 
 
+@pytest.mark.parametrize("command", [["train"], ["bench", "compare"], ["inspect"]])
+def test_a_subcommand_answers_version_too(command, capsys):
+    """Not `did you mean --mixed-precision?`: the version, as `lenet-dist --version` prints it."""
+    status, out, err = exit_of([*command, "--version"], capsys)
+    assert (status, out.strip(), err) == (0, f"lenet-dist {lenet_dist.__version__}", "")
+
+
 @pytest.mark.parametrize(
     ("flags", "culprit"),
     [

@@ -9,6 +9,7 @@ from lenet_dist.data import (
     InMemoryDataset,
     ShuffledBatches,
     Split,
+    ensure_dataset,
     epoch_order,
     load_split,
     normalize,
@@ -45,6 +46,24 @@ def test_reads_flat_gzipped_folder(tmp_path, tiny):
     write_split(tmp_path, "train", images, labels, compress=True)
     split = load_split(tmp_path, "train", "mnist")
     assert torch.equal(split.images, images.to(torch.uint8))
+
+
+def test_a_folder_missing_one_file_names_it(tmp_path, tiny, monkeypatch):
+    """Three of the four IDX files there, the download failing (offline): the line names the one missing."""
+    import torchvision.datasets
+
+    images, labels = tiny
+    write_split(tmp_path, "train", images, labels)
+    write_split(tmp_path, "test", images, labels)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading t10k-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(UserError, match=r"lacks t10k-labels-idx1-ubyte \(the other IDX files are there\).*put it "
+                                        r"beside the others"):
+        ensure_dataset(tmp_path, "mnist")
 
 
 def test_bad_magic_names_the_file(tmp_path, tiny):
