@@ -45,7 +45,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 # The config fields that decide the training trajectory: resuming with any other value would not
 # continue the same run. The number of processes is not one of them.
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "muon_lr", "lr", "schedule", "warmup", "anneal_images",
-                     "final_lr_factor", "init", "seed", "dataset", "data_pipeline", "init_from")
+                     "final_lr_factor", "init", "seed", "dataset", "data_pipeline", "init_from", "augment")
 # Optimizer settings that say how this run steps, not where it stands: a checkpoint's must not replace them.
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
 

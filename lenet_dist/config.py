@@ -26,8 +26,9 @@ def resolve_data_dir(data_dir: str | None) -> Path:
 @dataclass
 class TrainConfig:
     recipe: str = flag(
-        "default", "a whole recipe: default (Adam, 2 epochs; ends highest) or fast-to-98 (Muon, one epoch; the fewest "
-        "images to 98 %); the flags below marked 'the --recipe's' override its parts", choices=tuple(RECIPES),
+        "default", "a whole recipe: default (Adam, 2 epochs; ends highest), fast-to-98 (Muon, one epoch; the fewest "
+        "images to 98 %) or predict (--augment, more epochs: for reading your own handwriting); the flags below "
+        "marked 'the --recipe's' override its parts", choices=tuple(RECIPES),
     )
     epochs: int | None = flag(None, f"passes over the training set {FROM_RECIPE}")
     batch_size: int | None = flag(
@@ -56,6 +57,10 @@ class TrainConfig:
     init: str | None = flag(
         None, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {FROM_RECIPE}",
         choices=("pytorch", "lecun"),
+    )
+    augment: bool | None = flag(
+        None, "redraw each training batch with small random rotations, scalings, slants, shifts and thicker or "
+        f"thinner strokes, as other hands and pens write (the tensor pipeline) {FROM_RECIPE}"
     )
     seed: int = flag(0, "seed for weights and data order")
     deterministic: bool = flag(
@@ -158,6 +163,8 @@ class TrainConfig:
             raise UsageError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        if self.augment and self.data_pipeline != "tensor":
+            raise UsageError("--augment redraws the tensor pipeline's batches; drop --data-pipeline torchvision")
         require_choices("log_with", self.log_with, (*TRACKERS, "all"))
 
     def resolved_data_dir(self) -> Path:

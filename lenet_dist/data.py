@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
+from lenet_dist.augment import augment
 from lenet_dist.config import DownloadConfig
 from lenet_dist.errors import UsageError, UserError, on_every_rank
 from lenet_dist.files import read_maybe_gzipped
@@ -234,10 +235,12 @@ class ShuffledBatches:
 
     Epoch e's order is `epoch_order(seed, e)` for any process count, device or resume; each rank takes its slice of
     every global batch (as accelerate's split_batches). Whole batches: one shape for compiled kernels and CUDA graphs.
+    `augment` redraws each batch (augment.py), also from (seed, epoch, step) alone.
     """
 
-    def __init__(self, dataset: InMemoryDataset, global_batch: int, seed: int, rank: int, world_size: int) -> None:
-        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
+    def __init__(self, dataset: InMemoryDataset, global_batch: int, seed: int, rank: int, world_size: int,
+                 augment: bool = False) -> None:
+        self.dataset, self.global_batch, self.seed, self.augment = dataset, global_batch, seed, augment
         share = global_batch // world_size
         self.rank_slice = slice(rank * share, (rank + 1) * share)
 
@@ -248,8 +251,12 @@ class ShuffledBatches:
         """Batches `start`, `start` + 1, … of `epoch` (0-based), for this rank."""
         order = epoch_order(len(self.dataset), self.seed, epoch).to(self.dataset.labels.device)
         batches = order[: len(self) * self.global_batch].view(len(self), self.global_batch)[:, self.rank_slice]
-        for index in batches[start:]:
-            yield self.dataset.batch(index)
+        for step in range(start, len(self)):
+            images, labels = self.dataset.batch(batches[step])
+            if self.augment:
+                images = augment(images, -self.dataset.info.mean / self.dataset.info.std, self.seed, epoch, step,
+                                 self.rank_slice, self.global_batch)
+            yield images, labels
 
 
 def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,8 @@ def build_training_batches(
     """ShuffledBatches for the in-memory pipeline, a DataLoader (for accelerate to shard) for torchvision's;
     train's loop tells them apart by type."""
     if config.data_pipeline == "tensor":
-        return ShuffledBatches(InMemoryDataset(train, device), config.batch_size, config.seed, rank, world_size)
+        return ShuffledBatches(InMemoryDataset(train, device), config.batch_size, config.seed, rank, world_size,
+                               augment=config.augment)
     dataset = torchvision_dataset(data_dir, config.dataset, train=True)
     return make_loader(dataset, config.batch_size, shuffle=True, drop_last=True, **_loader_options(config, device))
 
