@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UsageError, UserError
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
@@ -34,6 +34,18 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
             raise UserError(write_failure(path, error)) from None
         raise
     return path
+
+
+def require_writable(path: Path, flag: str) -> None:
+    """Refuse now, in one line, a file a long job would fail to write at its end: no folder for it, a read-only one,
+    or a folder in its place."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: there is no folder {folder}; create it or choose another path")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; name a file in it")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: {folder} is not writable; choose another path")
 
 
 def follow_umask(path: Path) -> None:

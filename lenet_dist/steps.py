@@ -8,6 +8,7 @@ small that launching them one by one from Python, not computing them, is what li
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
@@ -48,6 +49,10 @@ def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch
     """Compile now, on a training- and an evaluation-shaped batch of zeros, so it stays out of the first
     epoch's images/s. No optimizer step or all-reduce: weights and optimizer are untouched."""
     started = time.perf_counter()
+    if accelerator.device.type == "cpu":
+        # inductor imports cpp_extension, which warns as it loads where it finds nvcc but no GPU ("No CUDA runtime is
+        # found"): a warning about building CUDA extensions, which a CPU compile never does
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     images = torch.zeros(train_batch, 1, 28, 28, device=accelerator.device)
     labels = torch.zeros(train_batch, dtype=torch.long, device=accelerator.device)
     model.train()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import pytest
@@ -95,6 +96,8 @@ def test_precision_and_compile_train_and_export_plain_weights(flags, tmp_path, m
     else:
         assert metrics["compile_seconds"] > 0 and "inductor's cache: " in result.stdout
         assert result.stderr.count("Recompiling function") == 1, result.stderr[-3000:]
+        # no torch warning lines (W1207 12:00:00 …): not dynamo's per profiler range, not cpp_extension's CUDA one
+        assert not re.search(r"^W\d{4} ", result.stderr, flags=re.M), result.stderr[-3000:]
     model, metadata = load_model(tmp_path / "run")
     plain = LeNet5()
     plain.load_state_dict(model.state_dict())  # the names a plain LeNet-5 has: no _orig_mod., no module.
@@ -142,6 +145,21 @@ def test_compare_refuses_what_is_not_a_current_bench_result(tmp_path):
             load_result(path)
     result = call([*BENCH, "compare", str(broken), str(older)], timeout=60)
     one_line_error(result, 1, str(broken))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--chart"])
+def test_an_output_path_it_could_not_write_is_refused_before_measuring(flag, tmp_path, capsys, monkeypatch):
+    from lenet_dist import cli
+    from lenet_dist.bench import suite
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(suite, "device_list", measured)
+    missing = tmp_path / "missing" / "folder" / "x.json"
+    assert cli.command_status(["bench", "--quick", flag, str(missing)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {flag} {missing}: there is no folder {missing.parent}; create it or choose another path"]
 
 
 def test_process_counts_beyond_the_machine_are_refused(monkeypatch):

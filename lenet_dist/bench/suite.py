@@ -19,6 +19,7 @@ from lenet_dist.bench.measure import Cell
 from lenet_dist.config import BenchConfig, TrainConfig, resolve_data_dir
 from lenet_dist.data import ensure_dataset, load_split
 from lenet_dist.errors import UsageError
+from lenet_dist.files import require_writable
 from lenet_dist.flags import split_list
 from lenet_dist.profiling.capture import NoProfiler, profiler_for
 from lenet_dist.recipe import RECIPES
@@ -27,6 +28,9 @@ DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-
 
 
 def run(bench: BenchConfig) -> dict[str, Any]:
+    for path, flag in ((bench.json, "--json"), (bench.chart, "--chart")):  # not after minutes of measuring
+        if path:
+            require_writable(Path(path), flag)
     devices = device_list(bench)
     # the process-count sweep runs on the GPUs where there are any, else on the CPU's cores
     sweep_device = torch.device("cuda" if any(d.type == "cuda" for d in devices) else "cpu")
