@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import platform
 import shutil
@@ -30,12 +31,13 @@ from accelerate.utils import broadcast_object_list
 
 import lenet_dist
 from lenet_dist.cadence import Cadence, Progress
-from lenet_dist.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, complete_checkpoints, export_weights
+from lenet_dist.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, WEIGHTS_FILE, complete_checkpoints, export_weights
 from lenet_dist.config import TrainConfig, default_run_dir
 from lenet_dist.errors import NothingToDo, UsageError, UserError
 from lenet_dist.files import write_json
 from lenet_dist.profiling.capture import run_trace_dir
 from lenet_dist.recipe.build import Trainer, precision_label
+from lenet_dist.resume import run_id_in
 from lenet_dist.steps import GraphedStep, Step
 from lenet_dist.trackers import TRACKERS_DIR
 
@@ -108,11 +110,17 @@ def _file_system(path: Path) -> str:
 
 
 def _claim(path: Path, config: TrainConfig) -> OutputDir:
-    if (path / METRICS_FILE).exists() and not config.overwrite:
+    if _finished_run(path) and not config.overwrite:
         if config.resume == "auto":  # a requeued job that already finished: success, nothing to redo
             raise NothingToDo(f"{path} holds a finished run: nothing to resume (--resume auto)")
-        raise UsageError(f"--output-dir {path} already holds a finished run; pass --overwrite or another --output-dir "
-                         f"(to train on from its weights: --init-from {path} --output-dir NEW)")
+        weights = path if (path / WEIGHTS_FILE).is_file() else next(reversed(complete_checkpoints(path)), None)
+        raise UsageError(f"--output-dir {path} already holds a finished run; pass --overwrite or another --output-dir"
+                         + (f" (to train on from its weights: --init-from {weights} --output-dir NEW)" if weights
+                            else ""))
+    if not config.overwrite and (theirs := _not_ours(path)):
+        raise UsageError(f"--output-dir {path} holds {', '.join(theirs)}, which no lenet-dist run wrote there (no "
+                         f"run's {RUN_CONFIG_FILE} beside them) and a run would replace; move them, choose another "
+                         "--output-dir, or pass --overwrite to replace them")
     if complete_checkpoints(path) and not config.resume and not config.overwrite:
         raise UsageError(f"--output-dir {path} holds the checkpoints of an unfinished run; continue it with --resume "
                          "(or --resume auto), or pass --overwrite to start again")
@@ -147,6 +155,24 @@ def _claim(path: Path, config: TrainConfig) -> OutputDir:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         shutil.rmtree(run_trace_dir(config.profile_dir, path), ignore_errors=True)
     return OutputDir(path, created)
+
+
+def _finished_run(path: Path) -> bool:
+    """Whether the folder's metrics.json is a finished lenet-dist run's (not any file of that name)."""
+    try:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"config", "final_test_accuracy", "versions"} <= metrics.keys()
+
+
+def _not_ours(path: Path) -> list[str]:
+    """The names a run writes that the folder holds, where no lenet-dist run has been (its config.json holds a run
+    id): a user's own predictions.png, say, which a run would silently replace. Other files are left alone."""
+    if not path.is_dir() or run_id_in(path / RUN_CONFIG_FILE):
+        return []
+    ours = {CHECKPOINTS_DIR} if complete_checkpoints(path) else set()  # a run's, from before runs had ids
+    return [name for name in RUN_OUTPUTS if name not in ours and (path / name).exists()]
 
 
 def _refuse_links_out(path: Path) -> None:

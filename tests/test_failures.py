@@ -19,6 +19,7 @@ import pytest
 
 from conftest import (
     ROOT,
+    RUN_FILES,
     SHORT,
     TRAIN,
     call,
@@ -114,6 +115,39 @@ def test_overwrite_deletes_nothing_through_a_link_out_of_the_run(short_run, tmp_
     result = call(command, timeout=120, env={"LENET_DATA_DIR": str(mnist_sliver)})
     assert result.returncode == 0, result.stderr
     assert (run / "checkpoints").is_symlink() and [path.name for path in scratch.iterdir()] == ["step-00000016"]
+
+
+@pytest.mark.parametrize("theirs", [["predictions.png"], ["metrics.json", "config.json"]], ids=["figure", "json"])
+def test_a_users_own_files_are_never_replaced_unasked(theirs, tmp_path, mnist_sliver):
+    """Files with a run's names in a folder no run wrote: named, kept, and replaced only with --overwrite; a
+    metrics.json of the user's is not "a finished run" (whose --init-from hint would then fail)."""
+    for name in [*theirs, "notes.txt"]:
+        (tmp_path / name).write_text("{}" if name.endswith(".json") else "mine")
+    command = [*TRAIN, *SHORT, "--output-dir", str(tmp_path)]
+    result = call(command, timeout=120, env={"LENET_DATA_DIR": str(mnist_sliver)})
+    line = one_line_error(result, 2, f"--output-dir {tmp_path} holds {', '.join(sorted(theirs, key=RUN_FILES.index))}",
+                          "which no lenet-dist run wrote there", "--overwrite")
+    assert "finished run" not in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*theirs, "notes.txt"])
+    assert all((tmp_path / name).read_text() in ("{}", "mine") for name in theirs)
+
+    result = call([*command, "--overwrite"], timeout=120, env={"LENET_DATA_DIR": str(mnist_sliver)})
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path)["epochs"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_finished_runs_init_from_hint_works(short_run, tmp_path, sliced):
+    """Its weights gone, the hint names its newest checkpoint instead, and that command trains."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    (run / "model.safetensors").unlink()
+    result = call([*TRAIN, *SHORT, "--output-dir", str(run)], timeout=120, env=sliced)
+    line = one_line_error(result, 2, "already holds a finished run")
+    source = re.search(r"--init-from (\S+) --output-dir NEW", line)[1]
+    assert source == str(run / "checkpoints" / "step-00000064")
+    result = call([*TRAIN, *SHORT, "--init-from", source, "--output-dir", str(tmp_path / "new")], timeout=120,
+                  env=sliced)
+    assert result.returncode == 0, result.stderr
 
 
 def test_unwritable_output_dir_is_named(tmp_path):
