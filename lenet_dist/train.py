@@ -59,7 +59,14 @@ from lenet_dist.errors import (
 from lenet_dist.evaluation import evaluate, evaluate_and_record, warm_up_evaluation
 from lenet_dist.files import write_json
 from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, run_metrics, write_run_outputs
-from lenet_dist.profiling.capture import labelled, profiler_for, remove_traces, run_trace_dir
+from lenet_dist.profiling.capture import (
+    labelled,
+    no_trace_line,
+    profiler_for,
+    remove_traces,
+    run_trace_dir,
+    traced,
+)
 from lenet_dist.recipe.build import Trainer, build_trainer, precision_label
 from lenet_dist.resume import checkpoint_to_resume, new_run_id, set_aside_later_checkpoints
 from lenet_dist.steps import Step, make_step
@@ -97,6 +104,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         remove_traces(profile_dir, f"rank{state.process_index}")
     # Caught to the end: a signal after the last step waits the second the outputs take, rather than leaving a
     # finished run without them.
+    steps_before = progress.global_step
     with stop_on_signals() as stop:
         try:
             with profiler_for(config, profile_dir, f"rank{state.process_index}") as profiler:
@@ -106,12 +114,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if lost is None or state.num_processes == 1:
                 raise
             raise lost from None
-        if config.profile:
+        recorded = config.profile and traced(profile_dir, f"rank{state.process_index}")
+        if recorded:
             announce(state, f"profiler traces (one per rank): {profile_dir}/  inspect: lenet-dist inspect "
                             f"{output_dir}")
+        elif config.profile:  # the run ended before the profiler's window: no trace to announce, nor to record
+            announce(state, no_trace_line(progress.global_step - steps_before, config.profile_wait,
+                                          config.profile_warmup, config.profile_active))
 
         metrics = run_metrics(trainer, cadence, step, progress) | {
-            "profile_dir": str(profile_dir.resolve()) if config.profile else None}
+            "profile_dir": str(profile_dir.resolve()) if recorded else None}
         if accelerator.is_main_process:
             network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
             written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import BIN, call, call_with_stdout_closed, one_line_error
+from conftest import BIN, SHORT, TRAIN, call, call_with_stdout_closed, one_line_error, read_metrics
+from lenet_dist.profiling.capture import no_trace_line, run_trace_dir
 
 # torch_tb_profiler's RunLoader parses each trace in a spawned process, so it runs as its own script.
 TB_PLUGIN_LOAD = """
@@ -66,6 +67,21 @@ def test_inspect_ends_quietly_with_141_when_its_reader_has_gone(flags, single_pr
     _, result = call_with_stdout_closed([str(BIN / "lenet-dist"), "inspect", *flags, str(trace_dir)],
                                         tmp_path / "stdout")
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_run_that_ends_before_the_profilers_window_says_so(tmp_path, mnist_sliver):
+    """16 steps and a window from step 23: no trace is announced or recorded; the line says which flags fit."""
+    output = tmp_path / "run"
+    result = call([*TRAIN, *SHORT, "--profile", "--profile-wait", "20", "--profile-dir", str(tmp_path / "profiles"),
+                   "--output-dir", str(output)], env={"LENET_DATA_DIR": str(mnist_sliver)})
+    assert result.returncode == 0, result.stderr
+    assert ("--profile: no trace recorded: the run had 16 steps, and the profiler's window starts at step 23 "
+            "(--profile-wait 20 --profile-warmup 2); use --profile-wait 9") in result.stdout
+    assert "profiler traces" not in result.stdout and read_metrics(output)["profile_dir"] is None
+    assert not run_trace_dir(str(tmp_path / "profiles"), output).exists()
+    # shorter runs: the window shrinks to fit
+    assert no_trace_line(4, 5, 2, 5).endswith("use --profile-wait 0 --profile-active 2")
+    assert no_trace_line(2, 5, 2, 5).endswith("use --profile-wait 0 --profile-warmup 0 --profile-active 2")
 
 def test_inspect_empty_folder_fails_in_one_line(tmp_path):
     one_line_error(call([str(BIN / "lenet-dist"), "inspect", str(tmp_path)], timeout=60), 1, str(tmp_path))

@@ -40,6 +40,21 @@ def remove_traces(folder: Path, worker: str) -> None:
         stale.unlink()
 
 
+def traced(folder: Path, worker: str) -> bool:
+    """Whether the worker has a trace in the folder."""
+    return any(folder.glob(f"{worker}.*{TRACE_SUFFIX}"))
+
+
+def no_trace_line(steps: int, wait: int, warmup: int, active: int) -> str:
+    """Why --profile left no trace (the run ended before the profiler's window) and the flags that fit the window
+    into the run's steps."""
+    fit = (f"--profile-wait {steps - warmup - active}" if steps >= warmup + active
+           else f"--profile-wait 0 --profile-active {steps - warmup}" if steps > warmup
+           else f"--profile-wait 0 --profile-warmup 0 --profile-active {max(steps, 1)}")
+    return (f"--profile: no trace recorded: the run had {steps} steps, and the profiler's window starts at step "
+            f"{wait + warmup + 1} (--profile-wait {wait} --profile-warmup {warmup}); use {fit}")
+
+
 def trace_writer(folder: Path, worker: str):
     """The on_trace_ready handler: each recording cycle's trace, written by its rank to its own disk. A failed
     write is one warning line from that rank, and training goes on."""
