@@ -28,7 +28,7 @@ class TrainConfig:
     recipe: str = flag(
         "default", "a whole recipe: default (Adam, 2 epochs; ends highest), fast-to-98 (Muon, one epoch; the fewest "
         "images to 98 %) or predict (--augment, more epochs: for reading your own handwriting); the flags below "
-        "marked 'the --recipe's' override its parts", choices=tuple(RECIPES),
+        "whose default says 'from --recipe default' override their part of any recipe", choices=tuple(RECIPES),
     )
     epochs: int | None = flag(None, f"passes over the training set {FROM_RECIPE}")
     batch_size: int | None = flag(

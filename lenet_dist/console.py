@@ -137,8 +137,9 @@ class ProgressBar:
 
 def summary_table(metrics: dict[str, Any]) -> Table:
     table = Table(
+        # the device's type, as the run's first line says it: rank 0's own (cuda:0) would misname the others'
         title=f"LeNet-5, recipe {metrics['config']['recipe']}: {metrics['world_size']} process(es) on "
-        f"{metrics['device']}, "
+        f"{metrics['device'].partition(':')[0]}, "
         f"precision {metrics['precision']}, global batch {metrics['config']['batch_size']}"
     )
     for column in ("epoch", "train loss", "test accuracy", "train seconds", "train images/s"):

@@ -113,7 +113,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         # the default in the help, unless the help text already states it
         shown = "" if "(default" in meta["help"] or meta["required"] or config_field.default == "" else \
             f" (default: {_shown_default(config_field.default, kind)})"
-        text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %
+        text = (_recipes_default(meta["help"], config_field.name, kind) + shown).replace("%", "%%")  # argparse's %
         if meta["positional"]:
             parser.add_argument(config_field.name, type=kind, metavar=metavar, help=text)
         elif kind is bool:
@@ -132,6 +132,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 metavar=meta["metavar"],
                 **optional_value,
             )
+
+
+def _recipes_default(text: str, name: str, kind: type) -> str:
+    """"(default: the --recipe's)" as the value it stands for without --recipe: "(default: 128, from --recipe
+    default)"."""
+    from lenet_dist.recipe import FROM_RECIPE, RECIPES
+
+    if FROM_RECIPE not in text or name not in RECIPES["default"]:
+        return text
+    return text.replace(FROM_RECIPE, f"(default: {_shown_default(RECIPES['default'][name], kind)}, from --recipe "
+                                     "default)")
 
 
 def _shown_default(default: Any, kind: type) -> str:

@@ -161,6 +161,8 @@ def test_help_shows_each_default_once_and_the_default_of_on_off_flags(capsys):
     assert "$LENET_DATA_DIR, else ./data" in text
     assert "channels-last (oneDNN's fast layout on CPU) (default: on)" in text
     assert "--compile" in text and "(inductor) (default: off)" in text
+    # a recipe's part: the value it stands for, not "the --recipe's"
+    assert "(default: 128, from --recipe default)" in text and "the --recipe's" not in text
 
 
 @pytest.mark.launcher

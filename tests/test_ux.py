@@ -40,6 +40,15 @@ def test_plain_progress_lines_and_summary_when_not_a_terminal(logged_run):
         assert figure in result.stdout  # train lists where its figures went
 
 
+def test_the_summary_names_the_device_as_the_first_line_does():
+    """`2 process(es) on cuda`, as the run's first line says, not rank 0's own `cuda:0`."""
+    from lenet_dist.console import summary_table
+
+    metrics = {"config": {"recipe": "default", "batch_size": 128}, "world_size": 2, "device": "cuda:0",
+               "precision": "no", "epochs": []}
+    assert "2 process(es) on cuda, precision no" in summary_table(metrics).title
+
+
 @pytest.mark.slow
 def test_rich_progress_bar_on_a_terminal(tmp_path, data_dir):
     controller, terminal = pty.openpty()
