@@ -222,6 +222,24 @@ def test_profiling_stays_out_of_the_timed_rounds(monkeypatch, data_dir, tmp_path
     assert [(cell.batch_size, profiler) for cell, profiler in profiled] == [(128, "profiling")]
 
 
+def test_rows_whose_timings_disagree_are_called_noisy_under_the_table(monkeypatch, data_dir):
+    """A loaded machine: one row's timed windows 40 % apart. One line says so, naming the row; tight rows say
+    nothing."""
+    from lenet_dist.bench import measure, report, suite
+    from lenet_dist.config import BenchConfig
+
+    windows = iter([(90.0, 100.0, 130.0), (99.0, 100.0, 101.0)])
+    monkeypatch.setattr(measure, "measure", lambda *args: measure.Throughput(100.0, 100.0, next(windows)))
+    monkeypatch.setattr(measure, "matmul_flops_per_second", lambda device, precision: 1e9)
+    bench = BenchConfig(quick=True, pipelines="tuned", batch_sizes="64,128")
+    rows = suite.throughput_matrix(bench, [torch.device("cpu")], data_dir)["rows"]
+    assert [round(row["train_spread"], 2) for row in rows] == [0.4, 0.02]
+    assert report.noise_line(rows) == (
+        "noisy: in 1 of 2 rows the timed windows disagree by more than 10% (up to 40%: cpu tuned batch 64); the "
+        "machine was busy, so compare rows with care; rerun on an idle machine, or with more --rounds")
+    assert report.noise_line(rows[1:]) is None
+
+
 def test_scaling_efficiency_is_each_count_against_one_process_of_its_own_mode(monkeypatch, tmp_path):
     """Strong scaling splits the global batch 128; weak keeps 64 a process; efficiency is images/s over N times
     the same mode's one process; each process gets `threads` cores."""

@@ -46,6 +46,7 @@ class Cell:
 class Throughput:
     train_images_per_second: float
     inference_images_per_second: float
+    train_windows: tuple[float, ...] = ()  # the training rate of each timed window, whose median it is
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,8 +134,8 @@ def test_batches(cell: Cell, test: Split, data_dir: Path) -> Iterator:
 
 
 def timed_windows(step: Callable[[], None], device: torch.device, steps_per_window: int, windows: int,
-                  batch_size: int) -> float:
-    """Median images/s over `windows` windows; `step()` runs one batch."""
+                  batch_size: int) -> list[float]:
+    """Images/s of each of `windows` windows; `step()` runs one batch."""
     rates = []
     for _ in range(windows):
         synchronize(device)
@@ -143,7 +144,7 @@ def timed_windows(step: Callable[[], None], device: torch.device, steps_per_wind
             step()
         synchronize(device)
         rates.append(steps_per_window * batch_size / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return rates
 
 
 def model_and_optimizer(cell: Cell) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -184,7 +185,7 @@ def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images
     network.train()
     for _ in range(max(3, steps_per_window // 2)):  # warm-up: worker start, allocator, compilation
         train_step()
-    train_rate = timed_windows(train_step, device, steps_per_window, windows, cell.batch_size)
+    train_rates = timed_windows(train_step, device, steps_per_window, windows, cell.batch_size)
 
     evaluation = test_batches(cell, test, data_dir)
 
@@ -197,5 +198,5 @@ def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images
     network.eval()
     for _ in range(3):
         inference_step()
-    inference_rate = timed_windows(inference_step, device, steps_per_window, windows, cell.batch_size)
-    return Throughput(train_rate, inference_rate)
+    inference_rates = timed_windows(inference_step, device, steps_per_window, windows, cell.batch_size)
+    return Throughput(statistics.median(train_rates), statistics.median(inference_rates), tuple(train_rates))

@@ -32,6 +32,8 @@ def show(result: dict[str, Any]) -> None:
                       f"{row['train_images_per_second']:,.0f}", f"{row['inference_images_per_second']:,.0f}",
                       f"{row['mfu_percent']:.1f}", "" if speedup is None else f"{speedup:.2f}")
     out.print(table)
+    if noise := noise_line(result["rows"]):
+        out.print(noise, highlight=False)
     out.print("MFU %: training FLOP/s (torch's flop counter × images/s) over the dense matmul rate measured here in "
               "the same precision: " + ", ".join(f"{key} {peak['flops_per_second'] / 1e9:,.0f} GFLOP/s "
                                                  f"({peak['precision']}, {peak['matmul']})"
@@ -49,6 +51,22 @@ def show(result: dict[str, Any]) -> None:
                   f"images/s, the bare loop {bare}", highlight=False)
     if result.get("scaling"):
         out.print(scaling_table(result["scaling"]))
+
+
+NOISY_SPREAD = 0.10  # timings of one row further apart than this: the machine did other work meanwhile
+
+
+def noise_line(rows: list[dict[str, Any]]) -> str | None:
+    """One line when rows' own timings disagree (a loaded machine): their ratios, the × original column among them,
+    are then not to be trusted."""
+    noisy = [row for row in rows if (row.get("train_spread") or 0) > NOISY_SPREAD]
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda row: row["train_spread"])
+    where = "rounds" if len(worst.get("train_images_per_second_rounds", [])) > 1 else "timed windows"
+    return (f"noisy: in {len(noisy)} of {len(rows)} rows the {where} disagree by more than {NOISY_SPREAD:.0%} (up to "
+            f"{worst['train_spread']:.0%}: {worst['device']} {worst['pipeline']} batch {worst['batch_size']}); the "
+            "machine was busy, so compare rows with care; rerun on an idle machine, or with more --rounds")
 
 
 def run_lines(device: str, timings: dict[str, Any]) -> list[str]:

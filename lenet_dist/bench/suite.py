@@ -92,6 +92,8 @@ def throughput_matrix(bench: BenchConfig, devices: list[torch.device], data_dir:
         rows.append({
             **asdict(cell),
             "train_images_per_second": statistics.median(train_rates), "train_images_per_second_rounds": train_rates,
+            # how far apart the timings it is the median of lie: its rounds, or with one round its windows
+            "train_spread": spread(train_rates if len(train_rates) > 1 else list(measured[0].train_windows)),
             "inference_images_per_second": statistics.median(inference_rates),
             "inference_images_per_second_rounds": inference_rates,
             "train_flops_per_image": flops_train,
@@ -101,6 +103,11 @@ def throughput_matrix(bench: BenchConfig, devices: list[torch.device], data_dir:
     add_speedups(rows)
     return {"peak_matmul": peaks, "rows": rows,
             "profile_dir": str(profile_dir) if bench.profile else None}
+
+
+def spread(rates: list[float]) -> float | None:
+    """(max − min) / median: 0.05 where the timings agree within 5 %; None for fewer than two."""
+    return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else None
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
