@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TRAIN, call, numbers, read_metrics, same_weights
-from lenet_dist.augment import affine_matrices, augment, distort, draws_generator, random_distortions
+from lenet_dist.augment import (
+    affine_matrices,
+    augment,
+    distort,
+    draws_generator,
+    max_pool_3x3,
+    random_distortions,
+)
 from lenet_dist.checkpoint import TRAJECTORY_FIELDS
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import DATASETS, InMemoryDataset, ShuffledBatches, Split, load_split, normalize
@@ -83,6 +90,12 @@ def test_random_redraws_keep_each_digit_in_the_frame_and_recoverable(test_digits
     likeness = F.cosine_similarity(back - back.mean(1, keepdim=True), original - original.mean(1, keepdim=True))
     assert likeness.min() > 0.8, likeness.min()
     assert (strokes != 0).float().mean().item() == pytest.approx(0.5, abs=0.1) and strokes.min() >= -0.5
+
+
+def test_the_shifted_views_max_pool_is_max_pool2d(test_digits):
+    images = test_digits[0][:32]
+    for sign in (1, -1):
+        assert torch.equal(max_pool_3x3(sign * images), F.max_pool2d(sign * images, 3, stride=1, padding=1))
 
 
 def test_draws_are_a_function_of_seed_epoch_and_step(test_digits):
