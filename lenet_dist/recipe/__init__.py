@@ -1,6 +1,6 @@
 """The recipes `--recipe` names: every field a recipe sets, which a flag given on its own overrides.
 
-    default     ends highest: Adam, 2 epochs, one-cycle over both, 98.6 % and more (BENCHMARKS.md)
+    default     MNIST's test set in 2 epochs: Adam, one-cycle over both, 98.6 % and more (BENCHMARKS.md)
     fast-to-98  fewest images to 98 %: Muon (Adam on the biases and the output layer), LeCun init, batch 32, the
                 learning rate annealed over the first 45,056 images to a fiftieth of its peak and then held (so a
                 slow seed still learns), stopping at the first evaluation ≥ 98 % (scripts/recipe_search.py)
