@@ -54,6 +54,9 @@ class Layout:
 # MNIST: scaled into 20×20, centred by mass in 28×28 (LeCun et al.). Fashion-MNIST: the longer edge resized to 28,
 # centred, not stretched (Xiao et al. 2017; measured: median longer side 28, a white shirt stays dim). KMNIST fills its
 # frame too, judging by its samples and mean brightness (0.19 against MNIST's 0.13); its recipe is unpublished.
+# the strongest pixel of an item shrunk into its box below this is no digit, only specks (a 1-pixel hairline in a
+# 1,000-pixel scan still keeps 0.02)
+FADED = 0.005
 LAYOUTS = {
     "mnist": Layout(20, by_mass=True, stretched=True, strokes=MNIST_STROKES),
     "fashion-mnist": Layout(FRAME, by_mass=False, stretched=False),
@@ -280,10 +283,12 @@ def _lay_out(item: np.ndarray, layout: Layout) -> np.ndarray:
     if layout.stretched:
         item = item / item.max()
     resized = _resize(item, size)
+    if layout.stretched and resized.max() < FADED:  # specks far apart, scaled into the box together, fade away
+        return np.zeros((FRAME, FRAME), dtype=np.uint8)
     if layout.strokes is not None:
         resized = _restroke(item, size, layout.strokes, resized)
     if layout.stretched:  # after shrinking, as MNIST's anti-aliased digits: a thin stroke's pixels reach 255 too
-        resized = resized / max(float(resized.max()), 1e-6)
+        resized = resized / float(resized.max())
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
     # an odd margin's extra pixel goes above and to the left, as in Fashion-MNIST (MNIST's is moved by mass anyway)
     top, left = (FRAME + 1 - resized.shape[0]) // 2, (FRAME + 1 - resized.shape[1]) // 2
