@@ -66,6 +66,7 @@ def test_entry_points_train(launcher, tmp_path, mnist_slice):
     result = call([*launcher, *SLICE_EPOCH, "--resume", "auto", "--output-dir", str(tmp_path / "run")],
                   env={"HF_HOME": str(tmp_path / "hf"), "LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
+    assert not re.search(r"\w+Warning: ", result.stderr), result.stderr  # none from the project, on either accelerate
     assert "resumed from" not in result.stdout
     assert read_metrics(tmp_path / "run")["final_test_accuracy"] >= 0.9
     assert_png(tmp_path / "run" / "predictions.png")

@@ -27,7 +27,8 @@ from lenet_dist.distributed.configs import check_config_file
 from lenet_dist.errors import UserError
 
 LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # signals.py's, spelled here: it imports torch
+# signals.py's, spelled here: it imports torch
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as under torchrun
