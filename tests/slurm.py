@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +24,10 @@ SlurmctldHost={a.name}({a.address})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={folder}/munge.socket,cred_expire=5
+AuthInfo=socket={sockets}/munge.socket,cred_expire=5
 CredType=cred/munge
 StateSaveLocation={folder}/state
-SlurmdSpoolDir={folder}/spool-%n
+SlurmdSpoolDir={sockets}/spool-%n
 SlurmctldPidFile={folder}/slurmctld.pid
 SlurmdPidFile={folder}/slurmd-%n.pid
 SlurmctldLogFile={folder}/slurmctld.log
@@ -67,6 +68,9 @@ class Slurm:
 
     def __init__(self, root: Path) -> None:
         self.cluster, self.munged = Cluster(root), None
+        # sockets and spool under a short path: a Unix socket's path is at most 108 bytes, and a test's tmp_path
+        # under pytest-xdist is long enough to pass it
+        self.sockets = Path(tempfile.mkdtemp(prefix="lnd-slurm-", dir="/tmp"))
         # as on many clusters, a node's name means nothing to the others: SLURM reaches nodes by NodeAddr
         self.cluster.hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
         try:
@@ -81,20 +85,20 @@ class Slurm:
         self.conf = self.folder / "slurm.conf"
         a, b = self.cluster.nodes
         nodes = "".join(f"NodeName={node.name} NodeAddr={node.address} CPUs=2 State=UNKNOWN\n" for node in (a, b))
-        self.conf.write_text(SLURM_CONF.format(a=a, b=b, folder=self.folder, nodes=nodes))
+        self.conf.write_text(SLURM_CONF.format(a=a, b=b, folder=self.folder, sockets=self.sockets, nodes=nodes))
         (self.folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")  # read beside slurm.conf
         for node in self.cluster.nodes:
-            (self.folder / f"spool-{node.name}").mkdir()
+            (self.sockets / f"spool-{node.name}").mkdir()
         self.env = {"SLURM_CONF": str(self.conf)}
         key = self.folder / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         self.munged = subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.folder}/munge.socket",
+            ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.sockets}/munge.socket",
              f"--pid-file={self.folder}/munged.pid", f"--log-file={self.folder}/munged.log",
              f"--seed-file={self.folder}/munged.seed"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True)
-        self._wait(lambda: (self.folder / "munge.socket").exists(), "munged's socket")
+        self._wait(lambda: (self.sockets / "munge.socket").exists(), "munged's socket")
         self.controller = self.cluster.start(a, ["slurmctld", "-D", "-i", "-f", str(self.conf)], self.env)
         self.daemons = {node.name: self.start_slurmd(node) for node in self.cluster.nodes}
         self.wait_idle()
@@ -164,3 +168,4 @@ class Slurm:
         if self.munged is not None and self.munged.poll() is None:
             os.killpg(self.munged.pid, signal.SIGTERM)
             self.munged.wait(timeout=10)
+        shutil.rmtree(self.sockets, ignore_errors=True)
