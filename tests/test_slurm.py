@@ -236,9 +236,9 @@ def test_a_requeue_that_is_refused_or_capped_ends_the_job_failed_naming_the_chec
         log = log_of(fields)
         assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "1:0", "0"), \
             slurm.failure(job, fields)
-        line = re.search(rf"lenet-dist \(SLURM job {job}\): {why}; resume with OUTPUT_DIR=\S+ \(newest "
-                         rf"checkpoint: \S+/checkpoints/step-\d{{8}}\)\n", log)
-        assert line and clean(log), log[-3000:]
+        lines = re.findall(rf"lenet-dist \(SLURM job {job}\): {why}; resume with OUTPUT_DIR=\S+ \(newest "
+                           rf"checkpoint: \S+/checkpoints/step-\d{{8}}\)\n", log)
+        assert len(lines) == 1 and clean(log), log[-3000:]
         assert not (a.disk / "refused" / "metrics.json").exists()
 
 
