@@ -23,12 +23,13 @@ from handwriting import handwritten  # noqa: E402
 
 from lenet_dist.config import resolve_data_dir  # noqa: E402
 from lenet_dist.data import DATASETS, load_split, normalize  # noqa: E402
+from lenet_dist.errors import UserError  # noqa: E402
 from lenet_dist.predict.classify import load_trained  # noqa: E402
 from lenet_dist.predict.frames import to_frame  # noqa: E402
 
 
-def scanned_digits(data_dir: Path, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
-    """predict's frames of the scans (N × 28 × 28, uint8) and their labels."""
+def scanned_digits(data_dir: Path, per_class: int) -> tuple[list[torch.Tensor | None], np.ndarray]:
+    """predict's frames of the scans (28 × 28, uint8; None where predict refuses one) and their labels."""
     test = load_split(data_dir, "test", "mnist")
     labels = test.labels.numpy()
     chosen = [i for digit in range(10) for i in np.flatnonzero(labels == digit)[::-1][:per_class]]
@@ -37,8 +38,11 @@ def scanned_digits(data_dir: Path, per_class: int) -> tuple[torch.Tensor, np.nda
         for i, (data, _, style) in enumerate(handwritten(test.images[chosen].numpy())):
             path = Path(folder) / f"{i}.{'jpg' if style.jpeg else 'png'}"
             path.write_bytes(data)
-            frames.append(to_frame(path))
-    return torch.stack(frames), labels[chosen]
+            try:
+                frames.append(to_frame(path))
+            except UserError:  # predict would print its one line and read nothing: a miss for every model
+                frames.append(None)
+    return frames, labels[chosen]
 
 
 def main() -> None:
@@ -48,10 +52,15 @@ def main() -> None:
     parser.add_argument("--data-dir", help="MNIST folder (default: $LENET_DATA_DIR, else ./data)")
     args = parser.parse_args()
     frames, labels = scanned_digits(resolve_data_dir(args.data_dir), args.per_class)
+    framed = [i for i, frame in enumerate(frames) if frame is not None]
+    if len(framed) < len(frames):
+        print(f"{len(frames) - len(framed)} scan(s) predict could not frame (counted as misses)")
     for model_path in args.models:
         model, _ = load_trained(Path(model_path))
+        right = np.zeros(len(frames), dtype=bool)
         with torch.no_grad():
-            right = model.eval()(normalize(frames, DATASETS["mnist"])).argmax(1).numpy() == labels
+            read = model.eval()(normalize(torch.stack([frames[i] for i in framed]), DATASETS["mnist"])).argmax(1)
+        right[framed] = read.numpy() == labels[framed]
         per_class = " ".join(str(int(right[labels == digit].sum())) for digit in range(10))
         print(f"{model_path}: {int(right.sum())}/{len(right)} read; per class 0-9: {per_class}")
 

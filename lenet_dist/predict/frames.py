@@ -162,8 +162,8 @@ def _sheet(gray: np.ndarray) -> np.ndarray:
     inset = math.ceil(SHEET_INSET * max(rows[-1] - rows[0], cols[-1] - cols[0]))
     box = (slice(rows[0] + inset, rows[-1] + 1 - inset), slice(cols[0] + inset, cols[-1] + 1 - inset))
     sheet = light[box]
-    if sheet.size < SHEET_AREA * gray.size or sheet.mean() < SHEET_FILL:
-        return gray
+    if sheet.size < SHEET_AREA * gray.size or sheet.mean() < SHEET_FILL or min(sheet.shape) < max(sheet.shape) / 4:
+        return gray  # too small, patchy or narrow for a sheet of paper: a bold light stroke on black is none
     return gray[box]
 
 
