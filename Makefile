@@ -44,10 +44,9 @@ data: install
 train: install
 	$(VENV)/bin/lenet-dist train
 
-# The full suite: real MNIST, real processes, real signals (CI runs this). Two workers: the cluster and SLURM
-# tiers (one worker, in turn: they mostly wait on daemons and timeouts) beside the CPU-bound tests.
+# The full suite: real MNIST, real processes, real signals (CI runs this).
 test: data
-	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
+	$(PYTHON) -m pytest -q
 
 # The everyday tier: lint, then the in-process tests and a few short training runs (under a minute).
 check: install lint

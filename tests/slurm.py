@@ -68,8 +68,8 @@ class Slurm:
 
     def __init__(self, root: Path) -> None:
         self.cluster, self.munged = Cluster(root), None
-        # sockets and spool under a short path: a Unix socket's path is at most 108 bytes, and a test's tmp_path
-        # under pytest-xdist is long enough to pass it
+        # sockets and spool under a short path: a Unix socket's path is at most 108 bytes, which a deeper
+        # tmp_path (a longer test name, pytest-xdist's worker folder) passes
         self.sockets = Path(tempfile.mkdtemp(prefix="lnd-slurm-", dir="/tmp"))
         # as on many clusters, a node's name means nothing to the others: SLURM reaches nodes by NodeAddr
         self.cluster.hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")

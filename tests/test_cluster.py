@@ -20,7 +20,7 @@ import pytest
 
 from conftest import BIN, ROOT, TRAIN, TWO_NODE_RECIPE, call, free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.cluster, pytest.mark.xdist_group("waiting")]
+pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.cluster]
 RECIPE = TWO_NODE_RECIPE
 BATCH = 512  # TWO_NODE_RECIPE's: 32 steps per epoch of MNIST_SLICE's 16,384 images
 SUBNET = "10.231.77"  # only inside the namespaces below

@@ -16,7 +16,7 @@ from conftest import BIN, SLICE_TEST_IMAGES, TWO_NODE_RECIPE, read_metrics, wait
 from slurm import Slurm, missing
 from test_cluster import Node
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("waiting")]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY")
 
 
