@@ -8,7 +8,6 @@ quietly with 141 when its pipe closes (errors.status_of).
 from __future__ import annotations
 
 import errno
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from typing import Any, TextIO
 import rich.console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from lenet_dist.errors import to_devnull
 
 # a write to a pipe whose reader has gone, or to a terminal that hung up
 GONE = (errno.EPIPE, errno.EIO)
@@ -36,18 +37,13 @@ class _StreamWithoutReader:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
-    def _silence(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())  # what is still buffered is flushed there
-        os.close(devnull)
-
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
         except OSError as error:
             if error.errno not in GONE:
                 raise
-            self._silence()
+            to_devnull(self._stream)
             return len(text)
 
     def flush(self) -> None:
@@ -56,7 +52,7 @@ class _StreamWithoutReader:
         except OSError as error:
             if error.errno not in GONE:
                 raise
-            self._silence()
+            to_devnull(self._stream)
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's own
         return getattr(self._stream, name)

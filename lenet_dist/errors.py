@@ -26,7 +26,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -147,7 +147,12 @@ def quiet_after_reader_gone() -> int:
     """stdout's reader stopped early (`| head -1`): the rest of stdout goes to /dev/null (a flush at exit would
     meet the closed pipe again, with a traceback), and the status is the one a shell reports for a Unix tool that
     SIGPIPE ended, 141, so that `set -o pipefail` sees it."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    to_devnull(sys.stdout)
     return SIGPIPE_STATUS
+
+
+def to_devnull(stream: TextIO) -> None:
+    """Point the stream's file descriptor at /dev/null: what is still buffered, and all that follows, goes there."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
