@@ -27,8 +27,9 @@ from lenet_dist.cadence import Progress
 from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
 from lenet_dist.config import PredictConfig, TrainConfig
 from lenet_dist.data import DATASETS, load_split, normalize
+from lenet_dist.errors import SIGPIPE_STATUS
 from lenet_dist.model import LeNet5
-from lenet_dist.predict.classify import SIGPIPE_STATUS, load_trained, run
+from lenet_dist.predict.classify import load_trained, run
 from lenet_dist.predict.frames import FRAME, MNIST_CENTRE, to_frame
 from lenet_dist.predict.photos import MAX_MEGAPIXELS
 

@@ -17,7 +17,6 @@ import torch
 from lenet_dist.checkpoint import PROGRESS_FILE, load_model
 from lenet_dist.config import PredictConfig
 from lenet_dist.data import DATASETS, normalize
-from lenet_dist.errors import SIGPIPE_STATUS as SIGPIPE_STATUS  # 141, for callers that name it here
 from lenet_dist.errors import UsageError, UserError, quiet_after_reader_gone
 from lenet_dist.files import write_atomically
 from lenet_dist.model import LeNet5
