@@ -47,6 +47,20 @@ FIGURES = ("predictions.png", "training_curves.png", "confusion_matrix.png", "co
 RUN_FILES = (".lenet-dist.lock", "checkpoints", "config.json", "metrics.json", "model.safetensors", *FIGURES)
 
 
+def pytest_configure(config) -> None:
+    """SIGTERM stops the suite as Ctrl-C does, its fixtures' finalizers run (the SLURM daemons and network
+    namespaces removed): `make test` stops its second pytest so. A process forked from this one keeps the default."""
+    suite = os.getpid()
+
+    def interrupt(signum, frame) -> None:
+        if os.getpid() != suite:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
