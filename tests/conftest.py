@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import forking
+from lenet_dist import cli
 from lenet_dist.bench.compare import label
 from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.runs import free_port
@@ -129,6 +130,12 @@ def mnist_sliver(tmp_path_factory, data_dir) -> Path:
     return first_images(data_dir, tmp_path_factory.mktemp("mnist-sliver"), 4_096, 1_000)
 
 
+@pytest.fixture(scope="session")
+def sliced(mnist_slice) -> dict[str, str]:
+    """The environment of runs on the MNIST slice: it as their data."""
+    return {"LENET_DATA_DIR": str(mnist_slice)}
+
+
 SHORT = ["--epochs", "1", "--batch-size", "256", "--no-progress"]  # 64 steps on the MNIST slice
 
 
@@ -152,6 +159,13 @@ def single_process_profile(tmp_path_factory, mnist_slice) -> tuple[Path, subproc
                   "--output-dir", str(root / "run")], env={"LENET_DATA_DIR": str(mnist_slice)})
     assert result.returncode == 0, result.stderr
     return run_trace_dir(str(root / "profiles"), root / "run"), result
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """The `lenet-dist` command in-process: its exit status, stdout and stderr."""
+    status = cli.command_status(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def call(

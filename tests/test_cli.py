@@ -7,20 +7,13 @@ import sys
 import pytest
 
 import lenet_dist
-from conftest import call
-from lenet_dist import cli
+from conftest import call, run_cli
 from lenet_dist.config import TRACKERS, TrainConfig, parse_train_config
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error
 
 
-def exit_of(argv: list[str], capsys) -> tuple[int, str, str]:
-    status = cli.command_status(argv)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 def test_version_is_defined_once(capsys):
-    status, out, _ = exit_of(["--version"], capsys)
+    status, out, _ = run_cli(["--version"], capsys)
     assert status == 0 and out.strip() == f"lenet-dist {lenet_dist.__version__}"
     with pytest.raises(SystemExit):
         parse_train_config(["--version"])
@@ -30,7 +23,7 @@ def test_version_is_defined_once(capsys):
 @pytest.mark.parametrize("command", [["train"], ["bench", "compare"], ["inspect"]])
 def test_a_subcommand_answers_version_too(command, capsys):
     """Not `did you mean --mixed-precision?`: the version, as `lenet-dist --version` prints it."""
-    status, out, err = exit_of([*command, "--version"], capsys)
+    status, out, err = run_cli([*command, "--version"], capsys)
     assert (status, out.strip(), err) == (0, f"lenet-dist {lenet_dist.__version__}", "")
 
 
@@ -55,7 +48,7 @@ def test_a_subcommand_answers_version_too(command, capsys):
 )
 def test_bad_train_flags_are_one_line_usage_errors(flags, culprit, capsys, tmp_path):
     output_dir = tmp_path / "out"
-    status, out, err = exit_of(["train", *flags, "--output-dir", str(output_dir)], capsys)
+    status, out, err = run_cli(["train", *flags, "--output-dir", str(output_dir)], capsys)
     assert status == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and culprit in err, err
     assert out == "" and not output_dir.exists()
@@ -72,7 +65,7 @@ def test_bad_train_flags_are_one_line_usage_errors(flags, culprit, capsys, tmp_p
     ],
 )
 def test_bad_flags_of_the_other_commands_are_one_line_usage_errors(argv, culprit, capsys):
-    status, out, err = exit_of(argv, capsys)
+    status, out, err = run_cli(argv, capsys)
     assert status == 2 and err.count("\n") == 1 and culprit in err, err
 
 
@@ -94,7 +87,7 @@ def test_tracker_names_are_accelerates():
 
 
 def test_every_train_flag_comes_from_the_config(capsys):
-    status, out, _ = exit_of(["train", "--help"], capsys)
+    status, out, _ = run_cli(["train", "--help"], capsys)
     assert status == 0
     import dataclasses
 
@@ -148,14 +141,14 @@ def test_flags_are_generated_from_a_dataclass():
                                               (["--target-acc", "0.9"], "--target-accuracy")])
 def test_a_prefix_of_a_flag_is_an_error_that_names_the_flag(flags, meant, capsys, tmp_path):
     """A flag added later must not change what an old command line means: prefixes are not flags."""
-    status, out, err = exit_of(["train", *flags, "--output-dir", str(tmp_path / "out")], capsys)
+    status, out, err = run_cli(["train", *flags, "--output-dir", str(tmp_path / "out")], capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert f"did you mean {meant}?" in err and "(see lenet-dist train --help)" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_help_shows_each_default_once_and_the_default_of_on_off_flags(capsys):
-    _, out, _ = exit_of(["train", "--help"], capsys)
+    _, out, _ = run_cli(["train", "--help"], capsys)
     text = " ".join(out.split())
     assert "(default: None)" not in text  # --data-dir says its default in words, once
     assert "$LENET_DATA_DIR, else ./data" in text

@@ -44,11 +44,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.fixture(scope="module")
-def sliced(mnist_slice) -> dict[str, str]:
-    return {"LENET_DATA_DIR": str(mnist_slice)}
-
-
 def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):
     checkpoint = short_run / "checkpoints" / "step-00000032"
     result = call([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],

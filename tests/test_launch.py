@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import run_cli
 from lenet_dist import cli
 from lenet_dist.distributed.configs import config_path
 
@@ -26,8 +27,7 @@ CPU_DDP = config_path("cpu-ddp").read_text()
 def test_a_mistyped_launch_config_is_one_line_naming_it(text, culprit, tmp_path, capsys):
     config = tmp_path / "mine.yaml"
     config.write_text(text)
-    status = cli.command_status(["launch", "--config_file", str(config), "-m", "lenet_dist.train"])
-    err = capsys.readouterr().err
+    status, _, err = run_cli(["launch", "--config_file", str(config), "-m", "lenet_dist.train"], capsys)
     assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: --config_file {config}: {culprit}"), err
 

@@ -21,7 +21,7 @@ from handwriting import Style, handwritten
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, run_cli
 from lenet_dist import cli
 from lenet_dist.cadence import Progress
 from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
@@ -576,7 +576,8 @@ def test_an_unfinished_run_as_the_model_names_its_newest_checkpoint(tmp_path, ca
         checkpoint_folder(tmp_path / "run" / "checkpoints" / f"step-{step:08d}", "mnist")
     image = tmp_path / "seven.png"
     Image.fromarray(seven()).save(image)
-    status, err = main(["predict", "--model", str(tmp_path / "run"), str(image)], capsys)
+    status, _, stderr = run_cli(["predict", "--model", str(tmp_path / "run"), str(image)], capsys)
+    err = stderr.splitlines()
     assert status == 2 and len(err) == 1 and "its run has not finished" in err[0], err
     assert err[0].endswith(f"the newest: {tmp_path / 'run' / 'checkpoints' / 'step-00000016'}")
 
@@ -585,26 +586,23 @@ def test_a_checkpoint_with_a_corrupt_progress_file_is_one_line(tmp_path, capsys)
     checkpoint = checkpoint_folder(tmp_path / "step-00000008", "mnist", progress="{not json")
     image = tmp_path / "seven.png"
     Image.fromarray(seven()).save(image)
-    status, err = main(["predict", "--model", str(checkpoint), str(image)], capsys)
+    status, _, stderr = run_cli(["predict", "--model", str(checkpoint), str(image)], capsys)
+    err = stderr.splitlines()
     assert status == 1 and len(err) == 1 and err[0].startswith(f"error: {checkpoint / PROGRESS_FILE}: unreadable")
     assert "pass the run's output dir" in err[0]
 
 
-def main(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """The `lenet-dist` command in-process: its exit status and stderr lines."""
-    status = cli.command_status(argv)
-    return status, capsys.readouterr().err.splitlines()
-
-
 def test_a_misspelt_model_flag_suggests_model(tmp_path, capsys):
-    status, err = main(["predict", "--modle", str(tmp_path), "seven.png"], capsys)
+    status, _, stderr = run_cli(["predict", "--modle", str(tmp_path), "seven.png"], capsys)
+    err = stderr.splitlines()
     assert status == 2 and err == ["error: unrecognized arguments: --modle; did you mean --model? "
                                    "(see lenet-dist predict --help)"]
 
 
 def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
     missing = tmp_path / "no-such-run"
-    status, err = main(["predict", "--model", str(missing), "seven.png"], capsys)
+    status, _, stderr = run_cli(["predict", "--model", str(missing), "seven.png"], capsys)
+    err = stderr.splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith(f"error: --model {missing}: does not exist; "), err
 
 
@@ -683,7 +681,9 @@ def test_save_inputs_into_a_folder_that_cannot_be_made_is_one_line(where, model_
     Image.fromarray(seven()).save(image)
     blocker.write_text("a file, not a folder")
     folder = blocker if where == "a-file" else blocker / "inputs"
-    status, err = main(["predict", "--model", str(model_dir), "--save-inputs", str(folder), str(image)], capsys)
+    status, _, stderr = run_cli(["predict", "--model", str(model_dir), "--save-inputs", str(folder), str(image)],
+                                capsys)
+    err = stderr.splitlines()
     assert status == 1 and err == [f"error: --save-inputs {folder}: cannot make the folder (a file is in the way); "
                                    "choose another folder"]
 

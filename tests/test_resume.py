@@ -43,12 +43,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.launcher]  # signals, launchers, res
 
 
 @pytest.fixture(scope="module")
-def sliced(mnist_slice) -> dict[str, str]:
-    """The environment of this module's runs: the MNIST slice as their data."""
-    return {"LENET_DATA_DIR": str(mnist_slice)}
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, sliced) -> Path:
     output = tmp_path_factory.mktemp("uninterrupted")
     result = call([*TRAIN, *RECIPE, "--output-dir", str(output)], env=sliced)
