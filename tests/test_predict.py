@@ -1,16 +1,14 @@
 """`lenet-dist predict` on users' files, in-process: a random LeNet-5 is enough to show that each hostile file is
 one line on stderr while the others are classified, and the frames are compared directly. Whether a model reads
 photographed digits as it reads MNIST's own takes a trained one: a module fixture trains LeNet-5 for a few seconds.
+The files themselves are made by tests/images.py (and tests/handwriting.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import struct
 import subprocess
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,24 @@ import numpy as np
 import pytest
 import torch
 from handwriting import Style, handwritten
-from PIL import Image, ImageDraw, ImageFilter
+from images import (
+    animated,
+    blank_page,
+    empty,
+    flat_png,
+    folder,
+    palette_with_transparency,
+    photographed,
+    product_photo,
+    seven,
+    sheet_on_a_desk,
+    sixteen_bit,
+    specks,
+    text_file,
+    truncated,
+    with_transparent_background,
+)
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from conftest import BIN, ROOT, run_cli
@@ -47,13 +62,6 @@ def model_dir(tmp_path_factory) -> Path:
     return export_run(tmp_path_factory.mktemp("run"))
 
 
-def seven(size: tuple[int, int] = (48, 64)) -> np.ndarray:
-    """A thick white 7 on black, uint8 with soft edges like MNIST's: asymmetric, so a rotated frame would not match."""
-    image = Image.new("L", size)
-    ImageDraw.Draw(image).line([(8, 10), (size[0] - 8, 10), (size[0] // 3, size[1] - 8)], fill=255, width=7)
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)))
-
-
 def reference_frame(tmp_path: Path) -> np.ndarray:
     path = tmp_path / "reference.png"
     Image.fromarray(seven()).save(path)
@@ -63,64 +71,6 @@ def reference_frame(tmp_path: Path) -> np.ndarray:
 def centre_of_mass(frame: np.ndarray) -> tuple[float, float]:
     rows, cols = np.indices(frame.shape)
     return float((rows * frame).sum() / frame.sum()), float((cols * frame).sum() / frame.sum())
-
-
-def flat_png(path: Path, width: int, height: int) -> Path:
-    """A valid black 1-bit PNG of any size, written row by row: a 20000×20000 one is ~50 kB and takes ~0.3 s."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    deflate, row = zlib.compressobj(), bytes(1 + (width + 7) // 8)  # filter byte + packed pixels
-    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
-    return path
-
-
-def truncated(path: Path, kind: str) -> Path:
-    """Cut in the pixel data, as a download cut short leaves it: the header reads, decoding fails."""
-    noise = np.random.default_rng(0).integers(0, 64, (256, 192, 3), dtype=np.uint8)  # data to outweigh the header
-    Image.fromarray(noise + seven((192, 256))[..., None] // 2).save(path, kind)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with Image.open(path) as image:
-        assert image.size == (192, 256)
-    return path
-
-
-def animated(path: Path, kind: str) -> Path:
-    first = Image.fromarray(seven())
-    first.save(path, kind, save_all=True, append_images=[first.rotate(90), first.rotate(180)])
-    return path
-
-
-def text_file(path: Path) -> Path:
-    path.write_text("this is not an image")
-    return path
-
-
-def empty(path: Path) -> Path:
-    path.touch()
-    return path
-
-
-def folder(path: Path) -> Path:
-    path.mkdir()
-    return path
-
-
-def blank_page(path: Path) -> Path:
-    """A photo of a page with nothing on it: grey paper, sensor noise, JPEG."""
-    noise = np.random.default_rng(0).normal(150, 3, (300, 400))
-    Image.fromarray(noise.clip(0, 255).astype(np.uint8)).save(path, quality=60)
-    return path
-
-
-def specks(path: Path) -> Path:
-    """Two specks far apart on a black page, no digit: scaled into 20×20 together, each fades to nothing."""
-    page = np.zeros((600, 900), np.uint8)
-    page[100:102, 100:102] = page[500:502, 800:802] = 255
-    Image.fromarray(page).save(path)
-    return path
 
 
 # kind: (how to make the file in tmp_path, the words its error line must hold)
@@ -184,12 +134,6 @@ def test_good_files_exit_zero(model_dir, tmp_path, capsys):
     assert status == 0 and len(out) == 1 and out[0].startswith(f"{good}: ") and not err
 
 
-def sixteen_bit(digit: np.ndarray, levels: int) -> Image.Image:
-    image = Image.fromarray((digit.astype(np.uint32) * (levels - 1) // 255).astype(np.uint16))
-    assert image.mode.startswith("I;16")
-    return image
-
-
 @pytest.mark.parametrize("levels", [65536, 4096], ids=["16-bit", "12-bit-in-16"])
 def test_sixteen_bit_png_gives_the_8_bit_frame(levels, model_dir, tmp_path, capsys):
     digit = seven()
@@ -202,21 +146,6 @@ def test_sixteen_bit_png_gives_the_8_bit_frame(levels, model_dir, tmp_path, caps
     assert (expected - got).abs().max() <= 2  # 12 bits quantise the soft edges a little
     status, out, _, _ = predict(model_dir, [eight, sixteen], capsys)
     assert status == 0 and out[0].split(":", 1)[1] == out[1].split(":", 1)[1]  # same class and probabilities
-
-
-def with_transparent_background(digit: np.ndarray, hidden: int) -> Image.Image:
-    """Black ink drawn by its alpha alone (as drawing apps export it), over `hidden`, a colour no viewer shows."""
-    rgba = np.zeros((*digit.shape, 4), dtype=np.uint8)
-    rgba[..., :3] = np.where(digit[..., None] > 0, 0, hidden)
-    rgba[..., 3] = digit
-    return Image.fromarray(rgba)
-
-
-def palette_with_transparency(digit: np.ndarray) -> Image.Image:
-    image = Image.fromarray(np.where(digit > 127, 1, 0).astype(np.uint8), "P")
-    image.putpalette([255, 255, 255, 0, 0, 0])  # index 0 white, index 1 black ink
-    image.info["transparency"] = 0
-    return image
 
 
 MODES: dict[str, tuple[Callable[[np.ndarray], Image.Image], str]] = {
@@ -307,34 +236,6 @@ PAGES: dict[str, dict] = {
     "a-white-sheet-on-a-dark-desk": {"paper": 225, "ink": 40, "desk": 45},  # the desk, not the sheet, at the border
     "a-hard-edged-shadow-across-the-digit": {"paper": 225, "ink": 40, "shadow": 0.1, "shadow_edge": 290},
 }
-
-
-def photographed(digit: np.ndarray, rng: np.random.Generator, paper: float, ink: float, size=(400, 300),
-                 height: int = 120, corner=(230, 40), shadow: float = 0.4, desk: float | None = None,
-                 shadow_edge: int | None = None) -> bytes:
-    """A 28×28 MNIST digit photographed on a page: scaled up and off-centre in a larger frame, the paper grey and
-    blotchy, darkening across the page (a shadow darkens paper and ink alike), sensor noise, saved as JPEG 60;
-    with `desk`, the page lies on a desk of that brightness, which fills a margin around it; with `shadow_edge`,
-    a hard-edged shadow halves the light right of that column, across the digit."""
-    width, page_height = size
-    coverage = np.zeros((page_height, width), np.float32)
-    scaled = Image.fromarray(digit).resize((height, height), Image.Resampling.BICUBIC)
-    coverage[corner[1] : corner[1] + height, corner[0] : corner[0] + height] = np.asarray(scaled) / 255
-    coarse = Image.fromarray(rng.normal(0, 10, (4, 5)).astype(np.float32))  # ±10 grey levels, a blotch per 100 px
-    blotches = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC))
-    reflected = (paper + blotches) * (1 - coverage) + ink * coverage
-    light = np.linspace(1, 1 - shadow, width)[None, :] * np.linspace(1, 1 - shadow / 2, page_height)[:, None]
-    if shadow_edge is not None:
-        light[:, shadow_edge:] /= 2
-    if desk is not None:  # the sheet a little askew of the photo's middle, the desk all round
-        margins = ((70, 50), (40, 90))
-        reflected = np.pad(reflected, margins, constant_values=desk)
-        light = np.pad(light, margins, mode="edge")
-        page_height, width = reflected.shape
-    pixels = reflected * light + rng.normal(0, 3, (page_height, width))
-    photo = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(photo, "JPEG", quality=60)
-    return photo.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -484,25 +385,6 @@ def test_a_digit_touching_the_frame_is_not_taken_for_a_shadow(tmp_path):
     assert likeness(to_frame(path).numpy(), reference_frame(tmp_path)) > 0.9
 
 
-def sheet_on_a_desk(digit: np.ndarray, path: Path, share: tuple[float, float]) -> Path:
-    """A 1200×900 JPEG of a light sheet with a dark digit on a brown desk; the sheet spans `share` of the photo's
-    width and height, a little off its middle."""
-    rng = np.random.default_rng(0)
-    grain = np.asarray(Image.fromarray(rng.normal(0, 1, (9, 12)).astype(np.float32)).resize((1200, 900)))
-    photo = np.array([120, 80, 50], np.float32) * (1 + 0.08 * grain[..., None])  # brown wood, unevenly lit
-    width, height = int(1200 * share[0]), int(900 * share[1])
-    side = int(min(width, height) * 0.6)
-    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC), np.float32)[..., None] / 255
-    sheet = np.full((height, width, 3), [235, 230, 220], np.float32)
-    top, left = (height - side) // 2, (width - side) // 2
-    sheet[top : top + side, left : left + side] = sheet[top : top + side, left : left + side] * (1 - ink) + 35 * ink
-    top, left = (900 - height) // 2 + 20, (1200 - width) // 2 - 30
-    photo[top : top + height, left : left + width] = sheet
-    photo += rng.normal(0, 3, photo.shape)
-    Image.fromarray(photo.clip(0, 255).astype(np.uint8)).save(path, quality=85)
-    return path
-
-
 @pytest.mark.parametrize("share", [(0.3, 0.4), (0.45, 0.8), (0.5, 0.78), (0.55, 0.6), (0.8, 0.8)],
                          ids=lambda share: f"{share[0]:.0%}x{share[1]:.0%}")
 def test_a_sheet_on_a_desk_is_cut_out_however_little_of_the_photo_it_fills(share, digits, tmp_path):
@@ -513,15 +395,6 @@ def test_a_sheet_on_a_desk_is_cut_out_however_little_of_the_photo_it_fills(share
 
 
 # --- the data set a model was trained on decides the frame ----------------------------------------------------------
-
-def product_photo(item: np.ndarray, path: Path) -> Path:
-    """A Fashion-MNIST item as the product photo it was made from: dark on white (Fashion-MNIST negated it), larger,
-    off-centre in a bigger frame, as JPEG."""
-    page = Image.new("L", (400, 300), 245)
-    page.paste(Image.fromarray(255 - item).resize((140, 140), Image.Resampling.BICUBIC), (220, 60))
-    page.save(path, quality=85)
-    return path
-
 
 def ink_box(frame: np.ndarray) -> tuple[int, int]:
     rows, cols = np.flatnonzero((frame > 50).any(axis=1)), np.flatnonzero((frame > 50).any(axis=0))
