@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import BIN, TRAIN, assert_png, call, one_line_error, read_metrics
+from lenet_dist import cli
 from lenet_dist.checkpoint import load_model
 from lenet_dist.model import LeNet5
 
@@ -149,7 +150,6 @@ def test_compare_refuses_what_is_not_a_current_bench_result(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--json", "--chart"])
 def test_an_output_path_it_could_not_write_is_refused_before_measuring(flag, tmp_path, capsys, monkeypatch):
-    from lenet_dist import cli
     from lenet_dist.bench import suite
 
     def measured(*args, **kwargs):
@@ -263,3 +263,11 @@ def test_scaling_efficiency_is_each_count_against_one_process_of_its_own_mode(mo
     assert rows[1]["step_ms"] == pytest.approx(1000 * 128 / 1500)
     alone = runs.scaling(tmp_path, "cpu", [2], threads=1)["rows"]
     assert [row["efficiency"] for row in alone] == [None, None]  # no one-process run to compare with
+
+
+def test_benchmarks_compare_command_runs(tmp_path, capsys):
+    """BENCHMARKS.md's `bench compare` of its two saved results (an older schema with the same rows)."""
+    status = cli.command_status(["bench", "compare", "docs/bench-cpu.json", "docs/bench-cpu-1core.json", "--chart",
+                                 str(tmp_path / "compare.png")])
+    assert status == 0, capsys.readouterr().err
+    assert "[2] docs/bench-cpu-1core.json" in capsys.readouterr().out

@@ -1,12 +1,15 @@
 """What the training loop does after each step (cadence.py), tested directly: which steps log, what is due at
-each, and that every rank and a resumed run get the same answers."""
+each, and that every rank and a resumed run get the same answers; and, in a real run, that a stop agreed at the
+last step finishes the run."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
+from conftest import SHORT, call, read_metrics
 from lenet_dist.cadence import EVALUATION_GAP_IMAGES, PROGRESSIVE_IMAGES, Cadence, Due, Progress
 from lenet_dist.config import TrainConfig
 
@@ -120,3 +123,24 @@ def test_after_the_first_epoch_each_miss_doubles_the_wait_for_the_next_evaluatio
     steps = simulate(config, lambda step: 0.975 if step <= STEPS else 0.995, test_accuracy_at=lambda step: 0.975)
     triggered_after_epoch_1 = [step for step in steps if step > STEPS and step % STEPS]
     assert steps[-1] == 4 * STEPS and 1 <= len(triggered_after_epoch_1) <= 5, steps
+
+
+STOPPED_AT_THE_LAST_STEP = """
+import dataclasses, signal, sys
+from lenet_dist import cadence, train
+original_due = cadence.Cadence.due
+def stop_at_the_end(self, progress, agreed):  # as if SIGTERM came during the very last step
+    due = original_due(self, progress, agreed)
+    last = progress.global_step == self.steps_per_epoch * self.config.epochs
+    return dataclasses.replace(due, stop=signal.SIGTERM, checkpoint=True) if last else due
+cadence.Cadence.due = stop_at_the_end
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_agreed_at_the_last_step_finishes_the_run(mnist_sliver, tmp_path):
+    result = call([sys.executable, "-c", STOPPED_AT_THE_LAST_STEP, *SHORT, "--output-dir", str(tmp_path)],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path)["epochs"] and (tmp_path / "model.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""The command line, in-process: flags generated from the config dataclasses, one-line errors, exit statuses."""
+"""The command line, in-process: flags generated from the config dataclasses, help texts, one-line errors, exit
+statuses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 import lenet_dist
 from conftest import call, run_cli
+from lenet_dist import cli
 from lenet_dist.config import TRACKERS, TrainConfig, parse_train_config
 from lenet_dist.errors import UsageError, UserError, exit_on_user_error
 
@@ -168,3 +170,14 @@ def test_a_launch_config_is_found_by_its_file_name_too():
     assert config_path("slurm-single-node").read_text().startswith("#!/bin/bash")
     with pytest.raises(UsageError, match="choose from cpu-ddp"):
         config_path("cpu")
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_a_usage_error(seed, capsys, tmp_path):
+    status, _, err = run_cli(["train", "--seed", seed, "--output-dir", str(tmp_path / "out")], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--seed must be in 0" in err, err
+
+
+def test_launch_config_help_shows_no_empty_default(capsys):
+    assert cli.command_status(["launch-config", "--help"]) == 0
+    assert "(default: )" not in capsys.readouterr().out

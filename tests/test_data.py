@@ -1,9 +1,16 @@
+"""Reading the data sets, MNIST and Fashion-MNIST: every file layout, each bad file named in one line, another data
+set's files refused, normalisation, the loaders, and the batch order every process draws alike."""
+
+from __future__ import annotations
+
+import gzip
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import idx_bytes, write_split
+from conftest import TRAIN, call, idx_bytes, one_line_error, write_split
+from lenet_dist.config import TrainConfig
 from lenet_dist.data import (
     DATASETS,
     InMemoryDataset,
@@ -17,6 +24,7 @@ from lenet_dist.data import (
     torchvision_dataset,
 )
 from lenet_dist.errors import UserError
+from lenet_dist.recipe.build import build_test_loader
 
 
 @pytest.fixture
@@ -176,3 +184,34 @@ def test_each_disk_is_provisioned_by_one_rank_only(monkeypatch, tmp_path):
         state = SimpleNamespace(is_main_process=rank == 0, is_local_main_process=local_rank == 0)
         data.ensure_dataset_everywhere(state, tmp_path, "mnist")
     assert fetched == [0, 2]
+
+
+def test_the_in_memory_test_set_is_read_without_worker_processes(mnist_sliver):
+    test = load_split(mnist_sliver, "test", "mnist")
+    loader = build_test_loader(TrainConfig(workers=2), test, mnist_sliver, torch.device("cpu"), 1)
+    assert loader.num_workers == 0
+
+
+def test_a_truncated_gzip_file_is_named_in_one_line(mnist_sliver, tmp_path):
+    flat = tmp_path / "flat"
+    for path in (mnist_sliver / "MNIST" / "raw").iterdir():
+        (flat / f"{path.name}.gz").parent.mkdir(exist_ok=True)
+        (flat / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    broken = flat / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    result = call([*TRAIN, "--data-dir", str(flat), "--output-dir", str(tmp_path / "out")], timeout=60)
+    one_line_error(result, 1, str(broken), "not a whole gzip file", "lenet-dist download")
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_data_sets_files_are_refused_under_this_ones_name(fashion_dir, tmp_path):
+    result = call([*TRAIN, "--data-dir", str(fashion_dir / "FashionMNIST"), "--output-dir", str(tmp_path / "out")],
+                  timeout=60)
+    one_line_error(result, 2, "fashion-mnist's test labels, not mnist's", "--dataset fashion-mnist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_slice_of_a_data_set_is_not_taken_for_another(tmp_path, mnist_sliver):
+    split = load_split(mnist_sliver, "test", "mnist")  # the md5 is of the whole published file only
+    write_split(tmp_path / "MNIST" / "raw", "test", split.images[:10], split.labels[:10])
+    assert len(load_split(tmp_path, "test", "mnist").labels) == 10

@@ -1,6 +1,8 @@
-"""What goes wrong, said in one line: bad data, a NaN loss, bad checkpoints, a full disk, a rank that dies.
+"""What goes wrong, said in one line: a refused run (a batch larger than the data, an output dir that is a file),
+bad data, a NaN loss, bad checkpoints, a full disk, Ctrl-C during start-up, a rank that dies or is lost.
 
-Usage errors exit 2, failures on the way exit 1; nothing half-written is left behind.
+Usage errors exit 2, failures on the way exit 1 (an unexpected exception with its traceback); nothing half-written is
+left behind.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from conftest import (
     start,
     wait_for,
 )
+from lenet_dist.errors import status_of
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
@@ -334,3 +337,57 @@ def test_wandb_without_a_login_is_refused_before_the_run_starts(tmp_path):
                             capture_output=True, text=True, timeout=120, env={**env, "HOME": str(tmp_path)})
     one_line_error(result, 1, "--log-with wandb: not logged in", "wandb login", "WANDB_MODE=offline")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_and_leaves_nothing(mnist_sliver, tmp_path):
+    result = call([*TRAIN, "--batch-size", "70000", "--output-dir", str(tmp_path / "out")],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 2, "--batch-size 70000", "4,096 training images")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path, mnist_sliver):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = call([*TRAIN, "--output-dir", str(blocker)], env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 2, f"--output-dir {blocker} is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+INTERRUPTED_IN_START_UP = """
+import sys
+from lenet_dist import train
+from lenet_dist.recipe import build as recipe
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+recipe.build_optimizer = interrupted
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_output_dir(mnist_sliver, tmp_path):
+    result = call([sys.executable, "-c", INTERRUPTED_IN_START_UP, "--output-dir", str(tmp_path / "out")],
+                  env={"LENET_DATA_DIR": str(mnist_sliver)}, timeout=60)
+    one_line_error(result, 130, "interrupted before training started")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lost_rank_is_named_only_when_a_rank_is_missing(monkeypatch):
+    from lenet_dist.distributed.lost_ranks import Ranks
+
+    ranks = Ranks.__new__(Ranks)
+    ranks.rank, ranks.members = 0, [(0, "here", 1), (1, "here", 1)]  # pid 1 is alive: nobody died here
+    monkeypatch.setattr(Ranks, "_unanswered", lambda self: [])
+    assert ranks.lost(RuntimeError("gloo: Timed out waiting"), "checkpoints: none") is None
+    monkeypatch.setattr(Ranks, "_unanswered", lambda self: [1])
+    lost = ranks.lost(RuntimeError("gloo: Timed out waiting"), "checkpoints: none")
+    assert lost is not None and "lost contact with rank 1 (node here)" in str(lost)
+
+
+def test_an_unexpected_exception_gets_its_traceback_and_a_status(capsys):
+    def broken() -> int:
+        raise RuntimeError("a bug")
+
+    assert status_of(broken) == 1 and "RuntimeError: a bug" in capsys.readouterr().err

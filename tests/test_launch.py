@@ -1,5 +1,6 @@
-"""`lenet-dist launch` and `lenet-dist launch-config`: a mistyped accelerate config, a batch script passed as one,
-and the editable copy of a packaged file, each one line; the same on the oldest accelerate (`make test-oldest`)."""
+"""`lenet-dist launch` and `lenet-dist launch-config`: a mistyped or missing accelerate config, a batch script passed
+as one, and the editable copy of a packaged file, each one line; the flags its help lists; the same on the oldest
+accelerate (`make test-oldest`)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,22 @@ def test_a_copy_of_a_batch_script_is_written_once_and_never_over_an_edited_one(t
     assert err.count("\n") == 1 and f"{copy} is already there" in err and copy.read_text().endswith("# edited\n")
     assert cli.command_status(["launch-config", "slurm-single-node", "--copy", str(tmp_path / "no")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_launch_config_that_is_not_there_is_one_line_naming_the_packaged_one(capsys):
+    status, _, err = run_cli(["launch", "--config_file", "launch/cpu-ddp.yaml", "-m", "lenet_dist.train"], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--config_file launch/cpu-ddp.yaml: no such file" in err and "cpu_ddp.yaml" in err
+
+
+def test_launch_help_lists_the_flags_readme_uses(capsys):
+    from lenet_dist.distributed.launcher import main
+
+    with pytest.raises(SystemExit) as exiting:
+        main(["--help"])
+    assert exiting.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: lenet-dist launch")
+    for flag in ("--config_file", "--num_processes", "--max_restarts", "--machine_rank", "--main_process_ip",
+                 "--main_process_port", "--num_machines"):
+        assert f"  {flag}" in shown, flag

@@ -1,13 +1,15 @@
-"""`make data` on a fresh checkout, and how the tests report a data set they cannot find."""
+"""`make data` on a fresh checkout, `lenet-dist download` after a cut download, and how the tests report a data set
+they cannot find."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import sys
 
 import pytest
 
-from conftest import call, copy_checkout, require_dataset
+from conftest import BIN, call, copy_checkout, one_line_error, require_dataset
 from lenet_dist.data import load_split
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -57,3 +59,19 @@ def test_missing_data_is_a_skip_with_the_reason_or_a_ci_failure(tmp_path, monkey
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="make data"):
         require_dataset(tmp_path, "MNIST", "MNIST")
+
+
+def test_download_fetches_again_what_a_cut_download_left(mnist_sliver, tmp_path):
+    """A file of torchvision's download folder that is not whole is removed so that it is fetched again (here
+    offline, the fetch fails in its one line); the whole files stay."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (mnist_sliver / "MNIST" / "raw").iterdir():
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    broken = raw / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    result = call([str(BIN / "lenet-dist"), "download", "--data-dir", str(tmp_path)], timeout=120)
+    assert result.stdout.startswith(f"removed {broken} to fetch it again: is not a whole gzip file"), result.stdout
+    one_line_error(result, 1, "downloading it failed")  # offline here; online, the file is fetched again
+    assert sorted(path.name for path in raw.iterdir()) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                                           "train-labels-idx1-ubyte.gz"]

@@ -92,3 +92,17 @@ def test_muon_takes_the_four_weight_matrices_filters_flattened_and_adam_the_rest
     assert before.max() > 20 * before.min()
     spread = torch.linalg.svdvals(orthogonalised(filters.reshape(16, -1)))
     assert spread.min() > 0.5 and spread.max() < 1.5  # ≈ orthogonal: Newton–Schulz leaves singular values in 0.5…1.5
+
+
+def test_a_warm_up_of_one_step_starts_at_the_peak():
+    config = TrainConfig(recipe="fast-to-98", anneal_images=320)  # 10 steps, 10 % of them warming up: one
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=1875)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(config.lr) and rates == sorted(rates, reverse=True)
+    assert rates[-1] == pytest.approx(config.lr * config.final_lr_factor)
