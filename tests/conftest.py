@@ -151,6 +151,17 @@ def short_run(tmp_path_factory, mnist_slice) -> Path:
 
 
 @pytest.fixture(scope="session")
+def logged_run(tmp_path_factory, mnist_slice) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two epochs of the MNIST slice (64 steps each at batch 256), logged to TensorBoard and wandb: its output dir
+    and stdout, which the console, tracker and predict tests read."""
+    output = tmp_path_factory.mktemp("logged")
+    result = call([*TRAIN, "--epochs", "2", "--batch-size", "256", "--log-with", "tensorboard,wandb",
+                  "--output-dir", str(output)], env={"WANDB_MODE": "offline", "LENET_DATA_DIR": str(mnist_slice)})
+    assert result.returncode == 0, result.stderr
+    return output, result
+
+
+@pytest.fixture(scope="session")
 def single_process_profile(tmp_path_factory, mnist_slice) -> tuple[Path, subprocess.CompletedProcess]:
     """A short real run with --profile (the default recipe, one epoch of the MNIST slice): its trace folder and
     the run's output."""

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import subprocess
 import time
 
+import pytest
+
+from conftest import FIGURES, ROOT, TRAIN
 from lenet_dist.console import ProgressBar
 
 
@@ -32,3 +39,49 @@ def test_plain_progress_lines_fall_on_each_quarter_even_after_a_pause(capsys):
         shown.update(done, loss=1.0)
     steps = [int(line.split()[3].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
     assert steps == [30, 50, 80, 100]  # the first log point in each quarter (25, 50, 75, 100)
+
+
+@pytest.mark.slow
+def test_plain_progress_lines_and_summary_when_not_a_terminal(logged_run):
+    _, result = logged_run
+    progress_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/2  step ")]
+    assert 3 <= len(progress_lines) <= 5, result.stdout  # a line each quarter epoch, not one per step
+    assert "images/s" in progress_lines[0] and "loss" in progress_lines[0]
+    assert "\x1b[" not in result.stdout  # no terminal control codes in logs
+    assert "train images/s" in result.stdout  # the summary table
+    for figure in FIGURES:
+        assert figure in result.stdout  # train lists where its figures went
+
+
+def test_the_summary_names_the_device_as_the_first_line_does():
+    """`2 process(es) on cuda`, as the run's first line says, not rank 0's own `cuda:0`."""
+    from lenet_dist.console import summary_table
+
+    metrics = {"config": {"recipe": "default", "batch_size": 128}, "world_size": 2, "device": "cuda:0",
+               "precision": "no", "epochs": []}
+    assert "2 process(es) on cuda, precision no" in summary_table(metrics).title
+
+
+@pytest.mark.slow
+def test_rich_progress_bar_on_a_terminal(tmp_path, data_dir):
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*TRAIN, "--target-accuracy", "0.95", "--output-dir", str(tmp_path)],
+        cwd=ROOT, stdout=terminal, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"},
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the child closed its side
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=300)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0
+    assert "img/s" in shown and "━" in shown and "\x1b[" in shown  # a live rich bar
+    assert " 0 img/s" not in shown and "nan" not in shown  # blank until measured, at the start and after evaluations
+    assert not re.search(r"epoch 1/2  step \d+/468", shown)  # not the plain log lines

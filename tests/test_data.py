@@ -1,5 +1,5 @@
-"""Reading the data sets, MNIST and Fashion-MNIST: every file layout, each bad file named in one line, another data
-set's files refused, normalisation, the loaders, and the batch order every process draws alike."""
+"""The data sets, MNIST and Fashion-MNIST: every file layout, each bad file named in one line, another data set's
+files refused, normalisation, the loaders, the batch order every process draws alike, and a run that learns Fashion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TRAIN, call, idx_bytes, one_line_error, write_split
+from conftest import TRAIN, assert_png, call, idx_bytes, one_line_error, read_metrics, write_split
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import (
     DATASETS,
@@ -215,3 +215,14 @@ def test_a_slice_of_a_data_set_is_not_taken_for_another(tmp_path, mnist_sliver):
     split = load_split(mnist_sliver, "test", "mnist")  # the md5 is of the whole published file only
     write_split(tmp_path / "MNIST" / "raw", "test", split.images[:10], split.labels[:10])
     assert len(load_split(tmp_path, "test", "mnist").labels) == 10
+
+
+@pytest.mark.slow
+def test_fashion_mnist(tmp_path, fashion_dir):
+    result = call([*TRAIN, "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
+                  "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(tmp_path)
+    assert metrics["final_test_accuracy"] > 0.85
+    assert metrics["config"]["dataset"] == "fashion-mnist"
+    assert_png(tmp_path / "confusion_matrix.png")

@@ -1,7 +1,7 @@
 """`lenet-dist predict` on users' files, in-process: a random LeNet-5 is enough to show that each hostile file is
 one line on stderr while the others are classified, and the frames are compared directly. Whether a model reads
 photographed digits as it reads MNIST's own takes a trained one: a module fixture trains LeNet-5 for a few seconds.
-The files themselves are made by tests/images.py (and tests/handwriting.py).
+One slow test runs the command itself on a trained run. The files are made by tests/images.py and tests/handwriting.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from images import (
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from conftest import BIN, ROOT, run_cli
+from conftest import BIN, ROOT, call, run_cli
 from lenet_dist import cli
 from lenet_dist.cadence import Progress
 from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
@@ -569,3 +569,44 @@ def test_help_says_model_is_required_and_takes_a_checkpoint(capsys):
     assert "checkpoints" in model and "default" not in model, model
     assert "--model RUN_DIR" in out.partition("options:")[0]  # required: not in [brackets] in the usage line
     assert "[--model" not in out and "--save-inputs DIR" in text
+
+
+@pytest.mark.slow
+def test_predict_reads_users_images(logged_run, tmp_path, data_dir):
+    output, _ = logged_run
+    test = load_split(data_dir, "test", "mnist")
+    files, truth = [], []
+    for i in range(100):
+        digit = test.images[i].numpy()
+        if i % 4 == 1:  # dark ink on white paper
+            image = Image.fromarray(255 - digit)
+        elif i % 4 == 2:  # RGB and larger than 28×28
+            image = Image.fromarray(digit).convert("RGB").resize((112, 112), Image.Resampling.BILINEAR)
+        elif i % 4 == 3:  # off-centre on a big dark canvas
+            image = Image.new("L", (90, 60))
+            image.paste(Image.fromarray(digit), (50, 5))
+        else:
+            image = Image.fromarray(digit)
+        path = tmp_path / f"digit{i:03d}.{'jpg' if i % 8 == 6 else 'png'}"
+        image.save(path)
+        files.append(path)
+        truth.append(str(int(test.labels[i])))
+    # a trained run classifies photo-like copies of test digits as it classifies the digits themselves
+    # (what each odd or hostile file gets is tested above, in-process)
+    result = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, files)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["file"] for a in answers] == list(map(str, files))
+    correct = sum(a["prediction"] == t for a, t in zip(answers, truth, strict=True))
+    clean_files = []
+    for i in range(100):
+        clean_files.append(tmp_path / f"clean{i:03d}.png")
+        Image.fromarray(test.images[i].numpy()).save(clean_files[-1])
+    clean = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), "--json", *map(str, clean_files)],
+                timeout=300)
+    clean_correct = sum(json.loads(line)["prediction"] == t for line, t in zip(clean.stdout.splitlines(), truth,
+                                                                               strict=True))
+    assert correct >= clean_correct - 2, (correct, clean_correct)
+    assert all(len(a["top"]) == 3 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)
+    text = call([str(BIN / "lenet-dist"), "predict", "--model", str(output), str(files[0])], timeout=120)
+    assert text.returncode == 0 and text.stdout.startswith(f"{files[0]}: {truth[0]}   top-3:")
