@@ -1,6 +1,5 @@
 """`lenet-dist inspect` on GPU traces, traces without step markers, gzipped traces, and two runs side by side;
-what it accepts (a run's output folder, a trace folder, one trace file); folders that mix runs; and the trace
-modules' imports, which must not go round in a circle.
+what it accepts (a run's output folder, a trace folder, one trace file) and folders that mix runs.
 
 The GPU figures are checked against a computation from the raw events written here on its own terms: a
 1-µs boolean timeline per kind of GPU work, and a brute-force search for the host ranges around each launch.
@@ -8,9 +7,7 @@ The GPU figures are checked against a computation from the raw events written he
 
 from __future__ import annotations
 
-import ast
 import gzip
-import importlib
 import json
 import shutil
 import sys
@@ -20,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TRAIN, call, one_line_error
+from conftest import TRAIN, call, one_line_error
 from lenet_dist.config import InspectConfig
 from lenet_dist.errors import UserError
 from lenet_dist.profiling import compare, inspection, traces
@@ -400,60 +397,3 @@ def test_either_sign_alone_tells_two_runs_apart(rerun_folder, tmp_path):
     other_steps = mixed_after("other-steps", later_steps)
     assert other_steps["recordings"] == 2
     assert "2 processes" in other_steps["found"] and "recorded" not in other_steps["found"]
-
-
-def lenet_dist_imports() -> dict[str, set[str]]:
-    """Each lenet_dist module → the lenet_dist modules its source imports: at the top, inside a function or for
-    type checking only, since each of them closes a circle at some point (when it runs, or for a type checker)."""
-    modules = {}
-    for path in (ROOT / "lenet_dist").rglob("*.py"):
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {}
-    for name, path in modules.items():
-        imported: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-                for _ in range(node.level - 1):
-                    package = package.rpartition(".")[0]
-                base = ".".join(filter(None, (package, node.module))) if node.level else node.module
-                # `from lenet_dist.profiling import traces` is a module; `from lenet_dist.data import X` its module
-                imported |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                             for alias in node.names}
-        graph[name] = (imported & modules.keys()) - {name}
-    return graph
-
-
-def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A circle of imports (`a → b → a`), found depth first; None when there is none."""
-    path: list[str] = []
-    finished: set[str] = set()
-
-    def visit(module: str) -> list[str] | None:
-        if module in path:
-            return [*path[path.index(module):], module]
-        if module in finished:
-            return None
-        path.append(module)
-        for imported in sorted(graph[module]):
-            if cycle := visit(imported):
-                return cycle
-        path.pop()
-        finished.add(module)
-        return None
-
-    return next(filter(None, map(visit, sorted(graph))), None)
-
-
-def test_lenet_dist_modules_import_without_a_cycle():
-    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
-    graph = lenet_dist_imports()
-    assert {"lenet_dist.profiling.traces", "lenet_dist.profiling.gpu", "lenet_dist.bench.suite"} <= graph.keys()
-    assert "lenet_dist.profiling.gpu" in graph["lenet_dist.profiling.host"]
-    cycle = import_cycle(graph)
-    assert cycle is None, " → ".join(cycle)
-    for module in sorted(set(graph) - {"lenet_dist.__main__"}):  # __main__ runs the command
-        importlib.import_module(module)
