@@ -47,47 +47,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):
-    checkpoint = short_run / "checkpoints" / "step-00000032"
-    result = call([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],
-                 timeout=120, env=sliced)
-    one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)", f"--init-from {checkpoint}")
-
-
-def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path, sliced):
-    checkpoint = tmp_path / "step-00000032"
-    shutil.copytree(short_run / "checkpoints" / "step-00000032", checkpoint)
-    state = checkpoint / "training_state.pt"
-    state.write_bytes(state.read_bytes()[:100])
-    result = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], timeout=120,
-                 env=sliced)
-    one_line_error(result, 1, str(checkpoint), "corrupt")
-
-
-def test_a_corrupt_newest_checkpoint_names_the_one_before_or_under_resume_auto_is_set_aside(short_run, tmp_path,
-                                                                                            sliced):
-    """--resume names the checkpoint before it; --resume auto (a requeued job, the same command every time) sets
-    the corrupt one aside, says so in one line and resumes from the one before."""
-    run = tmp_path / "run"
-    shutil.copytree(short_run, run)
-    for name in ("metrics.json", "model.safetensors"):  # killed before its outputs: unfinished
-        (run / name).unlink()
-    state = run / "checkpoints" / "step-00000064" / "training_state.pt"
-    state.write_bytes(state.read_bytes()[:100])
-    command = [*TRAIN, *SHORT, "--output-dir", str(run)]
-    result = call([*command, "--resume"], timeout=120, env=sliced)
-    one_line_error(result, 1, "step-00000064: checkpoint is corrupt",
-                   f"(the one before it: --resume {run / 'checkpoints' / 'step-00000048'})")
-
-    result = call([*command, "--resume", "auto"], timeout=120, env=sliced)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        f"{run / 'checkpoints' / 'step-00000064'}: checkpoint is corrupt (RuntimeError); set aside as "
-        f"corrupt-step-00000064/, resuming from {run / 'checkpoints' / 'step-00000048'}"]
-    assert (run / "checkpoints" / "corrupt-step-00000064" / "training_state.pt").stat().st_size == 100  # kept
-    assert read_metrics(run)["epochs"][0]["epoch"] == 1
-
-
 def test_finished_run_is_not_overwritten(short_run, sliced):
     before = (short_run / "metrics.json").read_bytes()
     result = call([*TRAIN, "--epochs", "1", "--output-dir", str(short_run)], timeout=120, env=sliced)

@@ -1,5 +1,6 @@
-"""Checkpoints and resume under real signals: SIGKILL, SIGTERM on 1 and 2 processes, torchrun's restarts,
-resuming with another number of processes. Every run here is a real process on real MNIST."""
+"""Resume: a resumed run ends as the run never stopped, under real signals (SIGKILL, SIGTERM on 1 and 2 processes,
+torchrun's restarts) and on another number of processes; a checkpoint that does not fit is refused in one line.
+Every run here is a real process on real MNIST."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from conftest import (
     kill_all,
     launch_ddp,
     numbers,
+    one_line_error,
     rank_pids,
     read_metrics,
     same_weights,
@@ -39,7 +41,8 @@ from conftest import (
 # On the MNIST slice (16,384 images): 64 steps per epoch at batch 256, two epochs in a few seconds
 RECIPE = ["--epochs", "2", "--batch-size", "256", "--no-progress"]
 EPOCH_END = 64
-pytestmark = [pytest.mark.slow, pytest.mark.launcher]  # signals, launchers, restarts
+# The tests under real signals, launchers and restarts are slow and of the launcher tier; the everyday tier's
+# resumes and refusals, at the end, read the shared short run.
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,8 @@ def uninterrupted(tmp_path_factory, sliced) -> Path:
     return output
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_sigkill_at_any_instant_keeps_a_usable_checkpoint_and_resumes_identically(uninterrupted, tmp_path, sliced):
     """Killed twice in epoch 2, at random instants while it saves every 3 steps: the complete checkpoints
     survive, and the resumed run (re-creating epoch 2's shuffled order) ends exactly as the uninterrupted one."""
@@ -98,6 +103,8 @@ def sigtermed(tmp_path_factory, sliced) -> tuple[Path, subprocess.CompletedProce
     return output, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed, uninterrupted, tmp_path, sliced):
     output, stopped = sigtermed
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
@@ -125,6 +132,8 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_identically(sigtermed,
     assert all(entry["loss"] == whole[entry["step"]] for entry in resumed_log if entry["step"] not in (step, split))
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.ddp
 def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrupted, tmp_path, sliced):
     output, _ = sigtermed
@@ -142,6 +151,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(sigtermed, uninterrup
     assert abs(resumed["test_accuracy"] - alone["test_accuracy"]) <= 0.002
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.ddp
 def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(uninterrupted, tmp_path, sliced):
     marker = f"sigterm-{os.getpid()}"
@@ -177,6 +188,8 @@ def test_sigterm_to_the_ddp_launcher_stops_every_rank_at_one_step_then_resumes(u
     assert abs(metrics["final_test_accuracy"] - read_metrics(uninterrupted)["final_test_accuracy"]) <= 0.002
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.ddp
 def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterrupted, tmp_path, sliced):
     marker = f"elastic-{os.getpid()}"
@@ -196,6 +209,8 @@ def test_torchrun_restarts_a_lost_rank_and_resume_auto_finishes_the_job(uninterr
     assert abs(metrics["final_test_accuracy"] - read_metrics(uninterrupted)["final_test_accuracy"]) <= 0.002
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_second_signal_while_stopping_changes_nothing(tmp_path, sliced):
     process = start([*TRAIN, *RECIPE, "--output-dir", str(tmp_path)], env=sliced)
     wait_for(checkpoint_exists(tmp_path, EPOCH_END), 120, process)
@@ -212,6 +227,8 @@ def test_second_signal_while_stopping_changes_nothing(tmp_path, sliced):
     assert not list((tmp_path / "checkpoints").glob(".*.partial"))
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_as_the_run_finishes_waits_for_its_outputs(number, tmp_path, mnist_sliver):
     """Signalled once the final checkpoint is there, while the weights and figures are written: they are
@@ -226,6 +243,8 @@ def test_a_signal_as_the_run_finishes_waits_for_its_outputs(number, tmp_path, mn
     assert {path.name for path in tmp_path.iterdir()} == set(RUN_FILES)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_resume_auto_from_the_final_checkpoint_writes_the_outputs(uninterrupted, tmp_path, sliced):
     """A run killed between its final checkpoint and its outputs: --resume auto says so, trains nothing and writes
     them, the same as the uninterrupted run's."""
@@ -244,6 +263,8 @@ def test_resume_auto_from_the_final_checkpoint_writes_the_outputs(uninterrupted,
     assert same_weights(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_a_closed_terminal_stops_the_run_like_sigterm(tmp_path, sliced):
     """The run's terminal (a pty) closes and SIGHUP comes, as when an SSH session ends: writes to the terminal fail
     from then on (EIO), yet the run saves at a step, says so and exits 129."""
@@ -260,3 +281,90 @@ def test_a_closed_terminal_stops_the_run_like_sigterm(tmp_path, sliced):
     (line,) = stderr.splitlines()
     step = int(re.search(r"^stopped by SIGHUP after step (\d+); checkpoint saved: ", line)[1])
     assert step > EPOCH_END and (tmp_path / "checkpoints" / f"step-{step:08d}" / "progress.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(short_run, tmp_path, sliced):
+    checkpoint = short_run / "checkpoints" / "step-00000032"
+    result = call([*TRAIN, *SHORT, "--lr", "0.01", "--resume", str(checkpoint), "--output-dir", str(tmp_path)],
+                 timeout=120, env=sliced)
+    one_line_error(result, 2, str(checkpoint), "--lr 0.006 (this run: 0.01)", f"--init-from {checkpoint}")
+
+
+def test_resume_refuses_a_corrupt_checkpoint(short_run, tmp_path, sliced):
+    checkpoint = tmp_path / "step-00000032"
+    shutil.copytree(short_run / "checkpoints" / "step-00000032", checkpoint)
+    state = checkpoint / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    result = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], timeout=120,
+                 env=sliced)
+    one_line_error(result, 1, str(checkpoint), "corrupt")
+
+
+def test_a_corrupt_newest_checkpoint_names_the_one_before_or_under_resume_auto_is_set_aside(short_run, tmp_path,
+                                                                                            sliced):
+    """--resume names the checkpoint before it; --resume auto (a requeued job, the same command every time) sets
+    the corrupt one aside, says so in one line and resumes from the one before."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    for name in ("metrics.json", "model.safetensors"):  # killed before its outputs: unfinished
+        (run / name).unlink()
+    state = run / "checkpoints" / "step-00000064" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    command = [*TRAIN, *SHORT, "--output-dir", str(run)]
+    result = call([*command, "--resume"], timeout=120, env=sliced)
+    one_line_error(result, 1, "step-00000064: checkpoint is corrupt",
+                   f"(the one before it: --resume {run / 'checkpoints' / 'step-00000048'})")
+
+    result = call([*command, "--resume", "auto"], timeout=120, env=sliced)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"{run / 'checkpoints' / 'step-00000064'}: checkpoint is corrupt (RuntimeError); set aside as "
+        f"corrupt-step-00000064/, resuming from {run / 'checkpoints' / 'step-00000048'}"]
+    assert (run / "checkpoints" / "corrupt-step-00000064" / "training_state.pt").stat().st_size == 100  # kept
+    assert read_metrics(run)["epochs"][0]["epoch"] == 1
+
+
+def test_a_resumed_checkpoint_ends_on_the_same_weights_and_numbers(short_run, mnist_slice, tmp_path):
+    """Weights, Adam's moments, the schedule and the data order all come back: any one of them lost changes the
+    weights the resumed run ends on."""
+    checkpoint = short_run / "checkpoints" / "step-00000032"
+    assert json.loads((checkpoint / "progress.json").read_text())["global_step"] == 32
+    resumed = call([*TRAIN, *SHORT, "--checkpoint-every", "16", "--keep-checkpoints", "10", "--resume",
+                    str(checkpoint), "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint}: epoch 1, step 32" in resumed.stdout
+    assert same_weights(tmp_path, short_run)
+    assert numbers(read_metrics(tmp_path)) == numbers(read_metrics(short_run))
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(short_run, mnist_slice, tmp_path):
+    """The checkpoints after the resumed step belong to the continuation the resume leaves: kept, but out of the
+    way of pruning (with --keep-checkpoints 1 the old step 64 would delete each new checkpoint at once) and of
+    --resume auto, which goes by step number."""
+    shutil.copytree(short_run / "checkpoints", tmp_path / "checkpoints")
+    checkpoint = tmp_path / "checkpoints" / "step-00000032"
+    resumed = call([*TRAIN, *SHORT, "--checkpoint-every", "8", "--keep-checkpoints", "2", "--resume",
+                    str(checkpoint), "--output-dir", str(tmp_path)], env={"LENET_DATA_DIR": str(mnist_slice)})
+    assert resumed.returncode == 0, resumed.stderr
+    aside = tmp_path / "checkpoints" / "abandoned-after-step-00000032"
+    assert f"checkpoints after step 32 (the continuation this resume leaves) moved to {aside}/" in resumed.stdout
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000048", "step-00000064"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        aside.name, "step-00000056", "step-00000064"]  # the new continuation's newest two, none deleted unwritten
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumed_from_its_checkpoint_ends_on_the_same_weights(mnist_slice, tmp_path):
+    """--optimizer muon's momentum buffers and its Adam half's moments and step counts come back bit for bit; the
+    checkpoint records the optimizer, so an Adam resume of it is refused."""
+    muon = [*SHORT, "--optimizer", "muon", "--checkpoint-every", "32"]
+    env = {"LENET_DATA_DIR": str(mnist_slice)}
+    whole = call([*TRAIN, *muon, "--output-dir", str(tmp_path / "whole")], env=env)
+    assert whole.returncode == 0, whole.stderr
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000032"
+    adam = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "adam")], env=env)
+    assert adam.returncode == 2 and "--optimizer muon (this run: adam)" in adam.stderr, adam.stderr
+    resumed = call([*TRAIN, *muon, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "resumed")], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(tmp_path / "resumed", tmp_path / "whole")
+    assert numbers(read_metrics(tmp_path / "resumed")) == numbers(read_metrics(tmp_path / "whole"))

@@ -1,4 +1,5 @@
-"""Single-process training on real MNIST: the recipe, every entry point, mid-epoch evaluation, bad data."""
+"""Single-process training on real MNIST: what a short run learns and records, the recipe, every entry point,
+mid-epoch evaluation, bad data."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import (
     ROOT,
     RUN_FILES,
     SHORT,
+    SLICE_TEST_IMAGES,
     TRAIN,
     assert_png,
     call,
@@ -189,3 +191,13 @@ def test_every_file_a_run_writes_follows_the_umask(short_run):
              for path in short_run.rglob("*") if path.is_file()}
     assert {path for path, mode in modes.items() if mode != 0o666 & ~umask} == set(), modes
     assert Path("model.safetensors") in modes and Path("checkpoints/step-00000064/model.safetensors") in modes
+
+
+def test_a_short_run_learns_and_records_every_evaluation_once(short_run):
+    metrics = read_metrics(short_run)
+    assert metrics["final_test_accuracy"] >= 0.9  # 64 steps of Adam on 16,384 digits
+    (epoch,) = metrics["epochs"]
+    assert epoch["eval_samples"] == SLICE_TEST_IMAGES and metrics["steps_per_epoch"] == 64
+    losses = [entry["loss"] for entry in metrics["train_log"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert sorted(p.name for p in (short_run / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (16, 32, 48, 64)]
