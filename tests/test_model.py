@@ -1,3 +1,5 @@
+"""LeNet-5 as LeCun et al. (1998) built it: its parameter count, each stage's shape, tanh and average pooling."""
+
 import torch
 
 from lenet_dist.model import LeNet5
