@@ -1,4 +1,4 @@
-"""The loop's cadence: where a run stands (`Progress`) and what is due after a step (`Due`).
+"""The loop's cadence: where a run stands (`RunState`) and what is due after a step (`Due`).
 
 After every step the loop asks `Cadence` whether this is a log point (`is_log_point`), where the ranks
 synchronise once; and there, what is due (`due`): evaluate, end the epoch, checkpoint, stop. The answers
@@ -21,7 +21,7 @@ EVALUATION_GAP_IMAGES = 2048
 
 
 @dataclass
-class Progress:
+class RunState:
     """Where training stands: saved with every checkpoint (progress.json), restored on --resume."""
 
     epoch: int = 1  # the epoch in progress, 1-based
@@ -78,6 +78,10 @@ class Due:
     checkpoint: bool = False  # saved after the evaluation, so that it holds it
     stop: int | None = None  # the signal to stop for, after saving
 
+    def __bool__(self) -> bool:
+        """Whether anything is due."""
+        return self != Due()
+
 
 class Cadence:
     """One run's answers. Evaluations come at each epoch's end, every --eval-every steps, and with
@@ -92,21 +96,21 @@ class Cadence:
         """Whether `_in_reach` is asked: only then must a step count its images right."""
         return self.config.target_accuracy is not None and not self.config.eval_every
 
-    def is_log_point(self, progress: Progress, signal: int | None) -> bool:
+    def is_log_point(self, progress: RunState, signal: int | None) -> bool:
         """`signal` is this process's own: one process stops at the step it was signalled at, several agree on
         it at their next log point."""
         step, config = progress.global_step, self.config
         return (step % config.log_every == 0 or self._epoch_ends(progress) or self._checkpoint_due(step)
                 or self._scheduled_evaluation(step) or (self.processes == 1 and signal is not None))
 
-    def due(self, progress: Progress, signal: int | None) -> Due:
+    def due(self, progress: RunState, signal: int | None) -> Due:
         """What is due at this log point; `signal` is the one every rank agreed on (None: no stop asked)."""
         epoch_end = self._epoch_ends(progress)
         evaluate = epoch_end or self._scheduled_evaluation(progress.global_step) or self._in_reach(progress)
         return Due(evaluate=evaluate, epoch_end=epoch_end, stop=signal,
                    checkpoint=epoch_end or signal is not None or self._checkpoint_due(progress.global_step))
 
-    def finished(self, progress: Progress) -> bool:
+    def finished(self, progress: RunState) -> bool:
         """The last epoch has ended, or the last evaluation reached the target."""
         return progress.epoch > self.config.epochs or (
             bool(progress.evaluations) and self.meets_target(progress.evaluations[-1]))
@@ -114,7 +118,7 @@ class Cadence:
     def meets_target(self, evaluation: dict[str, Any]) -> bool:
         return self.config.target_accuracy is not None and evaluation["test_accuracy"] >= self.config.target_accuracy
 
-    def _epoch_ends(self, progress: Progress) -> bool:
+    def _epoch_ends(self, progress: RunState) -> bool:
         return progress.batches_done == self.steps_per_epoch
 
     def _checkpoint_due(self, step: int) -> bool:
@@ -123,7 +127,7 @@ class Cadence:
     def _scheduled_evaluation(self, step: int) -> bool:
         return bool(self.config.eval_every) and step % self.config.eval_every == 0
 
-    def _in_reach(self, progress: Progress) -> bool:
+    def _in_reach(self, progress: RunState) -> bool:
         """The target, by the training batches' recent accuracy, at a stretch's close; after the first epoch the
         batches were seen before and run ahead of the test set, so each evaluation there that missed doubles the
         wait for the next."""

@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step-<N>/` that rank 0 alone writes:
 
     model.safetensors    the plain LeNet-5, as exported (predict reads it too)
     training_state.pt    optimizer, schedule (and fp16 scaler) states, CPU tensors only
-    progress.json        where training stands (cadence.Progress); written last, it marks the folder complete
+    progress.json        where training stands (cadence.RunState); written last, it marks the folder complete
 
 On resume the rank holding the chosen checkpoint sends it to every rank, so other nodes need no copy and
 N processes resume on M (no per-rank random state exists after start-up). Loading never unpickles
@@ -29,7 +29,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file, save_file
 
-from lenet_dist.cadence import Progress
+from lenet_dist.cadence import RunState
 from lenet_dist.errors import UsageError, UserError, on_every_rank
 from lenet_dist.files import follow_umask, fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.flags import option
@@ -42,10 +42,6 @@ RUN_CONFIG_FILE = "config.json"  # in the run dir: the flags and the run id, wri
 CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE)
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-# The config fields that decide the training trajectory: resuming with any other value would not
-# continue the same run. The number of processes is not one of them.
-TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "muon_lr", "lr", "schedule", "warmup", "anneal_images",
-                     "final_lr_factor", "init", "seed", "dataset", "data_pipeline", "init_from", "augment")
 # Optimizer settings that say how this run steps, not where it stands: a checkpoint's must not replace them.
 STEPPING_SETTINGS = ("capturable", "fused", "foreach", "differentiable")
 
@@ -59,11 +55,7 @@ class Trained(Protocol):
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def trajectory_of(config: Any) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in TRAJECTORY_FIELDS}
-
-
-def save_checkpoint(trained: Trained, run_dir: Path, state: Progress, keep: int) -> Path:
+def save_checkpoint(trained: Trained, run_dir: Path, state: RunState, keep: int) -> Path:
     """Rank 0 writes the checkpoint into a hidden folder, fsyncs it and renames it into place.
 
     A kill at any instant leaves the previous checkpoints or the new one complete. A failed write is one
@@ -79,7 +71,7 @@ def save_checkpoint(trained: Trained, run_dir: Path, state: Progress, keep: int)
     return final
 
 
-def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: Progress, keep: int) -> None:
+def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: RunState, keep: int) -> None:
     partial = folder / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -165,7 +157,7 @@ class Choice:
     holder: int
 
 
-def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> Progress:
+def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunState:
     """Load model, optimizer, schedule (and scaler) states on every rank from the holder's files; refuse a
     checkpoint of a different run."""
     accelerator = trained.accelerator
@@ -246,9 +238,9 @@ def _read_checkpoint(path: Path) -> dict[str, bytes] | UserError:
                                  "checkpoint")
 
 
-def _parse_progress(path: Path, text: bytes) -> Progress:
+def _parse_progress(path: Path, text: bytes) -> RunState:
     try:
-        return Progress(**json.loads(text))
+        return RunState(**json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise CorruptCheckpoint(f"--resume {path}: {PROGRESS_FILE} is corrupt ({error}); use an older "
                                 "checkpoint") from None

@@ -16,7 +16,7 @@ from lenet_dist.config import (
     CompareConfig,
     DownloadConfig,
     InspectConfig,
-    LaunchConfigConfig,
+    LaunchConfigFlags,
     PredictConfig,
     TrainConfig,
 )
@@ -36,7 +36,7 @@ COMMANDS = {
     "download": ("fetch a data set into the data folder (for machines that train offline)", DownloadConfig,
                  "lenet_dist.data:download"),
     "launch-config": ("print the path of a packaged accelerate config: accelerate launch --config_file PATH",
-                      LaunchConfigConfig, "lenet_dist.distributed.configs:print_config_path"),
+                      LaunchConfigFlags, "lenet_dist.distributed.configs:print_config_path"),
 }
 
 

@@ -4,19 +4,45 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from lenet_dist.errors import UsageError
 from lenet_dist.flags import flag, option, parse_config, require_at_least, require_choices, split_list
-from lenet_dist.recipe import FROM_RECIPE, RECIPES
 
 DATA_DIR_ENV = "LENET_DATA_DIR"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")  # their files and statistics: data.DATASETS
 TEST_IMAGES = 10_000  # the test split of each of them
 # accelerate.utils.LoggerType's names, spelled here to keep accelerate out; a test keeps the two equal.
 TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+# The recipes --recipe names: every field a recipe sets, which a flag given on its own overrides.
+#   default     MNIST's test set in 2 epochs: Adam, one-cycle over both, 98.6 % and more (BENCHMARKS.md)
+#   fast-to-98  fewest images to 98 %: Muon (Adam on the biases and the output layer), LeCun init, batch 32, the
+#               learning rate annealed over the first 45,056 images to a fiftieth of its peak and then held (so a
+#               slow seed still learns), stopping at the first evaluation ≥ 98 % (scripts/recipe_search.py)
+#   predict     for reading your own handwriting (`lenet-dist predict`): the default's Adam and schedule over 5
+#               epochs, each batch redrawn as other hands and pens write (--augment, augment.py)
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"epochs": 2, "batch_size": 128, "lr": 6e-3, "warmup": 0.3, "anneal_images": None,
+                "final_lr_factor": 1 / 25 / 1e4, "init": "pytorch", "target_accuracy": None, "optimizer": "adam",
+                "muon_lr": 0.02, "augment": False},
+    "fast-to-98": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "warmup": 0.1, "anneal_images": 45_056,
+                   "final_lr_factor": 1 / 50, "init": "lecun", "target_accuracy": 0.98, "optimizer": "muon",
+                   "muon_lr": 0.01, "augment": False},
+    "predict": {"epochs": 5, "batch_size": 128, "lr": 6e-3, "warmup": 0.3, "anneal_images": None,
+                "final_lr_factor": 1 / 25 / 1e4, "init": "pytorch", "target_accuracy": None, "optimizer": "adam",
+                "muon_lr": 0.02, "augment": True},
+}
+
+
+def from_recipe(name: str) -> str:
+    """The help's default for a flag that a recipe sets: the default recipe's value."""
+    value = RECIPES["default"][name]
+    shown = ("on" if value else "off") if isinstance(value, bool) else "none" if value is None else value
+    return f"(default: {shown}, from --recipe default)"
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -29,114 +55,151 @@ class TrainConfig:
         "default", "a whole recipe: default (Adam, 2 epochs; for MNIST's test set), fast-to-98 (Muon, one epoch; "
         "the fewest images to 98 %) or predict (--augment, 5 epochs: for reading your own handwriting); the flags "
         "below whose default says 'from --recipe default' override their part of any recipe", choices=tuple(RECIPES),
+        trajectory=False,
     )
-    epochs: int | None = flag(None, f"passes over the training set {FROM_RECIPE}")
+    epochs: int | None = flag(None, f"passes over the training set {from_recipe('epochs')}", trajectory=True)
     batch_size: int | None = flag(
         None,
-        f"GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe {FROM_RECIPE}",
-        short="-b",
+        "GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe "
+        f"{from_recipe('batch_size')}",
+        short="-b", trajectory=True,
     )
-    lr: float | None = flag(None, f"peak learning rate of Adam (the one-cycle schedule's maximum) {FROM_RECIPE}")
+    lr: float | None = flag(
+        None, f"peak learning rate of Adam (the one-cycle schedule's maximum) {from_recipe('lr')}", trajectory=True,
+    )
     optimizer: str | None = flag(
         None, f"adam, or muon: Muon on the four weight matrices (the convolutions' filters flattened), Adam (--lr) on "
-        f"the biases and the output layer {FROM_RECIPE}", choices=("adam", "muon"),
+        f"the biases and the output layer {from_recipe('optimizer')}", choices=("adam", "muon"), trajectory=True,
     )
-    muon_lr: float | None = flag(None, f"--optimizer muon: Muon's peak learning rate {FROM_RECIPE}")
-    schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"))
+    muon_lr: float | None = flag(
+        None, f"--optimizer muon: Muon's peak learning rate {from_recipe('muon_lr')}", trajectory=True,
+    )
+    schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"), trajectory=True)
     warmup: float | None = flag(
-        None, f"one-cycle schedule: the share of its cycle spent raising the learning rate to its peak {FROM_RECIPE}"
+        None, "one-cycle schedule: the share of its cycle spent raising the learning rate to its peak "
+        f"{from_recipe('warmup')}",
+        trajectory=True,
     )
     anneal_images: int | None = flag(
         None, "one-cycle schedule: the images its cycle spans, after which the learning rate holds its last value "
-        f"(none: the whole run) {FROM_RECIPE}"
+        f"(none: the whole run) {from_recipe('anneal_images')}", trajectory=True
     )
     final_lr_factor: float | None = flag(
         None, "one-cycle schedule: the learning rate its cycle ends on, and then holds, as a fraction of the peak "
-        f"(OneCycleLR's: 1/250000) {FROM_RECIPE}"
+        f"(OneCycleLR's: 1/250000) {from_recipe('final_lr_factor')}", trajectory=True
     )
     init: str | None = flag(
-        None, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {FROM_RECIPE}",
-        choices=("pytorch", "lecun"),
+        None, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {from_recipe('init')}",
+        choices=("pytorch", "lecun"), trajectory=True,
     )
     augment: bool | None = flag(
         None, "redraw each training batch with small random rotations, scalings, slants, shifts and thicker or "
-        f"thinner strokes, as other hands and pens write (the tensor pipeline) {FROM_RECIPE}"
+        f"thinner strokes, as other hands and pens write (the tensor pipeline) {from_recipe('augment')}",
+        trajectory=True,
     )
-    seed: int = flag(0, "seed for weights and data order")
+    seed: int = flag(0, "seed for weights and data order", trajectory=True)
     deterministic: bool = flag(
         False,
         "also make GPU kernels deterministic (torch.use_deterministic_algorithms); CPU runs already repeat exactly",
+        trajectory=False,
     )
     data_dir: str | None = flag(
-        None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)"
+        None, f"folder holding MNIST/raw/*-ubyte (default: ${DATA_DIR_ENV}, else ./data; downloaded if missing)",
+        trajectory=False,
     )
-    output_dir: str | None = flag(None, "where metrics.json and figures go (default: runs/<timestamp>)")
-    dataset: str = flag("mnist", "which MNIST-format data set", choices=DATASET_NAMES)
+    output_dir: str | None = flag(
+        None, "where metrics.json and figures go (default: runs/<timestamp>)", trajectory=False,
+    )
+    dataset: str = flag("mnist", "which MNIST-format data set", choices=DATASET_NAMES, trajectory=True)
     data_pipeline: str = flag(
         "tensor",
         "tensor: the data set held as one uint8 tensor on the training device, batches gathered by index; "
         "torchvision: the original script's per-image ToTensor/Normalize DataLoader",
-        choices=("tensor", "torchvision"),
+        choices=("tensor", "torchvision"), trajectory=True,
     )
     workers: int | None = flag(
-        None, "DataLoader worker processes (default: 0 for the tensor pipeline, 2 for torchvision)", short="-j"
+        None, "DataLoader worker processes (default: 0 for the tensor pipeline, 2 for torchvision)", short="-j",
+        trajectory=False,
     )
     pin_memory: bool | None = flag(
-        None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)"
+        None, "pin host batches for the copy to the GPU (default: on for torchvision + CUDA)", trajectory=False
     )
-    persistent_workers: bool = flag(True, "keep DataLoader workers alive between epochs (when --workers > 0)")
+    persistent_workers: bool = flag(
+        True, "keep DataLoader workers alive between epochs (when --workers > 0)", trajectory=False,
+    )
     pin_cores: bool = flag(
-        True, "in multi-process CPU runs, give each local process its own slice of this machine's cores"
+        True, "in multi-process CPU runs, give each local process its own slice of this machine's cores",
+        trajectory=False,
     )
     mixed_precision: str | None = flag(
         None, "autocast precision (default: accelerate's config or --mixed_precision flag, else no)",
-        choices=("no", "bf16", "fp16"),
+        choices=("no", "bf16", "fp16"), trajectory=False,
     )
-    compile: bool = flag(False, "torch.compile the model through accelerate's dynamo plugin (inductor)")
+    compile: bool = flag(
+        False, "torch.compile the model through accelerate's dynamo plugin (inductor)", trajectory=False,
+    )
     cuda_graph: bool | None = flag(
         None, "capture the training step as one CUDA graph (default: on with one CUDA GPU and the tensor pipeline; "
-        "not under DDP, with fp16 or compiled)"
+        "not under DDP, with fp16 or compiled)", trajectory=False
     )
     channels_last: bool = flag(
-        True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)"
+        True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)", trajectory=False
     )
     target_accuracy: float | None = flag(
-        None, f"stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98 {FROM_RECIPE}"
+        None, "stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98 "
+        f"{from_recipe('target_accuracy')}",
+        trajectory=False,
     )
     eval_every: int | None = flag(
         None, "evaluate on the whole test set every N steps (default: at each epoch's end; with --target-accuracy "
-        "also in between, more often as the accuracy nears the target)"
+        "also in between, more often as the accuracy nears the target)", trajectory=False
     )
     collective_timeout: float = flag(
         120, "seconds a rank waits for the others in any collective before the job stops and names the rank it "
-        "lost (a dead node or link); raise it where a first download or a cold --compile takes longer"
+        "lost (a dead node or link); raise it where a first download or a cold --compile takes longer", trajectory=False
     )
-    checkpoint_every: int = flag(0, "also checkpoint every N training steps (0: only at each epoch end)")
-    keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/")
+    checkpoint_every: int = flag(
+        0, "also checkpoint every N training steps (0: only at each epoch end)", trajectory=False,
+    )
+    keep_checkpoints: int = flag(
+        2, "how many of the newest checkpoints to keep in <output-dir>/checkpoints/", trajectory=False,
+    )
     resume: str | None = flag(
         None, "resume from the newest checkpoint of --output-dir (bare --resume), from a checkpoint folder, or "
         "auto: the newest checkpoint if there is one, else start afresh (for requeued jobs)",
-        bare="latest",
+        bare="latest", trajectory=False,
     )
-    overwrite: bool = flag(False, "train into an --output-dir that already holds a finished run, replacing it")
+    overwrite: bool = flag(
+        False, "train into an --output-dir that already holds a finished run, replacing it", trajectory=False,
+    )
     init_from: str | None = flag(
         None, "start from the weights of another run (its output dir, or one of its checkpoint folders), with a "
-        "fresh optimizer and schedule: to train further, or to fine-tune, e.g. MNIST → Fashion-MNIST"
+        "fresh optimizer and schedule: to train further, or to fine-tune, e.g. MNIST → Fashion-MNIST", trajectory=True
     )
-    progress: bool = flag(True, "a rich progress bar on a terminal (plain log lines otherwise or with --no-progress)")
-    log_every: int = flag(10, "log the mean training loss every N steps (progress line, trackers)")
+    progress: bool = flag(
+        True, "a rich progress bar on a terminal (plain log lines otherwise or with --no-progress)", trajectory=False,
+    )
+    log_every: int = flag(10, "log the mean training loss every N steps (progress line, trackers)", trajectory=False)
     log_with: str | None = flag(
         None, f"experiment trackers through accelerate, comma-separated, into the output dir: {', '.join(TRACKERS)}, "
-        "or all (every installed one)"
+        "or all (every installed one)", trajectory=False
     )
-    show: bool = flag(False, "also open the predictions figure in a window, as the original script did")
-    profile: bool = flag(False, "record torch.profiler traces of a window of training steps into --profile-dir/<run>/")
-    profile_dir: str = flag("profiles", "where profiler traces go, one folder per run")
-    profile_wait: int = flag(5, "profiler schedule: steps skipped before each recording cycle")
-    profile_warmup: int = flag(2, "profiler schedule: steps traced but discarded while the profiler settles")
-    profile_active: int = flag(5, "profiler schedule: steps recorded per cycle")
-    profile_repeat: int = flag(1, "profiler schedule: recording cycles (one trace file per cycle and rank)")
-    profile_flops: bool = flag(False, "also estimate FLOPs of matmuls and convolutions in the trace")
+    show: bool = flag(
+        False, "also open the predictions figure in a window, as the original script did", trajectory=False,
+    )
+    profile: bool = flag(
+        False, "record torch.profiler traces of a window of training steps into --profile-dir/<run>/", trajectory=False,
+    )
+    profile_dir: str = flag("profiles", "where profiler traces go, one folder per run", trajectory=False)
+    profile_wait: int = flag(5, "profiler schedule: steps skipped before each recording cycle", trajectory=False)
+    profile_warmup: int = flag(
+        2, "profiler schedule: steps traced but discarded while the profiler settles", trajectory=False,
+    )
+    profile_active: int = flag(5, "profiler schedule: steps recorded per cycle", trajectory=False)
+    profile_repeat: int = flag(
+        1, "profiler schedule: recording cycles (one trace file per cycle and rank)", trajectory=False,
+    )
+    profile_flops: bool = flag(False, "also estimate FLOPs of matmuls and convolutions in the trace", trajectory=False)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -170,6 +233,10 @@ class TrainConfig:
     def resolved_data_dir(self) -> Path:
         return resolve_data_dir(self.data_dir)
 
+    def trajectory(self) -> dict[str, Any]:
+        """What a resume must keep equal: the values of the flags declared trajectory=True."""
+        return {name: getattr(self, name) for name in TRAJECTORY_FIELDS}
+
     def resolved_workers(self) -> int:
         if self.workers is not None:
             return self.workers
@@ -178,6 +245,11 @@ class TrainConfig:
     def trackers(self) -> list[str]:
         return split_list(self.log_with)
 
+
+
+# What a resume must keep equal to the checkpoint's run (TrainConfig.trajectory): the flags declared with
+# trajectory=True. How many processes ran is no flag, and not one of them.
+TRAJECTORY_FIELDS = tuple(field.name for field in fields(TrainConfig) if field.metadata["trajectory"])
 
 @dataclass
 class BenchConfig:
@@ -302,15 +374,11 @@ class DownloadConfig:
 
 
 @dataclass
-class LaunchConfigConfig:
+class LaunchConfigFlags:
     name: str = flag("", "cpu-ddp, single-gpu, multi-gpu, multi-node, slurm-single-node or slurm-multi-node",
                      positional=True)
     copy: str = flag("", "write an editable copy of it into this folder (never over a file there) and print its path",
                      metavar="DIR")
-
-
-def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:

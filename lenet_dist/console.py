@@ -81,19 +81,29 @@ class ProgressBar:
 
     def __init__(self, *, enabled: bool, fancy: bool, epoch: int, epochs: int, steps: int, batch_size: int,
                  done: int = 0) -> None:
-        self.enabled, self.epoch, self.epochs, self.steps, self.batch_size = enabled, epoch, epochs, steps, batch_size
-        self.started, self.done_at_start = time.perf_counter(), done
-        self.printed_quarter = done * self.PLAIN_LINES_PER_EPOCH // max(steps, 1)  # the last quarter passed
+        self.enabled, self.fancy, self.epochs, self.steps, self.batch_size = enabled, fancy, epochs, steps, batch_size
         self.bar: Progress | None = None
-        if enabled and fancy:
+        self._start(epoch, done)
+
+    def _start(self, epoch: int, done: int) -> None:
+        self.epoch, self.started, self.done_at_start = epoch, time.perf_counter(), done
+        self.printed_quarter = done * self.PLAIN_LINES_PER_EPOCH // max(self.steps, 1)  # the last quarter passed
+        if self.enabled and self.fancy:
             self.bar = Progress(
-                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}  {task.fields[loss]}"), TimeRemainingColumn(),
                 console=Console(file=sys.stdout), transient=True,
             )
             # blank until measured: a bar that starts or restarts has no rate or loss yet
-            self.task = self.bar.add_task("train", total=steps, completed=done, rate="", loss="")
+            self.task = self.bar.add_task("train", total=self.steps, completed=done, rate="", loss="")
             self.bar.start()
+        self.resumed_at = self.started
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *_) -> None:  # a failure (a NaN loss, a lost rank) leaves no live bar behind
+        self.close()
 
     def images_per_second(self, done: int) -> float:
         return (done - self.done_at_start) * self.batch_size / max(time.perf_counter() - self.started, 1e-9)
@@ -114,14 +124,22 @@ class ProgressBar:
                 flush=True,
             )
 
-    def pause(self) -> None:
-        """Off the screen while the loop evaluates or saves; `resume` puts it back with its count, rate and ETA."""
+    def pause(self) -> float:
+        """Off the screen while the loop evaluates or saves; `resume` puts it back with its count, rate and ETA.
+        The seconds trained since the bar started or resumed: the run's training time leaves the rest out."""
         self.paused_at = time.perf_counter()
         if self.bar is not None:
             self.bar.stop()
+        return self.paused_at - self.resumed_at
 
-    def resume(self) -> None:
-        self.started += time.perf_counter() - self.paused_at  # the rate is of training time only
+    def resume(self, epoch: int) -> None:
+        """Back on the screen: the same bar, or a new one from the start of the next epoch."""
+        if epoch != self.epoch:
+            self.close()
+            self._start(epoch, 0)
+            return
+        self.resumed_at = time.perf_counter()
+        self.started += self.resumed_at - self.paused_at  # the rate is of training time only
         if self.bar is not None:
             self.bar.start()
 

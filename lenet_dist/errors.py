@@ -121,7 +121,8 @@ def status_of(command: Callable[[], int]) -> int:
 
 def exit_quickly(status: int) -> NoReturn:
     """End the process once the atexit handlers (trackers, logging) have run, skipping the interpreter's teardown:
-    it costs ~0.7 s, and after a gloo process group its C++ destructors sometimes abort (SIGABRT)."""
+    it costs ~0.7 s, and after a gloo process group its C++ destructors sometimes abort (SIGABRT). atexit has no
+    public call that runs its handlers early; its private one has been there since Python 2."""
     import atexit
 
     atexit._run_exitfuncs()

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from accelerate import Accelerator
 
-from lenet_dist.cadence import Progress
+from lenet_dist.cadence import RunState
 from lenet_dist.distributed.processes import announce
 from lenet_dist.recipe.build import Trainer
 
@@ -42,7 +42,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: Iterable)
             (("predicted", predicted), ("confidence", confidence), ("truth", truth))}
 
 
-def evaluate_and_record(trainer: Trainer, progress: Progress, epoch_ended: bool) -> dict[str, torch.Tensor]:
+def evaluate_and_record(trainer: Trainer, progress: RunState, epoch_ended: bool) -> dict[str, torch.Tensor]:
     """Evaluate (timed apart from training), add the evaluation (and at an epoch's end the epoch) to
     `progress`, log and print it; the predictions."""
     accelerator, config = trainer.accelerator, trainer.config

@@ -7,6 +7,7 @@ target, so that a crash, a kill or a full disk leaves the previous file (or none
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -91,10 +92,10 @@ def _likely_cause(path: Path) -> str | None:
     """torch.save says `unexpected pos 704 vs 598` where the OS said EFBIG or ENOSPC: name the likely one."""
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY:
-        return f"{os.strerror(27)} (the file size limit is {limit:,} bytes)"
+        return f"{os.strerror(errno.EFBIG)} (the file size limit is {limit:,} bytes)"
     with contextlib.suppress(OSError):
         if shutil.disk_usage(path.parent).free < 1 << 20:
-            return os.strerror(28)
+            return os.strerror(errno.ENOSPC)
     return None
 
 

@@ -22,15 +22,18 @@ from lenet_dist.errors import UsageError
 def flag(
     default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
     bare: Any = None, positional: bool = False, metavar: str | None = None, required: bool = False,
+    trajectory: bool | None = None,
 ) -> Any:
     """A dataclass field that also carries what argparse needs to expose it.
 
     `bare` is the value the flag takes when given without an argument (`--resume` → "latest").
     A list default makes a positional argument taking one or more values. A `required` flag has no
     default on the command line (the field's default serves in-process use, where __post_init__ checks it).
+    `trajectory`: whether the flag decides what a run computes (True), so that a resume must keep it, or only how
+    or where (False); None leaves it unclassified, which a training flag must not be (tests/test_structure.py).
     """
     metadata = {"help": doc, "short": short, "choices": choices, "bare": bare, "positional": positional,
-                "metavar": metavar, "required": required}
+                "metavar": metavar, "required": required, "trajectory": trajectory}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -113,7 +116,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         # the default in the help, unless the help text already states it
         shown = "" if "(default" in meta["help"] or meta["required"] or config_field.default == "" else \
             f" (default: {_shown_default(config_field.default, kind)})"
-        text = (_recipes_default(meta["help"], config_field.name, kind) + shown).replace("%", "%%")  # argparse's %
+        text = (meta["help"] + shown).replace("%", "%%")  # argparse's %
         if meta["positional"]:
             parser.add_argument(config_field.name, type=kind, metavar=metavar, help=text)
         elif kind is bool:
@@ -132,17 +135,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
                 metavar=meta["metavar"],
                 **optional_value,
             )
-
-
-def _recipes_default(text: str, name: str, kind: type) -> str:
-    """"(default: the --recipe's)" as the value it stands for without --recipe: "(default: 128, from --recipe
-    default)"."""
-    from lenet_dist.recipe import FROM_RECIPE, RECIPES
-
-    if FROM_RECIPE not in text or name not in RECIPES["default"]:
-        return text
-    return text.replace(FROM_RECIPE, f"(default: {_shown_default(RECIPES['default'][name], kind)}, from --recipe "
-                                     "default)")
 
 
 def _shown_default(default: Any, kind: type) -> str:

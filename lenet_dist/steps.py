@@ -1,4 +1,4 @@
-"""The training step: forward, loss, backward, Adam, the schedule's next learning rate.
+"""The training step: forward, loss, backward, the optimizer's step, the schedule's next learning rate.
 
 `EagerStep` runs it op by op through accelerate, as on every device. On one CUDA GPU the same step is
 captured once as a CUDA graph and replayed for every batch (`GraphedStep`): LeNet-5's kernels are so
@@ -10,21 +10,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, DynamoBackend
 from torch.profiler import record_function
 
+from lenet_dist.config import TrainConfig
 from lenet_dist.distributed.processes import announce
-from lenet_dist.recipe.build import Trainer, compiles, wants_cuda_graph
+from lenet_dist.errors import UsageError
+from lenet_dist.recipe.build import Trainer
 
 # where accelerate's backward is loss.backward() (DDP's gradient hooks live in the model, not in the wrapper)
 PLAIN_BACKWARD = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-# a batch's images and labels → its loss and how many of its images the model got right before learning (or None)
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class Step(Protocol):
+    """A batch's images and labels → its loss and how many of its images the model got right before learning (or
+    None); `cuda_graph` says which kind of step it is, for metrics.json."""
+
+    cuda_graph: ClassVar[bool]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def make_step(trainer: Trainer, score: bool) -> tuple[EagerStep | GraphedStep, float]:
@@ -43,6 +52,28 @@ def make_step(trainer: Trainer, score: bool) -> tuple[EagerStep | GraphedStep, f
     else:
         step = EagerStep(accelerator, trainer.model, trainer.optimizer, trainer.lr_scheduler, score, config.profile)
     return step, seconds
+
+
+def wants_cuda_graph(config: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether to capture the training step as a CUDA graph: by default on one CUDA GPU with the in-memory
+    pipeline, where it applies; asked for elsewhere, refused in one line."""
+    reasons = [reason for reason, applies in (
+        ("it needs a CUDA device", accelerator.device.type != "cuda"),
+        ("it captures a single process's step, not DDP's (see launch/README.md)",
+         accelerator.distributed_type != DistributedType.NO),
+        ("it needs the tensor pipeline's whole, same-shaped batches", config.data_pipeline != "tensor"),
+        ("fp16 needs a gradient scaler outside the graph", accelerator.mixed_precision == "fp16"),
+        ("--compile (or accelerate's --dynamo_backend) makes its own graphs", compiles(accelerator)),
+    ) if applies]
+    if config.cuda_graph and reasons:
+        raise UsageError(f"--cuda-graph: {reasons[0]}; drop --cuda-graph")
+    return config.cuda_graph is not False and not reasons
+
+
+def compiles(accelerator: Accelerator) -> bool:
+    """Whether accelerate compiles the model in `prepare`: --compile, or accelerate's own dynamo setting
+    (`accelerate launch --dynamo_backend inductor`, a launch config's dynamo_config)."""
+    return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
 
 
 def compile_graphs(accelerator: Accelerator, model: torch.nn.Module, train_batch: int, eval_batch: int) -> float:
@@ -80,6 +111,8 @@ class EagerStep:
     """`score`: count the images right (the cadence's trigger reads them); `profiled`: name the optimizer's step in
     the trace. Neither is paid for where it is not used."""
 
+    cuda_graph = False
+
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler, score: bool = True,
                  profiled: bool = False) -> None:
@@ -113,6 +146,7 @@ class GraphedStep:
     """
 
     WARMUP_STEPS = 3
+    cuda_graph = True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler, batch: int, device: torch.device,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from lenet_dist.cadence import Cadence, Due, Progress
+from lenet_dist.cadence import Cadence, RunState
 from lenet_dist.checkpoint import (
     RUN_CONFIG_FILE,
     Choice,
@@ -38,14 +37,20 @@ from lenet_dist.checkpoint import (
     newest_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-    trajectory_of,
 )
 from lenet_dist.config import TrainConfig, parse_train_config
 from lenet_dist.console import ProgressBar, print_summary, printing_while_read
 from lenet_dist.data import ShuffledBatches, ensure_dataset_everywhere
-from lenet_dist.distributed.launcher import launch_record, record_stop
+from lenet_dist.distributed.launch_records import launch_record, record_stop
 from lenet_dist.distributed.lost_ranks import Ranks
-from lenet_dist.distributed.processes import announce, end_processes, make_accelerator, pin_cores, start_processes
+from lenet_dist.distributed.processes import (
+    announce,
+    end_processes,
+    make_accelerator,
+    pin_cores,
+    precision_label,
+    start_processes,
+)
 from lenet_dist.distributed.signals import Stopped, StopRequest, signal_name, stop_on_signals
 from lenet_dist.errors import (
     UsageError,
@@ -58,18 +63,18 @@ from lenet_dist.errors import (
 )
 from lenet_dist.evaluation import evaluate, evaluate_and_record, warm_up_evaluation
 from lenet_dist.files import write_json
-from lenet_dist.outputs import OutputDir, abandon_output_dir, claim_output_dir, run_metrics, write_run_outputs
+from lenet_dist.output_dir import OutputDir, abandon_output_dir, claim_output_dir
+from lenet_dist.outputs import run_metrics, write_run_outputs
 from lenet_dist.profiling.capture import (
-    labelled,
     no_trace_line,
     profiler_for,
     remove_traces,
     run_trace_dir,
     traced,
 )
-from lenet_dist.recipe.build import Trainer, build_trainer, precision_label
+from lenet_dist.recipe.build import Trainer, build_trainer
 from lenet_dist.resume import checkpoint_to_resume, new_run_id, set_aside_later_checkpoints
-from lenet_dist.steps import Step, make_step
+from lenet_dist.steps import Step, make_step, wants_cuda_graph
 from lenet_dist.trackers import logging_dir, require_installed, start_trackers
 
 
@@ -81,13 +86,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         pin_cores(state)
     data_dir = config.resolved_data_dir()
     ensure_dataset_everywhere(state, data_dir, config.dataset)
-    claimed = claim_output_dir(state, config)
+    claimed = claim_output_dir(state, config.output_dir, resume=config.resume, overwrite=config.overwrite,
+                               profile_dir=config.profile_dir)
     output_dir = claimed.path
     config = replace(config, data_dir=str(data_dir), output_dir=str(output_dir))
     accelerator = make_accelerator(config, output_dir, logging_dir(output_dir))
     ranks = Ranks(state, config.collective_timeout)
     try:
-        trainer = build_trainer(config, accelerator, data_dir, output_dir)
+        trainer = build_trainer(config, accelerator, data_dir, output_dir,
+                                capturable=wants_cuda_graph(config, accelerator))
         progress, resumed = start_or_resume(trainer, claimed)
     except (UserError, KeyboardInterrupt):  # refused or interrupted before training: no output dir left behind
         abandon_output_dir(state, claimed)
@@ -122,7 +129,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             announce(state, no_trace_line(progress.global_step - steps_before, config.profile_wait,
                                           config.profile_warmup, config.profile_active))
 
-        metrics = run_metrics(trainer, cadence, step, progress) | {
+        metrics = run_metrics(trainer, cadence, progress, precision_label(accelerator), step.cuda_graph) | {
             "profile_dir": str(profile_dir.resolve()) if recorded else None}
         if accelerator.is_main_process:
             network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
@@ -152,11 +159,11 @@ def check_run(config: TrainConfig, processes: int) -> None:
                          "checkpoints found there")
 
 
-def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[Progress, bool]:
+def start_or_resume(trainer: Trainer, claimed: OutputDir) -> tuple[RunState, bool]:
     """Where the run starts: the checkpoint --resume names (its state loaded on every rank), or afresh (from
     --init-from's weights, if given); then the trackers and config.json. Whether it resumed."""
     config, accelerator = trainer.config, trainer.accelerator
-    progress = Progress(trajectory=trajectory_of(config), run_id=broadcast_object_list([new_run_id()])[0])
+    progress = RunState(trajectory=config.trajectory(), run_id=broadcast_object_list([new_run_id()])[0])
     checkpoint = checkpoint_to_resume(config.resume, claimed.path)
     while checkpoint is not None:
         try:
@@ -211,25 +218,22 @@ def skip_corrupt(trainer: Trainer, checkpoint: Choice, run_dir: Path, error: Cor
     return chosen
 
 
-def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop: StopRequest,
+def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: RunState, stop: StopRequest,
         profiler: Any) -> dict[str, torch.Tensor]:
     """Train until the last epoch ends or an evaluation reaches the target; the last evaluation's predictions.
 
-    After each step the cadence says whether this is a log point; there the ranks synchronise once (the sums
-    and the stop signal) and the cadence says what is due, which is done right here, in order. A stop the ranks
-    agreed on saves a checkpoint at that step and raises Stopped.
+    After each step the cadence says whether this is a log point. There the ranks sum their losses and agree on
+    any stop signal (two collectives), and the cadence says what is due, which is done right here, in order. A
+    stop the ranks agreed on saves a checkpoint at that step and raises Stopped.
     """
-    config, accelerator = trainer.config, trainer.accelerator
+    accelerator = trainer.accelerator
     warm_up_evaluation(trainer)
-    predictions = None
+    if cadence.finished(progress):  # resumed from the final checkpoint: killed before the outputs were written
+        return evaluate(accelerator, trainer.model, trainer.test_loader)
     sums = StepSums(accelerator.device)
-    trained = cadence.finished(progress)  # resumed from the final checkpoint (of a run with a target too)
-    bar = progress_bar(trainer, progress, shown=not trained)
-    trainer.model.train()
-    clock = time.perf_counter()
-    try:
-        batches = () if trained else remaining_batches(trainer, progress)
-        for images, labels in labelled(batches, "data_loading") if config.profile else batches:
+    with progress_bar(trainer, progress) as bar:  # its clock is the run's training time
+        trainer.model.train()
+        for images, labels in profiler.batches(remaining_batches(trainer, progress)):
             loss, right = step(images, labels)
             profiler.step()
             sums.add(loss, right)
@@ -237,37 +241,26 @@ def fit(trainer: Trainer, cadence: Cadence, step: Step, progress: Progress, stop
             if not cadence.is_log_point(progress, stop.signal):
                 bar.update(progress.batches_done)
                 continue
-            mean_loss = log_training(trainer, progress, sums)
-            bar.update(progress.batches_done, mean_loss)
+            bar.update(progress.batches_done, log_training(trainer, progress, sums))
             due = cadence.due(progress, stop.agreed(accelerator.device))
-            if due == Due():
+            if not due:
                 continue
 
-            progress.add_training_time(time.perf_counter() - clock)
-            bar.pause()
+            progress.add_training_time(bar.pause())
             if due.evaluate:
                 predictions = evaluate_and_record(trainer, progress, due.epoch_end)
             if due.epoch_end:
                 progress.start_next_epoch()
             finished = cadence.finished(progress)
             if due.checkpoint or finished:
-                checkpoint = save_checkpoint(trainer, trainer.output_dir, progress, config.keep_checkpoints)
+                checkpoint = save_checkpoint(trainer, trainer.output_dir, progress, trainer.config.keep_checkpoints)
                 if due.stop is not None and not finished:
                     raise Stopped(due.stop, progress.global_step, checkpoint)
             if finished:
-                break
-            if due.epoch_end:
-                bar.close()
-                bar = progress_bar(trainer, progress)
-            else:
-                bar.resume()
+                return predictions  # finishing takes an evaluation: an epoch's end, or one that met the target
+            bar.resume(progress.epoch)
             trainer.model.train()
-            clock = time.perf_counter()
-    finally:  # a failure (a NaN loss, a lost rank) leaves no live bar behind
-        bar.close()
-    if predictions is None:  # resumed from the final checkpoint of a run that stopped before writing
-        predictions = evaluate(accelerator, trainer.model, trainer.test_loader)
-    return predictions
+    raise AssertionError(f"the batches ran out at step {progress.global_step} before the cadence finished the run")
 
 
 class StepSums:
@@ -295,14 +288,14 @@ class StepSums:
         return [loss / accelerator.num_processes for loss in totals[:-1]], totals[-1]
 
 
-def progress_bar(trainer: Trainer, progress: Progress, shown: bool = True) -> ProgressBar:
+def progress_bar(trainer: Trainer, progress: RunState) -> ProgressBar:
     config = trainer.config
-    return ProgressBar(enabled=shown and trainer.accelerator.is_main_process,
-                       fancy=config.progress and sys.stdout.isatty(), epoch=progress.epoch, epochs=config.epochs,
-                       steps=len(trainer.batches), batch_size=config.batch_size, done=progress.batches_done)
+    return ProgressBar(enabled=trainer.accelerator.is_main_process, fancy=config.progress and sys.stdout.isatty(),
+                       epoch=progress.epoch, epochs=config.epochs, steps=len(trainer.batches),
+                       batch_size=config.batch_size, done=progress.batches_done)
 
 
-def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
+def log_training(trainer: Trainer, progress: RunState, sums: StepSums) -> float:
     """At a log point: the mean training loss over every rank since the last one and the learning rate into the
     run's series and the trackers; the batches' right answers into `progress.recent`. The mean loss."""
     batch_size, steps = trainer.config.batch_size, sums.steps
@@ -321,13 +314,13 @@ def log_training(trainer: Trainer, progress: Progress, sums: StepSums) -> float:
     return mean_loss
 
 
-def remaining_batches(trainer: Trainer, progress: Progress) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def remaining_batches(trainer: Trainer, progress: RunState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every batch still to train, epoch after epoch, from where `progress` stands (the loop moves it on)."""
     while progress.epoch <= trainer.config.epochs:
         yield from epoch_batches(trainer, progress)
 
 
-def epoch_batches(trainer: Trainer, progress: Progress) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(trainer: Trainer, progress: RunState) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """This epoch's batches from where `progress` stands; the order is a function of (seed, epoch) alone."""
     batches = trainer.batches
     if isinstance(batches, ShuffledBatches):

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenet_dist.cadence import Progress  # noqa: E402
+from lenet_dist.cadence import RunState  # noqa: E402
 from lenet_dist.config import TrainConfig  # noqa: E402
 from lenet_dist.files import fsync_folder  # noqa: E402
 from lenet_dist.recipe.build import build_model, build_optimizer  # noqa: E402
@@ -30,7 +30,7 @@ ROUNDS = 15
 
 
 def write_checkpoint(root: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     progress: Progress, synced: bool) -> float:
+                     progress: RunState, synced: bool) -> float:
     started = time.perf_counter()
     folder = root / f".{name}.partial"
     folder.mkdir()
@@ -51,7 +51,7 @@ def main() -> None:
     optimizer = build_optimizer(config, model)
     model(torch.zeros(8, 1, 28, 28)).sum().backward()
     optimizer.step()
-    progress = Progress(train_log=[{"step": step, "epoch": 1 + step // 468, "images": step * 128, "loss": 0.1,
+    progress = RunState(train_log=[{"step": step, "epoch": 1 + step // 468, "images": step * 128, "loss": 0.1,
                                     "lr": 1e-3} for step in range(10, 937, 10)])
     root = Path(tempfile.mkdtemp(dir=sys.argv[1] if len(sys.argv) > 1 else ".", prefix="sync-cost-"))
     seconds: dict[bool, list[float]] = {False: [], True: []}

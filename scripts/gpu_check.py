@@ -179,9 +179,10 @@ def graph_equals_eager(ctx: Context) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
+    from lenet_dist.bench.measure import AUTOCAST_DTYPES
     from lenet_dist.config import TrainConfig
     from lenet_dist.data import InMemoryDataset, ShuffledBatches, load_split
-    from lenet_dist.recipe.build import AUTOCAST_DTYPES, build_model, build_optimizer
+    from lenet_dist.recipe.build import build_model, build_optimizer
     from lenet_dist.recipe.lr_schedule import build_lr_scheduler
     from lenet_dist.steps import EagerStep, GraphedStep
 

@@ -22,11 +22,9 @@ from lenet_dist.augment import (
     max_pool_3x3,
     random_distortions,
 )
-from lenet_dist.checkpoint import TRAJECTORY_FIELDS
-from lenet_dist.config import TrainConfig
+from lenet_dist.config import RECIPES, TRAJECTORY_FIELDS, TrainConfig
 from lenet_dist.data import DATASETS, InMemoryDataset, ShuffledBatches, Split, load_split, normalize
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import RECIPES
 
 INFO = DATASETS["mnist"]
 PAPER = -INFO.mean / INFO.std  # a blank pixel, normalised

@@ -10,16 +10,16 @@ import sys
 import pytest
 
 from conftest import SHORT, call, read_metrics
-from lenet_dist.cadence import EVALUATION_GAP_IMAGES, PROGRESSIVE_IMAGES, Cadence, Due, Progress
+from lenet_dist.cadence import EVALUATION_GAP_IMAGES, PROGRESSIVE_IMAGES, Cadence, Due, RunState
 from lenet_dist.config import TrainConfig
 
 STEPS = 468  # steps per epoch: MNIST at batch 128
 SIGTERM = 15
 
 
-def at(step: int, **fields) -> Progress:
+def at(step: int, **fields) -> RunState:
     """A run's progress at global step `step` (its epoch and place in it following from the step)."""
-    return Progress(global_step=step, epoch=(step - 1) // STEPS + 1, batches_done=(step - 1) % STEPS + 1, **fields)
+    return RunState(global_step=step, epoch=(step - 1) // STEPS + 1, batches_done=(step - 1) % STEPS + 1, **fields)
 
 
 EVERYTHING = TrainConfig(epochs=2, checkpoint_every=468, eval_every=234, log_every=10)
@@ -59,10 +59,10 @@ def test_one_process_stops_at_the_very_step_it_was_signalled_at():
 
 def test_a_run_is_finished_after_its_last_epoch_or_at_its_target():
     cadence = Cadence(TrainConfig(epochs=2, target_accuracy=0.98), STEPS, processes=1)
-    assert not cadence.finished(Progress(epoch=2))
-    assert cadence.finished(Progress(epoch=3))
-    assert cadence.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9801}]))
-    assert not cadence.finished(Progress(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9799}]))
+    assert not cadence.finished(RunState(epoch=2))
+    assert cadence.finished(RunState(epoch=3))
+    assert cadence.finished(RunState(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9801}]))
+    assert not cadence.finished(RunState(epoch=1, evaluations=[{"step": 300, "epoch": 1, "test_accuracy": 0.9799}]))
 
 
 def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None, test_accuracy_at=None) -> list[int]:
@@ -70,7 +70,7 @@ def simulate(config: TrainConfig, accuracy_at, stop_at: int | None = None, test_
     the test set (or `test_accuracy_at(step)`), until the first evaluation at ≥ the target, logging as the loop
     does (with `stop_at`, also at a stop or a checkpoint in between, as a resumed run's history has it)."""
     test_accuracy_at = test_accuracy_at or accuracy_at
-    cadence, progress, evaluated, logged = Cadence(config, STEPS, processes=1), Progress(), [], 0
+    cadence, progress, evaluated, logged = Cadence(config, STEPS, processes=1), RunState(), [], 0
     while not cadence.finished(progress):
         progress.global_step += 1
         progress.batches_done += 1

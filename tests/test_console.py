@@ -23,7 +23,7 @@ def test_the_bar_keeps_its_rate_and_eta_over_a_checkpoints_pause(capsys):
         shown.update(done, loss=1.0 if done % 10 == 0 else None)
     shown.pause()
     time.sleep(0.05)  # the time the checkpoint took
-    shown.resume()
+    shown.resume(epoch=1)
     (task,) = shown.bar.tasks
     assert task.completed == 20 and task.speed and "img/s" in task.fields["rate"]
     assert shown.started >= started + 0.05  # images/s counts training time, not the pause

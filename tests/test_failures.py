@@ -222,15 +222,14 @@ def test_an_output_dir_in_use_names_the_run_that_holds_it(tmp_path):
     """Whoever holds the lock has written who it is (the race above may see the lock before that line)."""
     import fcntl
 
-    from lenet_dist.config import TrainConfig
     from lenet_dist.errors import UsageError
-    from lenet_dist.outputs import LOCK_FILE, _claim
+    from lenet_dist.output_dir import LOCK_FILE, _claim
 
     (tmp_path / LOCK_FILE).write_text("pid 4242 on nodea")
     with open(tmp_path / LOCK_FILE) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UsageError, match=r"is in use by another run \(pid 4242 on nodea\)"):
-            _claim(tmp_path, TrainConfig())
+            _claim(tmp_path, None, False, "profiles")
     assert (tmp_path / LOCK_FILE).read_text() == "pid 4242 on nodea"
 
 
@@ -241,9 +240,8 @@ def test_a_file_system_without_flock_falls_back_to_record_locks_or_is_named(tmp_
     import errno
     import fcntl
 
-    from lenet_dist.config import TrainConfig
     from lenet_dist.errors import UserError
-    from lenet_dist.outputs import _claim, _held
+    from lenet_dist.output_dir import _claim
 
     def no_locks(*_):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -253,16 +251,16 @@ def test_a_file_system_without_flock_falls_back_to_record_locks_or_is_named(tmp_
         monkeypatch.setattr(fcntl, "lockf", no_locks)
         with pytest.raises(UserError, match=rf"--output-dir {tmp_path}: its file system \(\w+\) has no file locks "
                                             r"\(No locks available\), which keep two runs out of one folder"):
-            _claim(tmp_path, TrainConfig())
+            _claim(tmp_path, None, False, "profiles")
         return
-    _claim(tmp_path, TrainConfig())
+    claimed = _claim(tmp_path, None, False, "profiles")
     try:
         probe = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
                                 "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / ".lenet-dist.lock")],
                                capture_output=True, text=True)
         assert probe.returncode != 0 and "Resource temporarily unavailable" in probe.stderr  # held by this run
     finally:
-        _held.pop().close()
+        claimed.lock.close()
 
 
 def test_a_refused_run_creates_nothing(tmp_path):

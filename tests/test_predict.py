@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 from conftest import BIN, ROOT, call, run_cli
 from lenet_dist import cli
-from lenet_dist.cadence import Progress
-from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights, trajectory_of
+from lenet_dist.cadence import RunState
+from lenet_dist.checkpoint import PROGRESS_FILE, WEIGHTS_FILE, export_weights
 from lenet_dist.config import PredictConfig, TrainConfig
 from lenet_dist.data import DATASETS, load_split, normalize
 from lenet_dist.errors import SIGPIPE_STATUS
@@ -430,7 +430,7 @@ def checkpoint_folder(folder: Path, dataset: str, progress: str | None = None) -
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     save_file(LeNet5().state_dict(), str(folder / WEIGHTS_FILE), metadata={"num_classes": "10"})
-    state = Progress(global_step=8, trajectory=trajectory_of(TrainConfig(dataset=dataset)))
+    state = RunState(global_step=8, trajectory=TrainConfig(dataset=dataset).trajectory())
     (folder / PROGRESS_FILE).write_text(progress if progress is not None else json.dumps(state.__dict__))
     return folder
 

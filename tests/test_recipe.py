@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from lenet_dist.config import TrainConfig
+from lenet_dist.config import RECIPES, TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe import RECIPES
 from lenet_dist.recipe.build import build_model, build_optimizer
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised

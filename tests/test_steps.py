@@ -12,8 +12,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin
 from conftest import BATCH, batches, pieces
 from lenet_dist.config import TrainConfig
 from lenet_dist.errors import UsageError
-from lenet_dist.recipe.build import compiles, wants_cuda_graph
-from lenet_dist.steps import EagerStep, GraphedStep
+from lenet_dist.steps import EagerStep, GraphedStep, compiles, wants_cuda_graph
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])

@@ -22,9 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from lenet_dist.config import TrainConfig
 from lenet_dist.data import InMemoryDataset, Split, make_loader, torchvision_dataset
 from lenet_dist.model import LeNet5
-from lenet_dist.recipe.build import AUTOCAST_DTYPES, autocast, build_model, build_optimizer, build_training_batches
+from lenet_dist.recipe.build import build_model, build_optimizer, build_training_batches
 
 # The original script's loader: batch 64, no worker processes, the model and Adam as PyTorch makes them.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 0
 
 
@@ -200,3 +201,10 @@ def measure(cell: Cell, train: Split, test: Split, data_dir: Path, window_images
         inference_step()
     inference_rates = timed_windows(inference_step, device, steps_per_window, windows, cell.batch_size)
     return Throughput(statistics.median(train_rates), statistics.median(inference_rates), tuple(train_rates))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision outside accelerate (this benchmark's loop); train gets the same from accelerate."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])

@@ -16,13 +16,12 @@ from lenet_dist.bench import measure, report, runs
 from lenet_dist.bench.compare import SCHEMA
 from lenet_dist.bench.machine import describe_machine
 from lenet_dist.bench.measure import Cell
-from lenet_dist.config import BenchConfig, TrainConfig, resolve_data_dir
+from lenet_dist.config import RECIPES, BenchConfig, TrainConfig, resolve_data_dir
 from lenet_dist.data import ensure_dataset, load_split
 from lenet_dist.errors import UsageError
 from lenet_dist.files import require_writable
 from lenet_dist.flags import split_list
 from lenet_dist.profiling.capture import NoProfiler, profiler_for
-from lenet_dist.recipe import RECIPES
 
 DEFAULT_ROW = ("tuned", "no", "eager", TrainConfig().batch_size)  # what `lenet-dist train` runs by default
 

@@ -7,7 +7,7 @@ import difflib
 from importlib import resources
 from pathlib import Path
 
-from lenet_dist.config import LaunchConfigConfig
+from lenet_dist.config import LaunchConfigFlags
 from lenet_dist.errors import UsageError
 
 CONFIG_NAMES = ("cpu-ddp", "single-gpu", "multi-gpu", "multi-node", "slurm-single-node", "slurm-multi-node")
@@ -24,7 +24,7 @@ def config_path(name: str) -> Path:
     return Path(str(resources.files("lenet_dist") / "launch_configs" / f"{spelled.replace('-', '_')}{suffix}"))
 
 
-def print_config_path(config: LaunchConfigConfig) -> None:
+def print_config_path(config: LaunchConfigFlags) -> None:
     """The packaged file's path, or with --copy DIR the path of a copy to edit (a batch script's `#SBATCH` lines)."""
     packaged = config_path(config.name)
     if not config.copy:

@@ -24,49 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lenet_dist.distributed.configs import check_config_file
-from lenet_dist.errors import UserError
+from lenet_dist.distributed.launch_records import LAUNCH_RECORDS_ENV
 
-LAUNCH_RECORDS_ENV = "LENET_LAUNCH_RECORDS"
 # signals.py's, spelled here: it imports torch
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # torchrun's agent forwards to the ranks only the signals it handles; its default list lacks SIGUSR1
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 GRACE_SECONDS = 30  # how long the ranks may take to save after a signal, as under torchrun
-
-
-# ------------------------------------------------------------------ in each rank
-
-
-@contextmanager
-def launch_record() -> Iterator[None]:
-    """Under `lenet-dist launch`, record this rank as "running", or "explained" when it ends with its own
-    one-line error (the launcher then adds nothing). A rank that finishes, crashes or is killed stays "running"."""
-    folder = os.environ.get(LAUNCH_RECORDS_ENV)
-    if folder:
-        _write_record(Path(folder), {"pid": os.getpid(), "outcome": "running"})
-    try:
-        yield
-    except UserError as error:
-        if folder:
-            _write_record(Path(folder), {"pid": os.getpid(), "outcome": "explained", "status": error.exit_status})
-        raise
-
-
-def record_stop(signal_number: int, step: int, checkpoint: Path) -> None:
-    folder = os.environ.get(LAUNCH_RECORDS_ENV)
-    if folder:
-        _write_record(Path(folder), {"pid": os.getpid(), "outcome": "stopped", "signal": signal_number, "step": step,
-                                     "checkpoint": str(checkpoint)})
-
-
-def _write_record(folder: Path, record: dict) -> None:
-    path = folder / f"rank{os.environ.get('RANK', '0')}.json"
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(record))
-    partial.replace(path)
-
-
-# ------------------------------------------------------------------ the launcher
 
 
 def main(argv: list[str]) -> int:

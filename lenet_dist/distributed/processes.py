@@ -101,3 +101,13 @@ def announce(state: PartialState, message: str) -> None:
     """Print on global rank 0 only: accelerator.print prints once per machine, not once per job."""
     if state.is_main_process:
         print(message, flush=True)
+
+
+def precision_label(accelerator: Accelerator) -> str:
+    """accelerate's mixed precision, and on CUDA what its fp32 is: PyTorch computes fp32 convolutions in TF32
+    there unless told otherwise (torch.backends.cudnn.conv.fp32_precision), matrix products in IEEE fp32."""
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision != "no":
+        return accelerator.mixed_precision
+    tf32 = [name for name, setting in (("convolutions", torch.backends.cudnn.conv.fp32_precision),
+                                       ("matmuls", torch.backends.cuda.matmul.fp32_precision)) if setting == "tf32"]
+    return f"no (TF32 {' and '.join(tf32)})" if tf32 else "no"

@@ -110,6 +110,11 @@ class SettledProfiler:
         # setting to stop it, at the first free of a block made earlier: these take that free, with stderr closed.
         self.made_before = {ProfilerAction.WARMUP: torch.empty(1), ProfilerAction.RECORD: torch.empty(1)}
 
+    @staticmethod
+    def batches(items: Iterable[Item]) -> Iterator[Item]:
+        """The batches, each fetch a "data_loading" range in the trace."""
+        return labelled(items, "data_loading")
+
     def step(self) -> None:
         if self.profiler.current_action == ProfilerAction.RECORD_AND_SAVE:  # this step stops the recording
             self.settle()
@@ -142,6 +147,10 @@ def stderr_closed() -> Iterator[None]:
 
 class NoProfiler:
     """Stands in when --profile is off, so the train loop has one code path."""
+
+    @staticmethod
+    def batches(items: Iterable[Item]) -> Iterable[Item]:
+        return items
 
     def step(self) -> None:
         pass

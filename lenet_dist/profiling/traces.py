@@ -18,7 +18,7 @@ from lenet_dist.profiling.events import CATEGORIES, HOST, STEP_MARKER, Event, Wi
 
 TRACE_NAME = re.compile(r"^(?P<worker>.+?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")
 RANK_NAME = re.compile(r"^rank(\d+)$")
-# outputs.METRICS_FILE, spelled here: outputs imports torch, which inspect never loads
+# output_dir.METRICS_FILE, spelled here: output_dir imports torch (through checkpoint), which inspect never loads
 RUN_METRICS = "metrics.json"
 STEP_WINDOWS = "ProfilerStep markers"
 WHOLE = "whole trace"

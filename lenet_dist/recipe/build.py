@@ -1,19 +1,16 @@
 """The recipe's builders: model, optimizer, schedule, data, precision.
 
 `lenet-dist train` (`build_trainer`) and `lenet-dist bench`'s tuned rows use the same builders, so the
-bench times what training runs (eagerly; see steps.py for the CUDA graph). Constants that are not flags
-live here, with why.
+bench times what training runs. Constants that are not flags live here, with why.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, DynamoBackend
 from torch.utils.data import DataLoader
 
 from lenet_dist.config import TrainConfig
@@ -23,14 +20,13 @@ from lenet_dist.model import LeNet5
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 from lenet_dist.recipe.muon import MuonWithAdam
 
-# Adam's beta2 0.95, not 0.999, lets the step size follow the one-cycle learning rate instead of lagging it;
-# with peak lr 6e-3 seeds 0-2 ended at ≥ 98.6 % (3e-3 and 0.999: 98.35-98.63 %).
+# Adam's beta2 0.95, not 0.999, lets the step size follow the one-cycle learning rate instead of lagging it
+# (measured: BENCHMARKS.md, "Why two recipes").
 ADAM_BETAS = (0.9, 0.95)
 # Evaluation batches: larger than training's (no backward pass), small enough for the CPU's caches (2,000 took
 # ~1.6× as long); 500 divides the 10,000 test images, so every batch has one shape. Rounded up to a multiple of
 # the process count.
 EVAL_BATCH_SIZE = 500
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(config: TrainConfig, num_classes: int) -> LeNet5:
@@ -102,7 +98,9 @@ class Trainer:
     output_dir: Path
 
 
-def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path) -> Trainer:
+def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path, output_dir: Path,
+                  capturable: bool = False) -> Trainer:
+    """`capturable`: an optimizer whose step a CUDA graph can capture (steps.wants_cuda_graph says when)."""
     train_split, test_split = on_every_rank(lambda: [load_split(data_dir, split, config.dataset)
                                                      for split in ("train", "test")])
     batches = build_training_batches(config, train_split, data_dir, accelerator.device, accelerator.process_index,
@@ -111,7 +109,7 @@ def build_trainer(config: TrainConfig, accelerator: Accelerator, data_dir: Path,
         raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_split.labels):,} training "
                          f"images of {data_dir}; choose at most {len(train_split.labels):,}")
     model = build_model(config, num_classes=len(train_split.info.classes)).to(accelerator.device)
-    optimizer = build_optimizer(config, model, graph=wants_cuda_graph(config, accelerator))
+    optimizer = build_optimizer(config, model, graph=capturable)
     scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=len(batches))
     test_loader = build_test_loader(config, test_split, data_dir, accelerator.device, accelerator.num_processes)
     model, optimizer, scheduler, test_loader = accelerator.prepare(model, optimizer, scheduler, test_loader)
@@ -126,42 +124,3 @@ def _loader_options(config: TrainConfig, device: torch.device) -> dict:
     if pin_memory is None:  # make_loader never pins the in-memory data set, already on the device
         pin_memory = device.type == "cuda"
     return {"workers": config.resolved_workers(), "pin_memory": pin_memory, "persistent": config.persistent_workers}
-
-
-def wants_cuda_graph(config: TrainConfig, accelerator: Accelerator) -> bool:
-    """Whether to capture the training step as a CUDA graph: by default on one CUDA GPU with the in-memory
-    pipeline, where it applies; asked for elsewhere, refused in one line."""
-    reasons = [reason for reason, applies in (
-        ("it needs a CUDA device", accelerator.device.type != "cuda"),
-        ("it captures a single process's step, not DDP's (see launch/README.md)",
-         accelerator.distributed_type != DistributedType.NO),
-        ("it needs the tensor pipeline's whole, same-shaped batches", config.data_pipeline != "tensor"),
-        ("fp16 needs a gradient scaler outside the graph", accelerator.mixed_precision == "fp16"),
-        ("--compile (or accelerate's --dynamo_backend) makes its own graphs", compiles(accelerator)),
-    ) if applies]
-    if config.cuda_graph and reasons:
-        raise UsageError(f"--cuda-graph: {reasons[0]}; drop --cuda-graph")
-    return config.cuda_graph is not False and not reasons
-
-
-def compiles(accelerator: Accelerator) -> bool:
-    """Whether accelerate compiles the model in `prepare`: --compile, or accelerate's own dynamo setting
-    (`accelerate launch --dynamo_backend inductor`, a launch config's dynamo_config)."""
-    return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
-
-
-def precision_label(accelerator: Accelerator) -> str:
-    """accelerate's mixed precision, and on CUDA what its fp32 is: PyTorch computes fp32 convolutions in TF32
-    there unless told otherwise (torch.backends.cudnn.conv.fp32_precision), matrix products in IEEE fp32."""
-    if accelerator.device.type != "cuda" or accelerator.mixed_precision != "no":
-        return accelerator.mixed_precision
-    tf32 = [name for name, setting in (("convolutions", torch.backends.cudnn.conv.fp32_precision),
-                                       ("matmuls", torch.backends.cuda.matmul.fp32_precision)) if setting == "tf32"]
-    return f"no (TF32 {' and '.join(tf32)})" if tf32 else "no"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision outside accelerate (the benchmark's loop); train gets the same from accelerate."""
-    if precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])

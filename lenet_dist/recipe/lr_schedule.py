@@ -16,8 +16,7 @@ def build_lr_scheduler(
     config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """One-cycle over the run (or its first --anneal-images, then holding), or constant. Adam's betas stay
-    fixed: a graph cannot follow a per-step beta1, and fixed ended as high (seeds 0-2: 98.68/98.97/98.78 %
-    against 98.65/98.85/98.72 % cycled)."""
+    fixed: a graph cannot follow a per-step beta1, and fixed ends as high (BENCHMARKS.md, "Why two recipes")."""
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     steps = config.epochs * steps_per_epoch
