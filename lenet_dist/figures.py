@@ -232,7 +232,12 @@ def _key(axis: Axes, text: str) -> None:
 
 
 def _draw_learning_rate(axis: Axes, train_log: list[dict[str, Any]]) -> None:
-    axis.plot([entry["images"] for entry in train_log], [entry["lr"] for entry in train_log], color="tab:orange")
+    """--lr's (Adam's), and --muon-lr's beside it in a Muon run: each group's own rate."""
+    images = [entry["images"] for entry in train_log]
+    axis.plot(images, [entry["lr"] for entry in train_log], color="tab:orange", label="--lr (Adam)")
+    if train_log and "muon_lr" in train_log[0]:
+        axis.plot(images, [entry["muon_lr"] for entry in train_log], color="tab:purple", label="--muon-lr (Muon)")
+        axis.legend(loc="upper right", fontsize=8)
     axis.set_ylim(bottom=0)
     axis.yaxis.set_major_locator(_few_ticks(3))
     axis.set_ylabel("learning rate")

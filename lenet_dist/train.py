@@ -307,10 +307,13 @@ def log_training(trainer: Trainer, progress: RunState, sums: StepSums) -> float:
         raise UserError(f"training loss became {mean_loss} by step {progress.global_step} (epoch {progress.epoch}); "
                         f"the last good checkpoint is kept in {trainer.output_dir / 'checkpoints'}; lower --lr")
     progress.note_recent(steps * batch_size, right, closing=progress.global_step % trainer.config.log_every == 0)
-    lr = float(trainer.lr_scheduler.get_last_lr()[0])
+    # the last group's is --lr's (Adam's); under --optimizer muon the first one's is --muon-lr's
+    *muon, lr = (float(rate) for rate in trainer.lr_scheduler.get_last_lr())
+    rates = {"lr": lr} | ({"muon_lr": muon[0]} if muon else {})
     progress.train_log.append({"step": progress.global_step, "epoch": progress.epoch,
-                               "images": progress.global_step * batch_size, "loss": mean_loss, "lr": lr})
-    trainer.accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=progress.global_step)
+                               "images": progress.global_step * batch_size, "loss": mean_loss, **rates})
+    trainer.accelerator.log({"train/loss": mean_loss, **{f"train/{name}": rate for name, rate in rates.items()}},
+                            step=progress.global_step)
     return mean_loss
 
 

@@ -113,6 +113,20 @@ def test_every_panel_shares_one_axis_of_images_seen():
     assert accuracy.get_xlim() == (0, pytest.approx(1.02 * 368 * BATCH_SIZE))  # to the last evaluation
 
 
+
+def test_a_muon_run_plots_both_learning_rates_each_named():
+    """Under --optimizer muon, --lr steps Adam's group and --muon-lr Muon's: both drawn, neither passed off as the
+    other."""
+    metrics = short_target_run()
+    for entry in metrics["train_log"]:
+        entry["muon_lr"] = entry["lr"] * 2
+    rate = training_curves_figure(metrics).axes[1]
+    lines = lines_by_label(rate)
+    assert list(lines["--lr (Adam)"].get_ydata()) == [entry["lr"] for entry in metrics["train_log"]]
+    assert list(lines["--muon-lr (Muon)"].get_ydata()) == [entry["muon_lr"] for entry in metrics["train_log"]]
+    assert [text.get_text() for text in rate.get_legend().get_texts()] == ["--lr (Adam)", "--muon-lr (Muon)"]
+    assert "--muon-lr (Muon)" not in lines_by_label(training_curves_figure(short_target_run()).axes[1])
+
 def test_the_target_is_a_dashed_line_and_where_it_was_reached_is_marked_and_named():
     accuracy = training_curves_figure(short_target_run()).axes[-1]
     lines = lines_by_label(accuracy)

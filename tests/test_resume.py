@@ -361,6 +361,10 @@ def test_a_muon_run_resumed_from_its_checkpoint_ends_on_the_same_weights(mnist_s
     env = {"LENET_DATA_DIR": str(mnist_slice)}
     whole = call([*TRAIN, *muon, "--output-dir", str(tmp_path / "whole")], env=env)
     assert whole.returncode == 0, whole.stderr
+    # each group's learning rate logged under its own flag's name: one schedule, two peaks (--lr, --muon-lr)
+    log = read_metrics(tmp_path / "whole")["train_log"]
+    assert all(entry["muon_lr"] == pytest.approx(entry["lr"] * 0.02 / 6e-3) for entry in log)
+    assert max(entry["lr"] for entry in log) == pytest.approx(6e-3, rel=0.02)
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000032"
     adam = call([*TRAIN, *SHORT, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "adam")], env=env)
     assert adam.returncode == 2 and "--optimizer muon (this run: adam)" in adam.stderr, adam.stderr
