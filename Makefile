@@ -44,18 +44,9 @@ data: install
 train: install
 	$(VENV)/bin/lenet-dist train
 
-# The full suite: real MNIST, real processes, real signals (CI runs this). The SLURM and cluster tiers spend
-# most of their time waiting (on daemons, timeouts, other nodes): they run in a second pytest beside the rest,
-# their report printed after it; Ctrl-C or a failure of either still stops and reports both.
-WAITING_TIERS := slurm or cluster
+# The full suite: real MNIST, real processes, real signals (CI runs this).
 test: data
-	@log=$$(mktemp); $(PYTHON) -m pytest -q -p no:cacheprovider -m "$(WAITING_TIERS)" > "$$log" 2>&1 & tiers=$$!; \
-	trap '[ -z "$$tiers" ] || kill $$tiers 2>/dev/null; wait; echo "--- the $(WAITING_TIERS) tiers:"; \
-		cat "$$log"; rm -f "$$log"' EXIT; \
-	trap 'exit 130' INT TERM; \
-	$(PYTHON) -m pytest -q -m "not ($(WAITING_TIERS))"; rest=$$?; \
-	wait $$tiers; waiting=$$?; tiers=; \
-	exit $$((rest || waiting))
+	$(PYTHON) -m pytest -q
 
 # The everyday tier: lint, then the in-process tests and a few short training runs (under a minute).
 check: install lint

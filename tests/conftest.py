@@ -50,7 +50,7 @@ RUN_FILES = (".lenet-dist.lock", "checkpoints", "config.json", "metrics.json", "
 
 def pytest_configure(config) -> None:
     """SIGTERM stops the suite as Ctrl-C does, its fixtures' finalizers run (the SLURM daemons and network
-    namespaces removed): `make test` stops its second pytest so. A process forked from this one keeps the default."""
+    namespaces removed, not left running). A process forked from this one keeps the default."""
     suite = os.getpid()
 
     def interrupt(signum, frame) -> None:
