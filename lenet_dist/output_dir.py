@@ -37,7 +37,7 @@ from lenet_dist.trackers import TRACKERS_DIR
 
 METRICS_FILE = "metrics.json"
 # Everything a run writes into its output dir: --overwrite removes these and nothing else of the folder.
-RUN_OUTPUTS = ("config.json", METRICS_FILE, WEIGHTS_FILE, CHECKPOINTS_DIR, TRACKERS_DIR, "predictions.png",
+RUN_OUTPUTS = (RUN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, CHECKPOINTS_DIR, TRACKERS_DIR, "predictions.png",
                "training_curves.png", "confusion_matrix.png", "confident_mistakes.png")
 LOCK_FILE = ".lenet-dist.lock"
 
