@@ -73,7 +73,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked gpu are reported as skipped, with the reason, where there is no CUDA device."""
+    """Modules in the order `make test`'s two workers (pytest-xdist, a whole module each) take them: the SLURM and
+    cluster tiers first (they mostly wait), then modules with slow tests, so that no long module starts last.
+    Tests marked gpu are reported as skipped, with the reason, where there is no CUDA device."""
+    def weight(item) -> int:
+        return 0 if item.get_closest_marker("slurm") or item.get_closest_marker("cluster") else \
+            1 if item.get_closest_marker("slow") else 2
+
+    module_weight: dict = {}
+    for item in items:
+        module_weight[item.module] = min(module_weight.get(item.module, 2), weight(item))
+    items.sort(key=lambda item: module_weight[item.module])  # stable: each module's own order kept
     if torch.cuda.is_available():
         return
     for item in items:

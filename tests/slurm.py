@@ -106,6 +106,27 @@ class Slurm:
     def wait_idle(self) -> None:
         self._wait(lambda: self.idle_nodes() == 2, "both nodes idle", timeout=60)
 
+    def reset(self) -> None:
+        """As if freshly started, for the next test: no job left running, every node's slurmd up (a test may have
+        killed one) and the node back in service (or drained), idle, its local disk empty. Jobs that ended stay
+        listed (MinJobAge); job ids keep rising."""
+        self.run("scancel", "--user=root")
+        for node in self.cluster.nodes:
+            if self.daemons[node.name].poll() is not None:
+                self.daemons[node.name] = self.start_slurmd(node)
+        self.run("scontrol", "update", f"nodename={','.join(node.name for node in self.cluster.nodes)}",
+                 "state=resume")  # refused, harmlessly, for nodes that were not drained or down
+        self.wait_idle()
+        for node in self.cluster.nodes:
+            for entry in node.disk.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    def job_ids(self) -> set[str]:
+        return set(re.findall(r"JobId=(\d+)", self.run("scontrol", "show", "jobs").stdout))
+
     def start_slurmd(self, node: Node) -> subprocess.Popen:
         return self.cluster.start(node, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)], self.env)
 
