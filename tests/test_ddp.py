@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 
 import pytest
 
 from conftest import (
     BIN,
     FIGURES,
+    ROOT,
     RUN_FILES,
     SLICE_TEST_IMAGES,
     TRAIN,
     assert_png,
     call,
+    free_port,
     launch_table,
     read_metrics,
 )
@@ -61,3 +65,14 @@ def test_two_process_cpu_ddp_trains_as_one_process_speaks_once_and_profiles_each
     assert all(w["steps"] == 5 and w["conv_share"] > 0.05 for w in workers.values())
     table = call([str(BIN / "lenet-dist"), "inspect", str(trace_dir)], timeout=120)
     assert "rank0" in table.stdout and "rank1" in table.stdout
+
+
+def test_muon_ranks_with_different_thread_counts_end_with_the_same_weights(tmp_path):
+    """torchrun, two ranks, one and two threads (tests/muon_ranks.py): Newton–Schulz rounds differently on each,
+    so each rank orthogonalises its share of the matrices and sends it to the other; after 30 steps of shared
+    random batches both hold the same bytes (orthogonalising everything on every rank, they differed)."""
+    result = call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(free_port()), str(ROOT / "tests" / "muon_ranks.py"), "30"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"^rank (\d): (\w+)$", result.stdout, flags=re.M))
+    assert len(digests) == 2 and digests["0"] == digests["1"], result.stdout

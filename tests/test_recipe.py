@@ -11,7 +11,7 @@ from lenet_dist.config import RECIPES, TrainConfig
 from lenet_dist.errors import UsageError
 from lenet_dist.recipe.build import build_model, build_optimizer
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
-from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised
+from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised, owner_ranks
 
 
 def test_a_recipe_fills_what_no_flag_set_and_a_flag_overrides_it():
@@ -105,3 +105,12 @@ def test_a_warm_up_of_one_step_starts_at_the_peak():
         scheduler.step()
     assert rates[0] == pytest.approx(config.lr) and rates == sorted(rates, reverse=True)
     assert rates[-1] == pytest.approx(config.lr * config.final_lr_factor)
+
+
+def test_under_ddp_each_rank_orthogonalises_a_balanced_share_of_the_matrices():
+    """LeNet's filters and weights (6×25, 16×150, 120×400, 84×120): fc1 costs most of the Newton–Schulz work, so on
+    two ranks it is one rank's share and the three others the other's; one rank does them all."""
+    shapes = [torch.Size(shape) for shape in ((6, 1, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120))]
+    assert owner_ranks(shapes, 2) == [1, 1, 0, 1]
+    assert owner_ranks(shapes, 1) == [0, 0, 0, 0]
+    assert sorted(set(owner_ranks(shapes, 4))) == [0, 1, 2, 3]

@@ -5,6 +5,11 @@ Newton–Schulz iterations with torch.optim.Muon's coefficients, the step scaled
 convolution's filters are the matrix out × in·k·k. torch.optim.Muon is not used: it refuses tensors that are
 not 2-D, and it reads its learning rate as a Python number, which a CUDA graph cannot replay. Every quantity
 the Muon half reads is a tensor, so its step is capturable; the Adam half is torch's fused Adam.
+
+Under DDP each rank orthogonalises its share of the matrices (balanced by their cost) and sends the stepped
+matrices to the others, as the reference Muon does: the work is divided, and every rank applies the same
+bytes. Newton–Schulz's matrix products round differently with another number of BLAS threads or another CPU,
+so ranks that each orthogonalised everything would see their weights drift apart.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Jordan's) quintic coefficients
 NEWTON_SCHULZ_STEPS = 5
@@ -61,17 +67,42 @@ class MuonWithAdam(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None:
         matrices = self.param_groups[0]
         momentum = matrices["momentum"]
-        for parameter in matrices["params"]:
-            if parameter.grad is None:
-                continue
+        stepped = [parameter for parameter in matrices["params"] if parameter.grad is not None]
+        world_size, rank = _world()
+        owners = owner_ranks([parameter.shape for parameter in stepped], world_size)
+        for parameter, owner in zip(stepped, owners, strict=True):
             state = self.state[parameter]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(parameter)
             buffer = state["momentum_buffer"]
-            buffer.lerp_(parameter.grad, 1 - momentum)
+            buffer.lerp_(parameter.grad, 1 - momentum)  # on every rank: elementwise, the same bytes everywhere
+            if owner != rank:
+                continue
             nesterov = parameter.grad.lerp(buffer, momentum)
             rows = parameter.size(0)
             update = orthogonalised(nesterov.reshape(rows, -1)).reshape(parameter.shape)
             scale = max(1.0, rows / (parameter.numel() // rows)) ** 0.5
             parameter.sub_(update * (matrices["lr"] * scale))
+        pending = [dist.broadcast(parameter, src=owner, async_op=True)
+                   for parameter, owner in zip(stepped, owners, strict=True)] if world_size > 1 else []
+        for request in pending:
+            request.wait()
         self.adam.step()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def owner_ranks(shapes: list[torch.Size], world_size: int) -> list[int]:
+    """For each matrix, the rank that orthogonalises it: the costliest first, each to the rank with the least work
+    so far (Newton–Schulz costs about rows · cols · min(rows, cols))."""
+    load = [0] * world_size
+    owner = [0] * len(shapes)
+    costs = [shape[0] * (shape.numel() // shape[0]) * min(shape[0], shape.numel() // shape[0]) for shape in shapes]
+    for index in sorted(range(len(shapes)), key=lambda index: -costs[index]):
+        owner[index] = min(range(world_size), key=load.__getitem__)
+        load[owner[index]] += costs[index]
+    return owner
