@@ -12,8 +12,10 @@ import statistics
 import pytest
 import torch
 
-from conftest import BIN, TRAIN, assert_png, call, one_line_error, read_metrics
+from conftest import BIN, ROOT, TRAIN, assert_png, call, one_line_error, read_metrics
 from lenet_dist import cli
+from lenet_dist.bench.compare import compare, comparison_figure
+from lenet_dist.bench.report import scaling_figure, throughput_figure
 from lenet_dist.checkpoint import load_model
 from lenet_dist.model import LeNet5
 
@@ -271,3 +273,21 @@ def test_benchmarks_compare_command_runs(tmp_path, capsys):
                                  str(tmp_path / "compare.png")])
     assert status == 0, capsys.readouterr().err
     assert "[2] docs/bench-cpu-1core.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("saved", "drawn"), [
+    ("bench-cpu-avx512.json", ["lenet-dist's pipeline"]),  # its rows are all the tuned pipeline's
+    ("bench-cpu.json", ["the original script's pipeline", "lenet-dist's pipeline"]),
+])
+def test_charts_start_at_zero_name_only_what_they_draw_and_say_their_machine_and_commit(saved, drawn):
+    result = json.loads((ROOT / "docs" / saved).read_text())
+    (axes,) = throughput_figure(result).axes
+    assert axes.get_xlim()[0] == 0 and [text.get_text() for text in axes.get_legend().get_texts()] == drawn
+    assert len(axes.patches) == len(result["rows"]) and f"commit {result['machine']['commit']}" in axes.get_title()
+    scaling = scaling_figure(result)
+    assert [axis.get_ylim()[0] for axis in scaling.axes] == [0, 0]
+    assert f"commit {result['machine']['commit']}" in scaling.get_suptitle()
+    other = json.loads((ROOT / "docs" / "bench-cpu-1core.json").read_text())
+    comparison = comparison_figure({"files": [saved, "bench-cpu-1core.json"], **compare([result, other])})
+    (legend,) = comparison.legends
+    assert comparison.axes[0].get_xlim()[0] == 0 and len(legend.get_texts()) == 2

@@ -47,7 +47,8 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
                      "ratio": [rate / rates[0] for rate in rates]})
     unmatched = [{"file": index, **dict(zip(KEY, key, strict=True))}
                  for index, table in enumerate(tables) for key in table if key not in matched]
-    return {"machines": [f"{label(result['machine'])}, {result['date'][:10]}" for result in results], "rows": rows,
+    return {"machines": [f"{label(result['machine'])}, commit {result['machine'].get('commit') or 'not a checkout'}, "
+                         f"{result['date'][:10]}" for result in results], "rows": rows,
             "unmatched": unmatched}
 
 
@@ -96,6 +97,12 @@ def show(comparison: dict[str, Any]) -> None:
 
 
 def chart(comparison: dict[str, Any], path: Path) -> Path:
+    figure = comparison_figure(comparison)
+    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+
+
+def comparison_figure(comparison: dict[str, Any]):
+    """One bar per file and row, from zero (their lengths are the ratios); the legend names each file's machine."""
     from matplotlib.figure import Figure
 
     rows, files = comparison["rows"], comparison["files"]
@@ -109,7 +116,7 @@ def chart(comparison: dict[str, Any], path: Path) -> Path:
     axes.set_yticks([position + 0.4 - height / 2 for position in range(len(rows))],
                     [" ".join(str(row[key]) for key in KEY) for row in rows], fontsize=8)
     axes.invert_yaxis()
-    axes.set_xscale("log")
+    axes.set_xlim(0, 1.1 * max(rate for row in rows for rate in row["train_images_per_second"]))
     axes.set_xlabel("training images/s")
-    axes.legend(fontsize=7, loc="lower right")
-    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+    figure.legend(fontsize=7, loc="outside lower center")
+    return figure

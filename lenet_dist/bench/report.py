@@ -137,32 +137,49 @@ def save(result: dict[str, Any], json_path: str | None, chart_path: str | None) 
     if json_path:
         print(f"wrote {write_json(Path(json_path), result)}")
     if chart_path:
-        print(f"wrote {throughput_chart(result, Path(chart_path))}")
+        print(f"wrote {write_png(throughput_figure(result), Path(chart_path))}")
         if result.get("scaling"):
             path = Path(chart_path)
-            print(f"wrote {scaling_chart(result['scaling'], path.with_name(path.stem + '-scaling' + path.suffix))}")
+            print(f"wrote {write_png(scaling_figure(result), path.with_name(path.stem + '-scaling' + path.suffix))}")
 
 
-def throughput_chart(result: dict[str, Any], path: Path) -> Path:
+PIPELINES = {"original": ("tab:gray", "the original script's pipeline"), "tuned": ("tab:blue", "lenet-dist's pipeline")}
+
+
+def chart_title(what: str, result: dict[str, Any]) -> str:
+    """What a chart shows, on which machine, from which commit, when: a chart read without its JSON still says."""
+    machine = result["machine"]
+    return f"{what}\n{label(machine)}, commit {machine.get('commit') or 'not a checkout'}, {result['date'][:10]}"
+
+
+def throughput_figure(result: dict[str, Any]):
+    """Bars from zero (their lengths are the ratios), each labelled with its rate; the legend names only the
+    pipelines drawn."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     rows = result["rows"]
     labels = [Cell(**{key: row[key] for key in Cell.__dataclass_fields__}).label() for row in rows]
-    figure = Figure(figsize=(9, 0.32 * len(rows) + 1.2), layout="constrained")
+    rates = [row["train_images_per_second"] for row in rows]
+    figure = Figure(figsize=(9, 0.32 * len(rows) + 1.5), layout="constrained")
     axes = figure.subplots()
-    colors = ["tab:gray" if row["pipeline"] == "original" else "tab:blue" for row in rows]
-    axes.barh(labels, [row["train_images_per_second"] for row in rows], color=colors)
-    axes.set_xscale("log")
+    bars = axes.barh(labels, rates, color=[PIPELINES[row["pipeline"]][0] for row in rows])
+    axes.bar_label(bars, labels=[f"{rate:,.0f}" for rate in rates], padding=3, fontsize=7)
+    axes.set_xlim(0, 1.4 * max(rates))  # room on the right for the rates and the legend
     axes.invert_yaxis()
-    axes.set_xlabel("training images/s (median of timed windows; grey: the original script's pipeline)")
-    axes.set_title(f"LeNet-5 training throughput, {label(result['machine'])}, {result['date'][:10]}", fontsize=9)
-    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+    axes.set_xlabel("training images/s (median of timed windows)")
+    drawn = dict.fromkeys(row["pipeline"] for row in rows)
+    axes.legend(handles=[Patch(color=PIPELINES[name][0], label=PIPELINES[name][1]) for name in drawn], fontsize=8,
+                loc="lower right")
+    axes.set_title(chart_title("LeNet-5 training throughput", result), fontsize=9)
+    return figure
 
 
-def scaling_chart(scaling: dict[str, Any], path: Path) -> Path:
+def scaling_figure(result: dict[str, Any]):
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 3.5), layout="constrained")
+    scaling = result["scaling"]
+    figure = Figure(figsize=(8, 3.8), layout="constrained")
     rate_axis, efficiency_axis = figure.subplots(1, 2)
     for mode, color in (("strong", "tab:blue"), ("weak", "tab:orange")):
         rows = [row for row in scaling["rows"] if row["mode"] == mode]
@@ -171,7 +188,14 @@ def scaling_chart(scaling: dict[str, Any], path: Path) -> Path:
                        label=f"{mode} (global batch {'fixed' if mode == 'strong' else 'grows'})")
         efficiency_axis.plot(counts, [100 * (row["efficiency"] or 0) for row in rows], marker="o", color=color)
     rate_axis.set(xlabel="processes", ylabel="training images/s", title=f"Throughput on {scaling['device']}")
+    rate_axis.set_ylim(bottom=0)
     rate_axis.legend(fontsize=8)
     efficiency_axis.axhline(100, color="gray", linestyle=":")
     efficiency_axis.set(xlabel="processes", ylabel="scaling efficiency (%)", title="Efficiency vs. ideal")
+    efficiency_axis.set_ylim(bottom=0)
+    figure.suptitle(chart_title("LeNet-5 scaling", result), fontsize=9)
+    return figure
+
+
+def write_png(figure, path: Path) -> Path:
     return write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
