@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_dist.errors import UsageError
-from lenet_dist.flags import flag, option, parse_config, require_at_least, require_choices, split_list
+from lenet_dist.flags import UNSET, flag, option, parse_config, require_at_least, require_choices, split_list
 
 DATA_DIR_ENV = "LENET_DATA_DIR"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")  # their files and statistics: data.DATASETS
@@ -57,43 +57,43 @@ class TrainConfig:
         "below whose default says 'from --recipe default' override their part of any recipe", choices=tuple(RECIPES),
         trajectory=False,
     )
-    epochs: int | None = flag(None, f"passes over the training set {from_recipe('epochs')}", trajectory=True)
-    batch_size: int | None = flag(
-        None,
+    epochs: int = flag(UNSET, f"passes over the training set {from_recipe('epochs')}", trajectory=True)
+    batch_size: int = flag(
+        UNSET,
         "GLOBAL batch size, split evenly across processes, so 1 and N processes follow the same recipe "
         f"{from_recipe('batch_size')}",
         short="-b", trajectory=True,
     )
-    lr: float | None = flag(
-        None, f"peak learning rate of Adam (the one-cycle schedule's maximum) {from_recipe('lr')}", trajectory=True,
+    lr: float = flag(
+        UNSET, f"peak learning rate of Adam (the one-cycle schedule's maximum) {from_recipe('lr')}", trajectory=True,
     )
-    optimizer: str | None = flag(
-        None, f"adam, or muon: Muon on the four weight matrices (the convolutions' filters flattened), Adam (--lr) on "
+    optimizer: str = flag(
+        UNSET, f"adam, or muon: Muon on the four weight matrices (the convolutions' filters flattened), Adam (--lr) on "
         f"the biases and the output layer {from_recipe('optimizer')}", choices=("adam", "muon"), trajectory=True,
     )
-    muon_lr: float | None = flag(
-        None, f"--optimizer muon: Muon's peak learning rate {from_recipe('muon_lr')}", trajectory=True,
+    muon_lr: float = flag(
+        UNSET, f"--optimizer muon: Muon's peak learning rate {from_recipe('muon_lr')}", trajectory=True,
     )
     schedule: str = flag("onecycle", "learning-rate schedule", choices=("onecycle", "constant"), trajectory=True)
-    warmup: float | None = flag(
-        None, "one-cycle schedule: the share of its cycle spent raising the learning rate to its peak "
+    warmup: float = flag(
+        UNSET, "one-cycle schedule: the share of its cycle spent raising the learning rate to its peak "
         f"{from_recipe('warmup')}",
         trajectory=True,
     )
     anneal_images: int | None = flag(
-        None, "one-cycle schedule: the images its cycle spans, after which the learning rate holds its last value "
+        UNSET, "one-cycle schedule: the images its cycle spans, after which the learning rate holds its last value "
         f"(none: the whole run) {from_recipe('anneal_images')}", trajectory=True
     )
-    final_lr_factor: float | None = flag(
-        None, "one-cycle schedule: the learning rate its cycle ends on, and then holds, as a fraction of the peak "
+    final_lr_factor: float = flag(
+        UNSET, "one-cycle schedule: the learning rate its cycle ends on, and then holds, as a fraction of the peak "
         f"(OneCycleLR's: 1/250000) {from_recipe('final_lr_factor')}", trajectory=True
     )
-    init: str | None = flag(
-        None, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {from_recipe('init')}",
+    init: str = flag(
+        UNSET, f"weight initialisation: pytorch (its default) or lecun (normal, std 1/√fan-in) {from_recipe('init')}",
         choices=("pytorch", "lecun"), trajectory=True,
     )
-    augment: bool | None = flag(
-        None, "redraw each training batch with small random rotations, scalings, slants, shifts and thicker or "
+    augment: bool = flag(
+        UNSET, "redraw each training batch with small random rotations, scalings, slants, shifts and thicker or "
         f"thinner strokes, as other hands and pens write (the tensor pipeline) {from_recipe('augment')}",
         trajectory=True,
     )
@@ -146,7 +146,7 @@ class TrainConfig:
         True, "keep convolution weights and activations channels-last (oneDNN's fast layout on CPU)", trajectory=False
     )
     target_accuracy: float | None = flag(
-        None, "stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98 "
+        UNSET, "stop at the first evaluation whose test accuracy reaches this fraction, e.g. 0.98 "
         f"{from_recipe('target_accuracy')}",
         trajectory=False,
     )
@@ -205,7 +205,7 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise UsageError(f"--recipe: unknown {self.recipe}; choose from {', '.join(RECIPES)}")
         for name, value in RECIPES[self.recipe].items():  # the recipe fills what no flag set
-            if getattr(self, name) is None:
+            if getattr(self, name) is UNSET:
                 setattr(self, name, value)
         require_at_least(self, {
             "epochs": 1, "batch_size": 1, "keep_checkpoints": 1, "log_every": 1, "workers": 0, "eval_every": 1,

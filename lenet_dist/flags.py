@@ -19,6 +19,17 @@ import lenet_dist
 from lenet_dist.errors import UsageError
 
 
+class _Unset:
+    """The default of a flag whose value another one decides (lenet-dist's --recipe): the config's __post_init__
+    replaces it, so a made config holds no UNSET and its fields keep their plain types."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
 def flag(
     default: Any, doc: str, *, short: str | None = None, choices: tuple[str, ...] | None = None,
     bare: Any = None, positional: bool = False, metavar: str | None = None, required: bool = False,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 
 import pytest
 import torch
 
 from lenet_dist.config import RECIPES, TrainConfig
 from lenet_dist.errors import UsageError
+from lenet_dist.flags import UNSET
 from lenet_dist.recipe.build import build_model, build_optimizer
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised, owner_ranks
@@ -105,6 +109,20 @@ def test_a_warm_up_of_one_step_starts_at_the_peak():
         scheduler.step()
     assert rates[0] == pytest.approx(config.lr) and rates == sorted(rates, reverse=True)
     assert rates[-1] == pytest.approx(config.lr * config.final_lr_factor)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_made_config_holds_every_value_in_its_declared_type_whatever_the_recipe(recipe):
+    """The flags a recipe sets default to UNSET on the command line; the config made from them holds the recipe's
+    values, each of its field's type (int, not int | None, where None is no value the field takes)."""
+    config = TrainConfig(recipe=recipe)
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        value, hint = getattr(config, field.name), hints[field.name]
+        allowed = [typing.get_origin(kind) or kind for kind in
+                   (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))]
+        allowed += [int] if float in allowed else []  # a float field takes an int, as typing has it
+        assert value is not UNSET and isinstance(value, tuple(allowed)), (field.name, value, hint)
 
 
 def test_under_ddp_each_rank_orthogonalises_a_balanced_share_of_the_matrices():
