@@ -35,10 +35,28 @@ def orthogonalised(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> to
     if tall:
         x = x.T
     x = x / x.norm().clamp(min=EPS)
-    for _ in range(steps):
+    if gram_pays(*x.shape, steps):
+        # X ← (a I + b A + c A²) X keeps X = Q X₀ for a square Q: iterate on Q, with A = Q G Qᵀ, G = X₀ X₀ᵀ
         gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        q = torch.eye(x.size(0), dtype=x.dtype, device=x.device)
+        for _ in range(steps):
+            square = q @ gram @ q.T
+            q = torch.addmm(q, torch.addmm(square, square, square, beta=b, alpha=c), q, beta=a)
+        x = q @ x
+    else:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def gram_pays(rows: int, cols: int, steps: int) -> bool:
+    """Whether iterating on the rows × rows Q is cheaper for a wide rows × cols matrix: 4 rows³ multiply-adds a
+    step and 2 rows² cols twice, against (2 rows² cols + rows³) a step (fc1's 120 × 400: 30 % less, measured
+    0.7× the time). Small matrices stay as they are: there the products' calls, not their arithmetic, take the
+    time (conv1's 6 × 25 measured slower, conv2's 16 × 150 no faster)."""
+    once, per_step = 4 * rows * rows * cols, 4 * rows**3
+    return rows * rows * cols >= 2**20 and once + per_step * steps < (2 * rows * rows * cols + rows**3) * steps
 
 
 class MuonWithAdam(torch.optim.Optimizer):
