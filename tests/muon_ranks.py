@@ -31,5 +31,6 @@ for _ in range(int(sys.argv[1])):
         parameter.grad /= world
     optimizer.step()
 weights = b"".join(parameter.detach().contiguous().numpy().tobytes() for parameter in model.parameters())
-print(f"rank {rank}: {hashlib.sha256(weights).hexdigest()}", flush=True)
+sys.stdout.write(f"rank {rank}: {hashlib.sha256(weights).hexdigest()}\n")  # one write: lines stay whole
+sys.stdout.flush()
 dist.destroy_process_group()
