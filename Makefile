@@ -54,7 +54,7 @@ PYTEST := OMP_WAIT_POLICY=passive $(PYTHON) -m pytest -q -n 2 --dist loadscope -
 test: data
 	$(PYTEST)
 
-# The everyday tier: lint, then the in-process tests and a few short training runs (under a minute).
+# The everyday tier: lint, then the in-process tests and a few short training runs.
 check: install lint
 	$(PYTEST) -m "not slow and not ddp and not gpu"
 
