@@ -33,7 +33,7 @@ from lenet_dist.cadence import RunState
 from lenet_dist.errors import UsageError, UserError, on_every_rank
 from lenet_dist.files import follow_umask, fsync_folder, is_write_failure, write_atomically, write_failure
 from lenet_dist.flags import option
-from lenet_dist.model import LeNet5
+from lenet_dist.model import LeNet5, unwrapped
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -76,7 +76,7 @@ def _write_checkpoint(trained: Trained, folder: Path, final: Path, state: RunSta
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
-        model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
+        model = unwrapped(trained.model)
         save_file(_cpu_tensors(model.state_dict()), str(partial / WEIGHTS_FILE), metadata=_weights_metadata(model))
         follow_umask(partial / WEIGHTS_FILE)
         torch.save(_training_state(trained), partial / STATE_FILE)
@@ -182,7 +182,7 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunStat
         raise CorruptCheckpoint(f"--resume {choice.path}: checkpoint is corrupt ({type(error).__name__}); use an "
                                 "older checkpoint") from None
     try:
-        accelerator.unwrap_model(trained.model, keep_torch_compile=False).load_state_dict(weights)
+        unwrapped(trained.model).load_state_dict(weights)
         load_optimizer_state(trained.optimizer, training_state["optimizer"])
         trained.lr_scheduler.load_state_dict(training_state["scheduler"])
         if accelerator.scaler is not None and "scaler" in training_state:
@@ -196,7 +196,7 @@ def restore_checkpoint(trained: Trained, choice: Choice, config: Any) -> RunStat
 def initialize_from(trained: Trained, source: Path) -> None:
     """--init-from: another run's weights (its output dir or a checkpoint folder) into this run's model, on every
     rank from its own disk; the optimizer and the schedule start afresh."""
-    model = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
+    model = unwrapped(trained.model)
     try:
         weights, metadata = load_model(source)
     except UserError as error:

@@ -64,6 +64,7 @@ from lenet_dist.errors import (
 from lenet_dist.evaluation import evaluate, evaluate_and_record, warm_up_evaluation
 from lenet_dist.files import write_json
 from lenet_dist.output_dir import OutputDir, abandon_output_dir, claim_output_dir
+from lenet_dist.model import unwrapped
 from lenet_dist.outputs import run_metrics, write_run_outputs
 from lenet_dist.profiling.capture import (
     no_trace_line,
@@ -132,7 +133,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         metrics = run_metrics(trainer, cadence, progress, precision_label(accelerator), step.cuda_graph) | {
             "profile_dir": str(profile_dir.resolve()) if recorded else None}
         if accelerator.is_main_process:
-            network = accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+            network = unwrapped(trainer.model)
             written = write_run_outputs(output_dir, metrics, network, predictions, trainer.test.images,
                                         trainer.test.info.classes)
             print_summary(metrics)

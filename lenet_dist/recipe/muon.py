@@ -4,7 +4,7 @@ Muon (Jordan et al., 2024) steps each weight matrix along its orthogonalised Nes
 Newton–Schulz iterations with torch.optim.Muon's coefficients, the step scaled by √max(1, rows/cols). A
 convolution's filters are the matrix out × in·k·k. torch.optim.Muon is not used: it refuses tensors that are
 not 2-D, and it reads its learning rate as a Python number, which a CUDA graph cannot replay. Every quantity
-the Muon half reads is a tensor, so its step is capturable; the Adam half is torch's fused Adam.
+the Muon half reads is a tensor, so its step is capturable; the Adam half is torch's fused Adam (adam.py).
 
 Under DDP each rank orthogonalises its share of the matrices (balanced by their cost) and sends the stepped
 matrices to the others, as the reference Muon does: the work is divided, and every rank applies the same
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from lenet_dist.recipe.adam import Adam, WithoutDynamo
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Jordan's) quintic coefficients
 NEWTON_SCHULZ_STEPS = 5
@@ -59,7 +61,7 @@ def gram_pays(rows: int, cols: int, steps: int) -> bool:
     return rows * rows * cols >= 2**20 and once + per_step * steps < (2 * rows * rows * cols + rows**3) * steps
 
 
-class MuonWithAdam(torch.optim.Optimizer):
+class MuonWithAdam(WithoutDynamo, torch.optim.Optimizer):
     """Two parameter groups: the matrices (`muon` True) and the rest, which a fused torch.optim.Adam steps.
 
     The Adam shares this optimizer's state and its group, so that state_dict, load_state_dict and the
@@ -68,7 +70,7 @@ class MuonWithAdam(torch.optim.Optimizer):
 
     def __init__(self, matrices: Iterable[torch.nn.Parameter], others: Iterable[torch.nn.Parameter], *,
                  muon_lr: float, adam_lr: float, betas: tuple[float, float], capturable: bool = False) -> None:
-        self.adam = torch.optim.Adam(list(others), lr=adam_lr, betas=betas, fused=True, capturable=capturable)
+        self.adam = Adam(list(others), lr=adam_lr, betas=betas, fused=True, capturable=capturable)
         adam_group = {**self.adam.param_groups[0], "muon": False}
         super().__init__([{"params": list(matrices), "lr": muon_lr, "muon": True}, adam_group],
                          {"momentum": MOMENTUM})
