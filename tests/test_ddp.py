@@ -73,6 +73,6 @@ def test_muon_ranks_with_different_thread_counts_end_with_the_same_weights(tmp_p
     random batches both hold the same bytes (orthogonalising everything on every rank, they differed)."""
     result = call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                    str(free_port()), str(ROOT / "tests" / "muon_ranks.py"), "30"], cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d): ([0-9a-f]{64})", result.stdout))  # the two ranks' lines may interleave
     assert len(digests) == 2 and digests["0"] == digests["1"], result.stdout
