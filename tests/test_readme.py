@@ -73,7 +73,7 @@ def assert_quoted(quoted: str, printed: str, command: str) -> None:
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist_slice, tmp_path):
+def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist_sliver, tmp_path):
     steps = readme_steps()
     assert sum(len(commands) for commands, _ in steps) >= 10 and sum(q is not None for _, q in steps) >= 4
     # In a copy of the checkout: a user's own runs/first (from following the README) must neither make
@@ -84,8 +84,8 @@ def test_every_readme_command_runs_and_prints_what_readme_quotes(data_dir, mnist
         (checkout / ".venv").symlink_to(ROOT / ".venv")
     path = f"{BIN}{os.pathsep}{os.environ['PATH']}"
     for commands, quoted in steps:  # in order: later commands use what earlier ones wrote
-        # on the MNIST slice, which prints the same lines with other numbers; a quoted target reached needs MNIST
-        data = data_dir if quoted and "reached " in quoted else mnist_slice
+        # on 4,096 MNIST images, which print the same lines with other numbers; a quoted target reached needs MNIST
+        data = data_dir if quoted and "reached " in quoted else mnist_sliver
         for command in commands:
             result = call(as_run(command, path), env={"PATH": path, "LENET_DATA_DIR": str(data)}, timeout=600,
                           cwd=checkout)
