@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-# what a run imports, including what it imports late: fused Adam's torch._dynamo (1.7 s here), the figures'
-# matplotlib, the TensorBoard tracker, and the other subcommands' modules
-PRELOAD = ["torch", "torch._dynamo", "accelerate", "lenet_dist.train", "lenet_dist.cli", "lenet_dist.figures",
+# what a run imports, including what it imports late: the figures' matplotlib, the TensorBoard tracker, and the
+# other subcommands' modules
+PRELOAD = ["torch", "accelerate", "lenet_dist.train", "lenet_dist.cli", "lenet_dist.figures",
            "lenet_dist.predict.classify", "lenet_dist.profiling.inspection", "lenet_dist.bench.suite",
            "torch.utils.tensorboard"]
 # what a forked command may set differently from the forkserver: read at run time, never at import time

@@ -28,6 +28,8 @@ BENCH = [str(BIN / "lenet-dist"), "bench"]
 
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory, mnist_slice):
+    """README's `lenet-dist bench --quick` (tests/test_readme.py leaves it to this), with where its outputs go."""
+    assert "\nlenet-dist bench --quick " in (ROOT / "README.md").read_text()
     folder = tmp_path_factory.mktemp("bench")
     result = call([*BENCH, "--quick", "--json", str(folder / "out.json"), "--chart", str(folder / "chart.png"),
                   "--profile", "--profile-dir", str(folder / "profiles"), "--data-dir", str(mnist_slice)], timeout=300)
