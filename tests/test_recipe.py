@@ -21,8 +21,8 @@ from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised, owner_ranks
 def test_a_recipe_fills_what_no_flag_set_and_a_flag_overrides_it():
     fast = TrainConfig(recipe="fast-to-98")
     assert {name: getattr(fast, name) for name in RECIPES["fast-to-98"]} == RECIPES["fast-to-98"]
-    assert TrainConfig(recipe="fast-to-98", batch_size=64).batch_size == 64
-    assert TrainConfig(recipe="fast-to-98", batch_size=64).init == "lecun"  # the rest stays the recipe's
+    assert TrainConfig(recipe="fast-to-98", batch_size=128).batch_size == 128
+    assert TrainConfig(recipe="fast-to-98", batch_size=128).init == "lecun"  # the rest stays the recipe's
     assert TrainConfig().epochs == 2 and TrainConfig().target_accuracy is None and TrainConfig().init == "pytorch"
     with pytest.raises(UsageError, match="--recipe: unknown fastest"):
         TrainConfig(recipe="fastest")
