@@ -98,7 +98,7 @@ def test_muon_takes_the_four_weight_matrices_filters_flattened_and_adam_the_rest
 
 
 def test_a_warm_up_of_one_step_starts_at_the_peak():
-    config = TrainConfig(recipe="fast-to-98", anneal_images=320)  # 10 steps, 10 % of them warming up: one
+    config = TrainConfig(recipe="fast-to-98", batch_size=32, anneal_images=320)  # 10 steps, 10 % warming up: one
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = build_lr_scheduler(config, optimizer, steps_per_epoch=1875)
