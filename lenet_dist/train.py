@@ -63,8 +63,8 @@ from lenet_dist.errors import (
 )
 from lenet_dist.evaluation import evaluate, evaluate_and_record, warm_up_evaluation
 from lenet_dist.files import write_json
-from lenet_dist.output_dir import OutputDir, abandon_output_dir, claim_output_dir
 from lenet_dist.model import unwrapped
+from lenet_dist.output_dir import OutputDir, abandon_output_dir, claim_output_dir
 from lenet_dist.outputs import run_metrics, write_run_outputs
 from lenet_dist.profiling.capture import (
     no_trace_line,

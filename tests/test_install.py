@@ -71,8 +71,8 @@ def test_the_whole_bench_runs_from_any_folder(installed, tmp_path, mnist_sliver)
     script) start from the package. On 4,096 MNIST images: this checks what runs and what is reported, not speed
     or accuracy (the recipes' accuracy is tested on MNIST itself)."""
     result, folder = in_empty_folder(installed, tmp_path, "lenet-dist", "bench", "--quick", "--pipelines", "tuned",
-                                     "--runs", "--repeats", "1", "--seeds", "1", "--recipe-processes", "1", "--batch-sizes", "128",
-                                     "--processes", "2", "--data-dir", str(mnist_sliver),
+                                     "--runs", "--repeats", "1", "--seeds", "1", "--recipe-processes", "1",
+                                     "--batch-sizes", "128", "--processes", "2", "--data-dir", str(mnist_sliver),
                                      "--json", "bench.json", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((folder / "bench.json").read_text())
