@@ -50,4 +50,3 @@ def unwrapped(model: nn.Module) -> LeNet5:
     while not isinstance(model, LeNet5):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
-

@@ -84,7 +84,8 @@ def main() -> None:
                           "max_eval_share": max(run["eval_share"] for run in runs)})
         print(json.dumps(summaries[-1]), flush=True)
     if args.stage == "seconds":
-        eligible = [s for s in summaries if s["median_images"] is not None and s["median_images"] <= 30_000]
+        eligible = [summary for summary in summaries
+                    if summary["median_images"] is not None and summary["median_images"] <= 30_000]
         best = min(eligible, key=lambda summary: summary["median_seconds"], default=None)
         print(json.dumps({"fastest": best["candidate"] if best else None,
                           "median_seconds": best["median_seconds"] if best else None}), flush=True)

@@ -19,8 +19,8 @@ from conftest import BIN, ROOT, call, copy_checkout, launch_table
 
 # `make test` is this very suite (running it from inside itself would recurse); `make train` is the
 # default run that `python -m lenet_dist.train --output-dir runs/first` below makes too, in the venv
-# this suite already runs in; tests/test_bench.py runs `lenet-dist bench --quick` as written (its outputs
-# named) and checks what it wrote: a second run here would only cost the suite half a minute.
+# this suite already runs in; tests/test_bench.py runs `lenet-dist bench --quick` (naming its outputs, a
+# profile and the MNIST slice) and checks what it wrote: a second run here would cost half a minute.
 NOT_RUN_HERE = {"make test", "make train", "lenet-dist bench --quick"}
 BLOCK = re.compile(r"```(bash|text)\n(.*?)```(\s*)", flags=re.S)
 BOX = re.compile(r"[┃│━┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇╈╋─═║┳┻]")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import types
 import typing
 
@@ -13,6 +15,7 @@ import torch
 from lenet_dist.config import RECIPES, TrainConfig
 from lenet_dist.errors import UsageError
 from lenet_dist.flags import UNSET
+from lenet_dist.recipe.adam import Adam
 from lenet_dist.recipe.build import build_model, build_optimizer
 from lenet_dist.recipe.lr_schedule import build_lr_scheduler
 from lenet_dist.recipe.muon import MuonWithAdam, orthogonalised, owner_ranks
@@ -132,3 +135,45 @@ def test_under_ddp_each_rank_orthogonalises_a_balanced_share_of_the_matrices():
     assert owner_ranks(shapes, 2) == [1, 1, 0, 1]
     assert owner_ranks(shapes, 1) == [0, 0, 0, 0]
     assert sorted(set(owner_ranks(shapes, 4))) == [0, 1, 2, 3]
+
+
+def test_the_adam_without_dynamo_steps_saves_and_loads_as_torchs_fused_adam():
+    """recipe/adam.py calls the methods under torch.optim's dynamo wrappers: the same bytes, the same state."""
+    weights = []
+    for optimizer_class in (torch.optim.Adam, Adam):
+        torch.manual_seed(0)
+        model = build_model(TrainConfig(), num_classes=10)
+        optimizer = optimizer_class(model.parameters(), lr=6e-3, betas=(0.9, 0.95), fused=True)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 1, 28, 28)).square().mean().backward()
+            optimizer.step()
+        restored = optimizer_class(model.parameters(), lr=6e-3, betas=(0.9, 0.95), fused=True)
+        restored.load_state_dict(optimizer.state_dict())
+        assert all(torch.equal(restored.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+                   for p in model.parameters())
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(ours, torchs) for ours, torchs in zip(weights[1], weights[0], strict=True))
+
+
+def test_building_stepping_and_saving_either_optimizer_does_not_import_torchs_compiler():
+    """A fresh interpreter (this one may have imported it already): importing torch._dynamo cost 1.5 s of every
+    run's start (py-spy) when torch.optim's wrappers and accelerate's unwrap_model did it."""
+    script = """
+import sys, torch
+from lenet_dist.config import TrainConfig
+from lenet_dist.model import unwrapped
+from lenet_dist.recipe.build import build_model, build_optimizer
+for optimizer in ("adam", "muon"):
+    config = TrainConfig(optimizer=optimizer)
+    model = build_model(config, num_classes=10)
+    step = build_optimizer(config, model)
+    step.zero_grad()
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    step.step()
+    step.load_state_dict(step.state_dict())
+    unwrapped(model).state_dict()
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

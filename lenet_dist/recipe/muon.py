@@ -62,7 +62,7 @@ def gram_pays(rows: int, cols: int, steps: int) -> bool:
 
 
 class MuonWithAdam(WithoutDynamo, torch.optim.Optimizer):
-    """Two parameter groups: the matrices (`muon` True) and the rest, which a fused torch.optim.Adam steps.
+    """Two parameter groups: the matrices (`muon` True) and the rest, which torch's fused Adam steps.
 
     The Adam shares this optimizer's state and its group, so that state_dict, load_state_dict and the
     learning-rate schedule see one optimizer.
